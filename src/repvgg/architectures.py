@@ -1,0 +1,243 @@
+"""Architectures as data: one frozen config per published model, one generic ``RepVGG`` builder, a registry."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint_sequential
+
+from .blocks import RepVGGBlock, SEPosition
+from .errors import RepVGGError
+
+__all__ = ["RepVGGConfig", "RepVGG", "AuxHead", "MODEL_CONFIGS", "list_models", "create_model", "get_config",
+           "canonical_name"]
+
+STAGE_BASE_WIDTHS = (64, 128, 256, 512)
+GROUPED_LAYERS = tuple(range(2, 27, 2))  # layers 2, 4, ..., 26; layer 1 is the first block of stage1
+
+
+@dataclass(frozen=True)
+class RepVGGConfig:
+    """Everything that distinguishes one published RepVGG from another."""
+
+    official_name: str
+    depths: tuple[int, int, int, int]
+    widths: tuple[float, float, float, float]
+    groups: int = 1
+    se: SEPosition | None = None
+    se_reduction: int = 16
+    aux_heads: bool = False
+
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        """Output channels of stage0..stage4."""
+        a = self.widths[0]
+        return (min(64, int(64 * a)),) + tuple(int(b * w) for b, w in zip(STAGE_BASE_WIDTHS, self.widths))
+
+    def layer_groups(self, layer: int) -> int:
+        """Conv groups of layer ``layer`` (1 = first block of stage1)."""
+        return self.groups if layer in GROUPED_LAYERS else 1
+
+
+_A, _B, _D = (2, 4, 14, 1), (4, 6, 16, 1), (8, 14, 24, 1)
+MODEL_CONFIGS: dict[str, RepVGGConfig] = {
+    "repvgg_a0": RepVGGConfig("RepVGG-A0", _A, (0.75, 0.75, 0.75, 2.5)),
+    "repvgg_a1": RepVGGConfig("RepVGG-A1", _A, (1, 1, 1, 2.5)),
+    "repvgg_a2": RepVGGConfig("RepVGG-A2", _A, (1.5, 1.5, 1.5, 2.75)),
+    "repvgg_b0": RepVGGConfig("RepVGG-B0", _B, (1, 1, 1, 2.5)),
+    "repvgg_b1": RepVGGConfig("RepVGG-B1", _B, (2, 2, 2, 4)),
+    "repvgg_b1g2": RepVGGConfig("RepVGG-B1g2", _B, (2, 2, 2, 4), groups=2),
+    "repvgg_b1g4": RepVGGConfig("RepVGG-B1g4", _B, (2, 2, 2, 4), groups=4),
+    "repvgg_b2": RepVGGConfig("RepVGG-B2", _B, (2.5, 2.5, 2.5, 5)),
+    "repvgg_b2g2": RepVGGConfig("RepVGG-B2g2", _B, (2.5, 2.5, 2.5, 5), groups=2),
+    "repvgg_b2g4": RepVGGConfig("RepVGG-B2g4", _B, (2.5, 2.5, 2.5, 5), groups=4),
+    "repvgg_b3": RepVGGConfig("RepVGG-B3", _B, (3, 3, 3, 5)),
+    "repvgg_b3g2": RepVGGConfig("RepVGG-B3g2", _B, (3, 3, 3, 5), groups=2),
+    "repvgg_b3g4": RepVGGConfig("RepVGG-B3g4", _B, (3, 3, 3, 5), groups=4),
+    "repvgg_d2se": RepVGGConfig("RepVGG-D2se", _D, (2.5, 2.5, 2.5, 5), se="pre", se_reduction=16),
+    "repvggplus_l2pse": RepVGGConfig("RepVGGplus-L2pse", _D, (2.5, 2.5, 2.5, 5), se="post", se_reduction=4,
+                                     aux_heads=True),
+}
+
+
+def canonical_name(name: str) -> str:
+    """Map ``RepVGG-A0``, ``repvgg-a0`` or ``repvgg_a0`` to the registry key ``repvgg_a0``."""
+    key = name.strip().lower().replace("-", "_")
+    if key not in MODEL_CONFIGS:
+        raise RepVGGError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_CONFIGS)}")
+    return key
+
+
+def get_config(name: str) -> RepVGGConfig:
+    """The config of a registered model, by any accepted spelling of its name."""
+    return MODEL_CONFIGS[canonical_name(name)]
+
+
+def list_models() -> list[str]:
+    """Names of every registered architecture, in registry order."""
+    return list(MODEL_CONFIGS)
+
+
+class AuxHead(nn.Sequential):
+    """RepVGGplus auxiliary classifier: 3x3 stride-2 conv+BN+ReLU, global average pool, linear."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, 2, 1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+
+class RepVGG(nn.Module):
+    """A RepVGG (or RepVGGplus) network built from a :class:`RepVGGConfig`.
+
+    Args:
+        config: the architecture.
+        num_classes: classifier outputs; 0 builds no classifier (``forward`` then returns pooled features).
+        in_chans: input image channels.
+        strides: stride of the first layer of stage0..stage4; use e.g. ``(1, 1, 2, 2, 2)`` for 32x32 images.
+        out_indices: stages (0-4) whose outputs ``forward`` returns as a list, for detection/segmentation necks;
+            no head is built.
+        deploy: build the plain 3x3-conv form directly.
+        aux_weight: weight of each auxiliary loss (RepVGGplus); used by :meth:`loss`.
+    """
+
+    def __init__(self, config: RepVGGConfig, num_classes: int = 1000, in_chans: int = 3,
+                 strides: Sequence[int] = (2, 2, 2, 2, 2), out_indices: Sequence[int] | None = None,
+                 deploy: bool = False, aux_weight: float = 0.1) -> None:
+        super().__init__()
+        if len(strides) != 5 or any(s not in (1, 2) for s in strides):
+            raise RepVGGError(f"strides must be five values of 1 or 2 (stage0..stage4), got {tuple(strides)}")
+        if out_indices is not None and (not out_indices or any(i not in range(5) for i in out_indices)):
+            raise RepVGGError(f"out_indices must be stage numbers in 0..4, got {tuple(out_indices)}")
+        self.config = config
+        self.deploy = deploy
+        self.strides = tuple(strides)
+        self.out_indices = tuple(out_indices) if out_indices is not None else None
+        self.grad_checkpointing = False
+        self.aux_weight = aux_weight
+        channels = config.stage_channels
+        block = dict(se=config.se, se_reduction=config.se_reduction, deploy=deploy)
+        self.stage0 = RepVGGBlock(in_chans, channels[0], strides[0], **block)
+        layer = 1
+        for i, depth in enumerate(config.depths, start=1):
+            blocks = []
+            for j in range(depth):
+                in_ch = channels[i - 1] if j == 0 else channels[i]
+                blocks.append(RepVGGBlock(in_ch, channels[i], strides[i] if j == 0 else 1,
+                                          config.layer_groups(layer), **block))
+                layer += 1
+            self.add_module(f"stage{i}", nn.Sequential(*blocks))
+        reduction = 1
+        self.feature_info = []
+        for i, stride in enumerate(self.strides):
+            reduction *= stride
+            self.feature_info.append(dict(num_chs=channels[i], reduction=reduction, module=f"stage{i}"))
+        self.num_features = channels[4]
+        self.num_classes = 0 if self.out_indices is not None else num_classes
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.linear = nn.Linear(self.num_features, self.num_classes) if self.num_classes else nn.Identity()
+        self.aux = nn.ModuleDict()
+        if config.aux_heads and not deploy and self.num_classes:
+            for name, (stage, _) in self.aux_taps.items():
+                self.aux[name] = AuxHead(channels[stage], self.num_classes)
+
+    @property
+    def stages(self) -> list[nn.Module]:
+        """stage0..stage4 in order."""
+        return [getattr(self, f"stage{i}") for i in range(5)]
+
+    @property
+    def aux_taps(self) -> dict[str, tuple[int, int]]:
+        """Where auxiliary heads read: name -> (stage, number of its blocks run before the tap)."""
+        d = self.config.depths
+        return {"stage1": (1, d[0]), "stage2": (2, d[1]), "stage3_first": (3, d[2] // 2)}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Trade compute for memory: recompute each stage's activations in the backward pass."""
+        self.grad_checkpointing = enable
+
+    def _run_stage(self, stage: nn.Module, x: Tensor) -> Tensor:
+        if self.grad_checkpointing and self.training and isinstance(stage, nn.Sequential) and torch.is_grad_enabled():
+            return checkpoint_sequential(stage, len(stage), x, use_reentrant=False)
+        return stage(x)
+
+    def _forward_stages(self, x: Tensor) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """Run every stage; return each stage's output and the auxiliary heads' logits (training only)."""
+        use_aux = bool(self.aux) and self.training
+        taps = {stage: (name, n) for name, (stage, n) in self.aux_taps.items()} if use_aux else {}
+        outputs, aux = [], {}
+        for i, stage in enumerate(self.stages):
+            if i in taps:
+                name, n = taps[i]
+                x = self._run_stage(stage[:n], x)
+                aux[name] = self.aux[name](x)
+                x = self._run_stage(stage[n:], x) if n < len(stage) else x
+            else:
+                x = self._run_stage(stage, x)
+            outputs.append(x)
+        return outputs, aux
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last stage's feature map."""
+        return self._forward_stages(x)[0][-1]
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Global average pool, then the linear classifier unless ``pre_logits``."""
+        x = torch.flatten(self.gap(x), 1)
+        return x if pre_logits else self.linear(x)
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor] | dict[str, Tensor]:
+        """Logits; a list of stage outputs when ``out_indices`` is set; for RepVGGplus in training, a dict of
+        ``main`` plus one entry per auxiliary head (see :meth:`loss`)."""
+        outputs, aux = self._forward_stages(x)
+        if self.out_indices is not None:
+            return [outputs[i] for i in self.out_indices]
+        logits = self.forward_head(outputs[-1])
+        if aux:
+            return {"main": logits, **{f"{name}_aux": v for name, v in aux.items()}}
+        return logits
+
+    def loss(self, output: Tensor | dict[str, Tensor], target: Tensor, criterion: nn.Module) -> Tensor:
+        """Training loss: the main loss plus ``aux_weight`` times each auxiliary head's loss."""
+        if isinstance(output, Tensor):
+            return criterion(output, target)
+        return sum((self.aux_weight if name != "main" else 1.0) * criterion(out, target)
+                   for name, out in output.items())
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier (and any auxiliary heads) for ``num_classes`` outputs; 0 removes it."""
+        self.num_classes = num_classes
+        self.linear = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        if len(self.aux):
+            self.aux = nn.ModuleDict({n: AuxHead(h.fc.in_features, num_classes) for n, h in self.aux.items()}
+                                     if num_classes else {})
+
+    def switch_to_deploy(self) -> None:
+        """Drop training-only auxiliary heads and fuse every block."""
+        self.aux = nn.ModuleDict()
+        for m in self.modules():
+            if isinstance(m, RepVGGBlock):
+                m.switch_to_deploy()
+        self.deploy = True
+
+
+def create_model(name: str, num_classes: int = 1000, deploy: bool = False, **options) -> RepVGG:
+    """Build a registered architecture by name (``repvgg_a0`` or the official ``RepVGG-A0``).
+
+    ``options`` are passed to :class:`RepVGG` (``in_chans``, ``strides``, ``out_indices``, ``aux_weight``);
+    ``groups`` overrides the config's grouped-conv setting.
+    """
+    config = get_config(name)
+    if "groups" in options:
+        config = replace(config, groups=int(options.pop("groups")))
+    try:
+        return RepVGG(config, num_classes=num_classes, deploy=deploy, **options)
+    except TypeError as e:
+        raise RepVGGError(f"invalid option for create_model: {e}") from None

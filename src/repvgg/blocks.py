@@ -1,0 +1,108 @@
+"""Building blocks: the multi-branch RepVGG block, its squeeze-excitation, and the conv+BN branch.
+
+Attribute names follow the official implementation (``rbr_dense``, ``rbr_1x1``, ``rbr_identity``,
+``rbr_reparam``, ``se``, ``post_se``) so that official checkpoints map onto these modules one to one.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .reparam import fuse_bn, identity_kernel, sum_branches
+
+__all__ = ["ConvBN", "SqueezeExcite", "RepVGGBlock", "SEPosition"]
+
+SEPosition = Literal["pre", "post"]
+
+
+class ConvBN(nn.Sequential):
+    """A bias-free conv followed by BatchNorm: one branch of the training-time block."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, groups: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+
+    def fused(self) -> tuple[Tensor, Tensor]:
+        """The (kernel, bias) of the equivalent conv with BN folded in."""
+        return fuse_bn(self.conv.weight, self.bn)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation: global average, 1x1 down, ReLU, 1x1 up, sigmoid gate (as in RepVGG-D2se/L2pse)."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(channels, hidden, 1, bias=True)
+        self.up = nn.Conv2d(hidden, channels, 1, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = x.mean((2, 3), keepdim=True)
+        scale = torch.sigmoid(self.up(torch.relu(self.down(scale))))
+        return x * scale
+
+
+class RepVGGBlock(nn.Module):
+    """``ReLU(BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x))``, optionally with SE before or after the ReLU.
+
+    The identity branch exists only when ``in_channels == out_channels`` and ``stride == 1``.
+    ``deploy=True`` builds the single fused 3x3 conv directly; ``switch_to_deploy()`` converts in place.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1,
+                 se: SEPosition | None = None, se_reduction: int = 16, deploy: bool = False) -> None:
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.stride, self.groups = stride, groups
+        self.deploy = deploy
+        se_module = SqueezeExcite(out_channels, out_channels // se_reduction) if se else nn.Identity()
+        self.se = se_module if se == "pre" else nn.Identity()
+        self.post_se = se_module if se == "post" else nn.Identity()
+        self.nonlinearity = nn.ReLU()
+        if deploy:
+            self.rbr_reparam = nn.Conv2d(in_channels, out_channels, 3, stride, 1, groups=groups, bias=True)
+        else:
+            self.rbr_dense = ConvBN(in_channels, out_channels, 3, stride, 1, groups)
+            self.rbr_1x1 = ConvBN(in_channels, out_channels, 1, stride, 0, groups)
+            has_identity = in_channels == out_channels and stride == 1
+            self.rbr_identity = nn.BatchNorm2d(in_channels) if has_identity else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.deploy:
+            out = self.rbr_reparam(x)
+        else:
+            out = self.rbr_dense(x) + self.rbr_1x1(x)
+            if self.rbr_identity is not None:
+                out = out + self.rbr_identity(x)
+        return self.post_se(self.nonlinearity(self.se(out)))
+
+    def equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        """The (3x3 kernel, bias) of the single conv equal to all branches in eval mode; differentiable."""
+        if self.deploy:
+            return self.rbr_reparam.weight, self.rbr_reparam.bias
+        branches = [self.rbr_dense.fused(), self.rbr_1x1.fused()]
+        if self.rbr_identity is not None:
+            weight = self.rbr_dense.conv.weight
+            eye = identity_kernel(self.in_channels, self.groups, dtype=weight.dtype, device=weight.device)
+            branches.append(fuse_bn(eye, self.rbr_identity))
+        return sum_branches(branches)
+
+    def switch_to_deploy(self) -> None:
+        """Replace the branches by one 3x3 conv with bias, in place. Idempotent."""
+        if self.deploy:
+            return
+        kernel, bias = self.equivalent_kernel_bias()
+        conv = self.rbr_dense.conv
+        self.rbr_reparam = nn.Conv2d(self.in_channels, self.out_channels, 3, self.stride, 1, groups=self.groups,
+                                     bias=True, device=kernel.device, dtype=kernel.dtype)
+        self.rbr_reparam.weight.data.copy_(kernel.detach())
+        self.rbr_reparam.bias.data.copy_(bias.detach())
+        self.rbr_reparam.train(conv.training)
+        del self.rbr_dense, self.rbr_1x1, self.rbr_identity
+        self.deploy = True

@@ -1,0 +1,269 @@
+"""Checkpoints: this library's own files (.pth or .safetensors, with metadata), the official RepVGG release
+layout and timm's layout, told apart by their keys and mapped onto this library's module names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._version import __version__
+from .architectures import MODEL_CONFIGS, RepVGG, canonical_name, create_model
+from .errors import RepVGGError
+from .reparam import is_deploy
+
+__all__ = ["Checkpoint", "read_checkpoint", "load_checkpoint", "save_checkpoint", "model_metadata",
+           "model_from_checkpoint", "infer_architecture", "atomic_write", "CLASSIFIER_PREFIXES"]
+
+FORMAT_NATIVE, FORMAT_OFFICIAL, FORMAT_TIMM = "repvgg", "official", "timm"
+CLASSIFIER_PREFIXES = ("linear.", "aux.")
+_TIMM_BLOCK_RENAMES = (("conv_kxk.", "rbr_dense."), ("conv_1x1.", "rbr_1x1."), ("identity.", "rbr_identity."),
+                       ("attn.fc1.", "se.down."), ("attn.fc2.", "se.up."), ("reparam_conv.", "rbr_reparam."))
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read from disk: tensors in this library's key layout, the source format, and metadata."""
+
+    state_dict: dict[str, Tensor]
+    format: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+    @property
+    def deploy(self) -> bool:
+        """True when the weights are already in the plain (re-parameterized) form."""
+        return any(".rbr_reparam." in k for k in self.state_dict) and not any(".rbr_dense." in k
+                                                                             for k in self.state_dict)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _unwrap(obj: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Find the state dict inside a loaded object (bare, or under ``state_dict``/``model``) and our metadata."""
+    metadata = {}
+    if isinstance(obj, Mapping) and isinstance(obj.get("repvgg"), Mapping):
+        metadata = dict(obj["repvgg"])
+    for key in ("state_dict", "model", "model_ema", "state_dict_ema"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not obj:
+        raise RepVGGError("no state dict found (expected a mapping of tensors, bare or under 'state_dict'/'model')")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise RepVGGError("no tensors found in the checkpoint")
+    return tensors, metadata
+
+
+def _strip_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    for prefix in ("module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _from_timm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        key = re.sub(r"^stem\.", "stage0.", key)
+        key = re.sub(r"^stages\.(\d+)\.", lambda m: f"stage{int(m.group(1)) + 1}.", key)
+        key = re.sub(r"^head\.fc\.", "linear.", key)
+        for old, new in _TIMM_BLOCK_RENAMES:
+            key = key.replace(f".{old}", f".{new}")
+        out[key] = value
+    return out
+
+
+def _from_official(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Official RepVGG keys already match; RepVGGplus nests blocks under ``.blocks.`` and splits stage3."""
+    first = {int(m.group(1)) for k in state_dict if (m := re.match(r"stage3_first\.blocks\.(\d+)\.", k))}
+    n_first = max(first) + 1 if first else 0
+    out = {}
+    for key, value in state_dict.items():
+        key = re.sub(r"^(stage\d)\.blocks\.", r"\1.", key)
+        key = re.sub(r"^stage3_first\.blocks\.", "stage3.", key)
+        key = re.sub(r"^stage3_second\.blocks\.(\d+)\.", lambda m: f"stage3.{int(m.group(1)) + n_first}.", key)
+        key = re.sub(r"^(stage1|stage2|stage3_first)_aux\.0\.", r"aux.\1.", key)
+        key = re.sub(r"^(stage1|stage2|stage3_first)_aux\.3\.", r"aux.\1.fc.", key)
+        out[key] = value
+    return out
+
+
+def detect_format(state_dict: Mapping[str, Tensor]) -> str:
+    """Tell this library's / the official layout from timm's by their keys."""
+    if any(k.startswith(("stem.", "stages.")) for k in state_dict):
+        return FORMAT_TIMM
+    if any(k.startswith("stage0.") for k in state_dict):
+        return FORMAT_OFFICIAL
+    raise RepVGGError(f"unrecognised checkpoint layout (first keys: {', '.join(list(state_dict)[:3])})")
+
+
+def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
+    """Read a checkpoint file or an in-memory state dict, in any supported format, into this library's layout."""
+    path = None
+    if isinstance(source, Mapping):
+        raw, metadata = _unwrap(source)
+    else:
+        path = str(source)
+        if not os.path.isfile(path):
+            raise RepVGGError(f"checkpoint not found: {path}")
+        raw, metadata = _read_file(path)
+    raw = _strip_prefix(raw)
+    fmt = FORMAT_NATIVE if metadata else detect_format(raw)
+    state_dict = _from_timm(raw) if fmt == FORMAT_TIMM else _from_official(raw)
+    return Checkpoint(state_dict, fmt, metadata, path)
+
+
+def _read_file(path: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = json.loads(header["repvgg"]) if "repvgg" in header else {}
+            return tensors, metadata
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except RepVGGError:
+        raise
+    except Exception as e:  # corrupt archives raise many unrelated types
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RepVGGError(f"cannot read checkpoint {path}: {reason[:200]}") from None
+    return _unwrap(obj)
+
+
+def _first(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+                    strict: bool = True, drop_classifier: bool = False) -> Checkpoint:
+    """Load weights of any supported format into ``model``; returns what was read.
+
+    Strict by default: missing or unexpected keys and shape mismatches raise :class:`RepVGGError` naming the
+    first few. ``drop_classifier=True`` ignores the checkpoint's classifier (``linear``/auxiliary heads) and keeps
+    the model's own, for fine-tuning on a different number of classes.
+    """
+    ckpt = read_checkpoint(path_or_state_dict)
+    state_dict = dict(ckpt.state_dict)
+    own = model.state_dict()
+    if drop_classifier:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(CLASSIFIER_PREFIXES)}
+    if ckpt.deploy != is_deploy(model) and isinstance(model, RepVGG):
+        want, got = ("deploy", "training-time") if is_deploy(model) else ("training-time", "deploy")
+        raise RepVGGError(f"checkpoint holds a {got} model but the model is {want}; "
+                          f"create it with deploy={not is_deploy(model)} or convert the checkpoint")
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
+                  if k in own and own[k].shape != v.shape]
+    if mismatched:
+        raise RepVGGError(f"checkpoint does not fit the model; shape mismatches (checkpoint vs model): "
+                          f"{_first(mismatched, 3)}")
+    missing = [k for k in own if k not in state_dict
+               and not (drop_classifier and k.startswith(CLASSIFIER_PREFIXES))]
+    unexpected = [k for k in state_dict if k not in own]
+    if strict and (missing or unexpected):
+        parts = ([f"missing keys: {_first(missing)}"] if missing else []) + (
+            [f"unexpected keys: {_first(unexpected)}"] if unexpected else [])
+        raise RepVGGError(f"checkpoint does not fit the model; {'; '.join(parts)}")
+    model.load_state_dict(state_dict, strict=False)
+    return ckpt
+
+
+def model_metadata(model: nn.Module) -> dict[str, Any]:
+    """What is needed to rebuild ``model`` with :func:`create_model` (empty for models that are not RepVGG)."""
+    if not isinstance(model, RepVGG):
+        return {}
+    return dict(architecture=canonical_name(model.config.official_name), num_classes=model.num_classes,
+                in_chans=model.stage0.in_channels, strides=list(model.strides), groups=model.config.groups,
+                deploy=is_deploy(model))
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> None:
+    """Write ``model``'s weights with metadata (architecture, classes, deploy flag, library version), atomically.
+
+    A ``.safetensors`` suffix writes safetensors (metadata as JSON in its header); anything else, a torch file.
+    Extra keyword metadata (``class_names``, preprocessing, ...) must be JSON-serializable.
+    """
+    meta = {"format": FORMAT_NATIVE, "library_version": __version__, **model_metadata(model), **metadata}
+    try:
+        json.dumps(meta)
+    except TypeError as e:
+        raise RepVGGError(f"checkpoint metadata must be JSON-serializable: {e}") from None
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        atomic_write(path, lambda tmp: save_file(state_dict, tmp, metadata={"repvgg": json.dumps(meta)}))
+    else:
+        atomic_write(path, lambda tmp: torch.save({"repvgg": meta, "state_dict": state_dict}, tmp))
+
+
+def _signature(state_dict: Mapping[str, Tensor]) -> tuple:
+    """(depths, stage widths, groups of layer 2, SE position) as the keys and shapes reveal them."""
+    depths = tuple(len({m.group(1) for k in state_dict if (m := re.match(rf"stage{i}\.(\d+)\.", k))})
+                   for i in range(1, 5))
+    widths, groups = [], 1
+    for i in range(5):
+        prefix = "stage0." if i == 0 else f"stage{i}.0."
+        weight = state_dict.get(prefix + "rbr_dense.conv.weight", state_dict.get(prefix + "rbr_reparam.weight"))
+        if weight is None:
+            raise RepVGGError(f"not a RepVGG checkpoint: no weights for {prefix.rstrip('.')}")
+        widths.append(weight.shape[0])
+    second = state_dict.get("stage1.1.rbr_dense.conv.weight", state_dict.get("stage1.1.rbr_reparam.weight"))
+    if second is not None:
+        groups = second.shape[0] // second.shape[1]
+    se = "pre" if any(".se.down." in k for k in state_dict) else "post" if any(
+        ".post_se.down." in k for k in state_dict) else None
+    return depths, tuple(widths), groups, se
+
+
+def infer_architecture(state_dict: Mapping[str, Tensor]) -> str:
+    """Name the registered architecture whose layout matches ``state_dict`` (in this library's key layout)."""
+    depths, widths, groups, se = _signature(state_dict)
+    for name, cfg in MODEL_CONFIGS.items():
+        if (cfg.depths, cfg.stage_channels, cfg.groups, cfg.se) == (depths, widths, groups, se):
+            return name
+    raise RepVGGError(f"no registered architecture has depths {depths}, widths {widths}, groups {groups}")
+
+
+def model_from_checkpoint(source: str | os.PathLike | Mapping[str, Any] | Checkpoint, model_name: str | None = None,
+                          **options: Any) -> tuple[RepVGG, Checkpoint]:
+    """Build the model a checkpoint describes (metadata, else ``model_name``, else inferred) and load it."""
+    ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(source)
+    meta = ckpt.metadata
+    name = model_name or meta.get("architecture") or infer_architecture(ckpt.state_dict)
+    if model_name and meta.get("architecture") and canonical_name(model_name) != meta["architecture"]:
+        raise RepVGGError(f"checkpoint holds {meta['architecture']}, not {canonical_name(model_name)}")
+    linear = ckpt.state_dict.get("linear.weight")
+    num_classes = meta.get("num_classes", linear.shape[0] if linear is not None else 0)
+    build = {k: meta[k] for k in ("in_chans", "strides", "groups") if k in meta}
+    stem = ckpt.state_dict.get("stage0.rbr_dense.conv.weight", ckpt.state_dict.get("stage0.rbr_reparam.weight"))
+    if "in_chans" not in build and stem is not None:
+        build["in_chans"] = stem.shape[1]
+    build.update(options)
+    model = create_model(name, num_classes=num_classes, deploy=ckpt.deploy, **build)
+    load_checkpoint(model, ckpt.state_dict)
+    return model.eval(), ckpt

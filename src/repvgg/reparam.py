@@ -1,0 +1,80 @@
+"""Structural re-parameterization: the math as small pure tensor functions, and the model-level switch.
+
+Every function here is differentiable, so the equivalent kernel can feed regularizers or
+quantization-aware training as well as the one-off conversion to deploy form.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "fuse_bn",
+    "pad_to_3x3",
+    "identity_kernel",
+    "sum_branches",
+    "reparameterize",
+    "is_deploy",
+]
+
+
+def fuse_bn(kernel: Tensor | None, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Fold eval-mode BatchNorm into the preceding conv: W' = W*g/s, b' = beta - mean*g/s, s = sqrt(var+eps).
+
+    ``kernel`` may be None for a BN-only branch, whose kernel must then be supplied by the caller.
+    """
+    std = (bn.running_var + bn.eps).sqrt()
+    scale = bn.weight / std
+    bias = bn.bias - bn.running_mean * scale
+    if kernel is None:
+        return scale, bias
+    return kernel * scale.reshape(-1, 1, 1, 1), bias
+
+
+def pad_to_3x3(kernel: Tensor) -> Tensor:
+    """Zero-pad a 1x1 kernel to 3x3 with the weight at the centre (3x3 kernels pass through)."""
+    if kernel.shape[-1] == 3:
+        return kernel
+    return F.pad(kernel, [1, 1, 1, 1])
+
+
+def identity_kernel(channels: int, groups: int = 1, *, dtype: torch.dtype | None = None,
+                    device: torch.device | None = None) -> Tensor:
+    """A 3x3 grouped-conv kernel that copies each channel: 1 at the centre of its own channel within its group."""
+    per_group = channels // groups
+    kernel = torch.zeros(channels, per_group, 3, 3, dtype=dtype, device=device)
+    idx = torch.arange(channels, device=device)
+    kernel[idx, idx % per_group, 1, 1] = 1.0
+    return kernel
+
+
+def sum_branches(branches: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Add (kernel, bias) pairs after padding every kernel to 3x3: the single equivalent conv."""
+    kernel = sum(pad_to_3x3(k) for k, _ in branches)
+    bias = sum(b for _, b in branches)
+    return kernel, bias
+
+
+def is_deploy(model: nn.Module) -> bool:
+    """True when no module inside ``model`` still has branches to fuse."""
+    return not any(getattr(m, "deploy", True) is False for m in model.modules())
+
+
+def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Convert every re-parameterizable module inside ``model`` (any network) to its plain deploy form.
+
+    Modules opt in by defining ``switch_to_deploy()``; the outermost are switched first so that models
+    can drop training-only parts (auxiliary heads) before their blocks are fused. Returns ``model`` in eval mode.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    with torch.no_grad():
+        for module in list(model.modules()):
+            if hasattr(module, "switch_to_deploy"):
+                module.switch_to_deploy()
+    return model.eval()
