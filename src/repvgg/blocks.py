@@ -100,9 +100,9 @@ class RepVGGBlock(nn.Module):
         kernel, bias = self.equivalent_kernel_bias()
         conv = self.rbr_dense.conv
         self.rbr_reparam = nn.Conv2d(self.in_channels, self.out_channels, 3, self.stride, 1, groups=self.groups,
-                                     bias=True, device=kernel.device, dtype=kernel.dtype)
-        self.rbr_reparam.weight.data.copy_(kernel.detach())
-        self.rbr_reparam.bias.data.copy_(bias.detach())
+                                     bias=True, device="meta")
+        self.rbr_reparam.weight = nn.Parameter(kernel.detach().clone())
+        self.rbr_reparam.bias = nn.Parameter(bias.detach().clone())
         self.rbr_reparam.train(conv.training)
         del self.rbr_dense, self.rbr_1x1, self.rbr_identity
         self.deploy = True

@@ -1,0 +1,64 @@
+"""Worst-case conversion error of every architecture, float32 and float64.
+
+Each model gets random weights and BatchNorm statistics far from 0/1 (means ~N(0, 0.5), variances in
+[0.5, 2.5], gammas in [0.5, 1.5], betas ~N(0, 0.5)); the error is max|train - deploy| / max|train| over
+several seeds and input shapes (batch 1 and non-square included). Writes benchmarks/results/exactness.json.
+
+    .venv/bin/python benchmarks/exactness.py [--models repvgg_a0 ...] [--seeds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from repvgg import create_model, list_models, reparameterize
+from repvgg.checkpoints import atomic_write
+from repvgg.demo import randomize_bn
+
+SHAPES = ((1, 3, 224, 224), (2, 3, 96, 160), (1, 3, 75, 61))
+
+
+def worst_error(name: str, seeds: int) -> dict[str, float]:
+    worst = {"float32": 0.0, "float64": 0.0}
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        model = create_model(name).eval()
+        randomize_bn(model)
+        for dtype in (torch.float32, torch.float64):
+            model.to(dtype)
+            deploy = reparameterize(model)
+            with torch.no_grad():
+                for shape in SHAPES:
+                    x = torch.randn(shape, dtype=dtype)
+                    ref = model(x)
+                    err = ((ref - deploy(x)).abs().max() / ref.abs().max()).item()
+                    worst[str(dtype).removeprefix("torch.")] = max(worst[str(dtype).removeprefix("torch.")], err)
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list_models())
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/exactness.json")
+    args = parser.parse_args()
+    results = {}
+    print(f"{'model':<18}{'float32':>12}{'float64':>12}{'seconds':>9}")
+    for name in args.models:
+        start = time.perf_counter()
+        results[name] = worst_error(name, args.seeds)
+        print(f"{name:<18}{results[name]['float32']:>12.2e}{results[name]['float64']:>12.2e}"
+              f"{time.perf_counter() - start:>9.1f}", flush=True)
+    report = {"shapes": [list(s) for s in SHAPES], "seeds": args.seeds, "torch": torch.__version__,
+              "max_relative_error": results}
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

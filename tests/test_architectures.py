@@ -1,0 +1,121 @@
+"""Every published architecture: structure, parameter counts, options, and exact conversion."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import relative_error, trained_looking
+from torch import nn
+
+from repvgg import RepVGG, RepVGGBlock, RepVGGError, SqueezeExcite, create_model, list_models, reparameterize
+from repvgg.architectures import AuxHead, get_config
+from repvgg.profile import count_params
+
+PAPER_DEPLOY_PARAMS_M = {"repvgg_a0": 8.30, "repvgg_a1": 12.78, "repvgg_a2": 25.49, "repvgg_b0": 14.33,
+                         "repvgg_b1": 51.82, "repvgg_b1g2": 41.36, "repvgg_b1g4": 36.12, "repvgg_b2": 80.31,
+                         "repvgg_b2g4": 55.77, "repvgg_b3": 110.96}
+ALLOWED_DEPLOY_MODULES = (RepVGG, nn.Conv2d, nn.ReLU, nn.AdaptiveAvgPool2d, nn.Linear, nn.Identity, nn.Sequential,
+                          nn.ModuleDict, RepVGGBlock, SqueezeExcite)
+
+
+def test_registry_lists_all_published_models() -> None:
+    assert list_models() == ["repvgg_a0", "repvgg_a1", "repvgg_a2", "repvgg_b0", "repvgg_b1", "repvgg_b1g2",
+                             "repvgg_b1g4", "repvgg_b2", "repvgg_b2g2", "repvgg_b2g4", "repvgg_b3", "repvgg_b3g2",
+                             "repvgg_b3g4", "repvgg_d2se", "repvggplus_l2pse"]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_conversion_is_exact_and_plain(name: str) -> None:
+    """float32 within 1e-5 and float64 within 1e-10 of the output scale; batch 1, non-square input."""
+    with torch.device("meta"):
+        meta = create_model(name)
+    expected_deploy = count_params(reparameterize(meta))
+    model = trained_looking(create_model(name, num_classes=10, strides=(2, 2, 2, 2, 1)))
+    x = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        deploy = reparameterize(model)
+        assert relative_error(model(x), deploy(x)) < 1e-5
+        model.double()
+        deploy64 = reparameterize(model)
+        assert relative_error(model(x.double()), deploy64(x.double())) < 1e-10
+    for m in deploy.modules():
+        assert isinstance(m, ALLOWED_DEPLOY_MODULES), f"{type(m).__name__} left in deploy model"
+        if isinstance(m, nn.Conv2d) and not any(m is c for s in deploy.modules() if isinstance(s, SqueezeExcite)
+                                                 for c in s.children()):
+            assert m.kernel_size == (3, 3) and m.bias is not None
+    if name in PAPER_DEPLOY_PARAMS_M:  # the paper truncates to two decimals
+        assert math.floor(expected_deploy / 1e4) / 100 == PAPER_DEPLOY_PARAMS_M[name]
+
+
+def test_widths_groups_and_se_follow_the_paper() -> None:
+    assert get_config("RepVGG-A0").stage_channels == (48, 48, 96, 192, 1280)
+    assert get_config("repvgg-b3").stage_channels == (64, 192, 384, 768, 2560)
+    b1g4 = create_model("repvgg_b1g4", deploy=True)
+    groups = [b.groups for s in b1g4.stages[1:] for b in s]
+    assert groups == [1 if layer % 2 else 4 for layer in range(1, 28)]
+    d2se = create_model("RepVGG-D2se", deploy=True)
+    assert d2se.stage0.se.down.out_channels == 4 and isinstance(d2se.stage0.post_se, nn.Identity)
+    l2 = create_model("RepVGGplus-L2pse", deploy=True)
+    assert l2.stage4[0].post_se.down.out_channels == 640 and isinstance(l2.stage4[0].se, nn.Identity)
+    assert all(b.groups == 1 for s in l2.stages for b in (s if isinstance(s, nn.Sequential) else [s]))
+
+
+def test_unknown_model_and_bad_options_are_rejected() -> None:
+    with pytest.raises(RepVGGError, match="unknown model 'repvgg_z9'"):
+        create_model("repvgg_z9")
+    with pytest.raises(RepVGGError, match="strides"):
+        create_model("repvgg_a0", strides=(1, 1))
+    with pytest.raises(RepVGGError, match="out_indices"):
+        create_model("repvgg_a0", out_indices=(5,))
+    with pytest.raises(RepVGGError, match="invalid option"):
+        create_model("repvgg_a0", colour="blue")
+
+
+def test_small_images_channels_and_classifier_options() -> None:
+    model = create_model("repvgg_a0", num_classes=10, in_chans=1, strides=(1, 1, 2, 2, 2)).eval()
+    x = torch.randn(2, 1, 32, 32)
+    features = model.forward_features(x)
+    assert features.shape == (2, 1280, 4, 4)
+    assert torch.allclose(model.forward_head(features), model(x))
+    assert model.forward_head(features, pre_logits=True).shape == (2, 1280)
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 1280)
+
+
+def test_backbone_outputs_for_dense_prediction() -> None:
+    model = create_model("repvgg_b1g2", out_indices=(1, 2, 3, 4)).eval()
+    feats = model(torch.randn(1, 3, 64, 96))
+    info = [model.feature_info[i] for i in (1, 2, 3, 4)]
+    assert [f.shape[1] for f in feats] == [i["num_chs"] for i in info] == [128, 256, 512, 2048]
+    assert [96 // f.shape[-1] for f in feats] == [i["reduction"] for i in info] == [4, 8, 16, 32]
+
+
+def test_repvggplus_aux_heads_in_training_only() -> None:
+    model = create_model("repvggplus_l2pse", num_classes=7, strides=(2, 2, 2, 2, 1))
+    x, target = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
+    out = model.train()(x)
+    assert set(out) == {"main", "stage1_aux", "stage2_aux", "stage3_first_aux"}
+    assert all(v.shape == (2, 7) for v in out.values())
+    criterion = nn.CrossEntropyLoss()
+    expected = criterion(out["main"], target) + 0.1 * sum(criterion(out[k], target) for k in out if k != "main")
+    assert torch.allclose(model.loss(out, target, criterion), expected)
+    assert isinstance(model.eval()(x), torch.Tensor)
+    deploy = reparameterize(model)
+    assert not any(isinstance(m, AuxHead) for m in deploy.modules())
+    assert isinstance(deploy.train()(x), torch.Tensor)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    model = create_model("repvgg_a0", num_classes=4, strides=(1, 1, 2, 2, 2)).train()
+    x = torch.randn(2, 3, 16, 16)
+    grads = []
+    for enable in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        model(x).sum().backward()
+        grads.append(model.stage1[0].rbr_dense.conv.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)

@@ -1,0 +1,178 @@
+"""Reading and writing checkpoints: this library's files, the official release layout and timm's layout."""
+
+from __future__ import annotations
+
+import pickle
+import re
+
+import pytest
+import torch
+from conftest import relative_error, trained_looking
+
+from repvgg import (RepVGG, RepVGGConfig, RepVGGError, create_model, load_checkpoint, model_from_checkpoint, read_checkpoint,
+                    reparameterize, save_checkpoint)
+from repvgg.checkpoints import infer_architecture
+
+X = torch.randn(2, 3, 64, 64)
+
+
+def to_official_plus(state_dict: dict[str, torch.Tensor], n_first: int) -> dict[str, torch.Tensor]:
+    """This library's RepVGGplus keys -> the official repvggplus.py layout (blocks infix, stage3 split, aux)."""
+    out = {}
+    for key, value in state_dict.items():
+        m = re.match(r"stage3\.(\d+)\.(.*)", key)
+        if m:
+            i = int(m.group(1))
+            key = f"stage3_first.blocks.{i}.{m.group(2)}" if i < n_first else \
+                f"stage3_second.blocks.{i - n_first}.{m.group(2)}"
+        key = re.sub(r"^(stage[124])\.(\d+)\.", r"\1.blocks.\2.", key)
+        key = re.sub(r"^aux\.(\w+?)\.fc\.", r"\1_aux.3.", key)
+        key = re.sub(r"^aux\.(\w+?)\.(conv|bn)\.", r"\1_aux.0.\2.", key)
+        out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@pytest.mark.parametrize("deploy", [False, True])
+def test_own_format_round_trip(tmp_path, suffix: str, deploy: bool) -> None:
+    model = trained_looking(create_model("repvgg_a0", num_classes=5, strides=(1, 2, 2, 2, 2)))
+    if deploy:
+        model = reparameterize(model)
+    path = tmp_path / f"m{suffix}"
+    save_checkpoint(model, path, class_names=list("abcde"))
+    loaded, ckpt = model_from_checkpoint(path)
+    assert ckpt.format == "repvgg" and ckpt.deploy == deploy and ckpt.metadata["class_names"] == list("abcde")
+    assert ckpt.metadata["strides"] == [1, 2, 2, 2, 2] and ckpt.metadata["library_version"]
+    assert torch.equal(model(X), loaded(X))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("wrap", ["bare", "model", "state_dict"])
+def test_official_repvgg_layout(tmp_path, wrap: str) -> None:
+    model = trained_looking(create_model("repvgg_b1g4", num_classes=10))
+    sd = {f"module.{k}": v for k, v in model.state_dict().items()}  # saved from DataParallel
+    torch.save(sd if wrap == "bare" else {wrap: sd, "epoch": 3}, tmp_path / "official.pth")
+    loaded, ckpt = model_from_checkpoint(tmp_path / "official.pth")
+    assert ckpt.format == "official" and loaded.config.official_name == "RepVGG-B1g4"
+    assert torch.equal(model(X), loaded(X))
+    deploy = reparameterize(model)
+    torch.save(deploy.state_dict(), tmp_path / "official_deploy.pth")
+    loaded, ckpt = model_from_checkpoint(tmp_path / "official_deploy.pth")
+    assert ckpt.deploy and relative_error(deploy(X), loaded(X)) == 0
+
+
+def test_official_repvggplus_layout() -> None:
+    model = trained_looking(create_model("repvggplus_l2pse", num_classes=6))
+    official = to_official_plus(model.state_dict(), n_first=12)
+    assert "stage3_second.blocks.11.post_se.up.weight" in official and "stage1_aux.3.weight" in official
+    assert "stage2_aux.0.bn.running_var" in official
+    loaded, _ = model_from_checkpoint(official)
+    assert torch.equal(model(X), loaded(X))
+    loaded.train()
+    model.train()
+    torch.manual_seed(1)
+    a = loaded(X)
+    torch.manual_seed(1)
+    b = model(X)
+    assert all(torch.allclose(a[k], b[k]) for k in b)  # auxiliary heads were loaded too
+
+
+def timm_round_trip(reference: torch.nn.Module, load) -> None:
+    """Load timm's training-time and re-parameterized weights via ``load``; both must reproduce timm's outputs."""
+    from timm.utils.model import reparameterize_model
+
+    trained_looking(reference)
+    with torch.no_grad():
+        loaded = load(reference.state_dict())
+        assert relative_error(reference(X), loaded(X)) < 1e-6
+        timm_deploy = reparameterize_model(reference)
+        deploy_sd = timm_deploy.state_dict()
+        assert any(k.endswith("reparam_conv.weight") for k in deploy_sd)
+        assert relative_error(timm_deploy(X), load(deploy_sd)(X)) < 1e-6
+
+
+def test_timm_layout_of_a_registered_model(tmp_path) -> None:
+    timm = pytest.importorskip("timm")
+
+    def load(sd):
+        torch.save({"state_dict": sd}, tmp_path / "timm.pth")
+        model, ckpt = model_from_checkpoint(tmp_path / "timm.pth")
+        assert ckpt.format == "timm" and model.config.official_name == "RepVGG-A0"
+        return model
+
+    timm_round_trip(timm.create_model("repvgg_a0", pretrained=False, num_classes=10), load)
+
+
+def test_timm_layout_with_se_and_groups() -> None:
+    """timm's D2se-style SE (ratio 1/16) and grouped layers, on a small config both libraries can build."""
+    pytest.importorskip("timm")
+    from timm.models.byobnet import ByobNet, ByoModelCfg, _rep_vgg_bcfg
+
+    widths = (0.5, 0.5, 0.5, 0.5)
+    timm_cfg = ByoModelCfg(blocks=_rep_vgg_bcfg(d=(2, 2, 2, 1), wf=widths, groups=2), stem_type="rep", stem_chs=32,
+                           attn_layer="se", attn_kwargs=dict(rd_ratio=1 / 16, rd_divisor=1))
+    ours = RepVGGConfig("tiny", depths=(2, 2, 2, 1), widths=widths, groups=2, se="pre", se_reduction=16)
+
+    def load(sd):
+        deploy = any("reparam_conv" in k for k in sd)
+        model = RepVGG(ours, num_classes=5, deploy=deploy)
+        assert load_checkpoint(model, sd).format == "timm"
+        return model.eval()
+
+    timm_round_trip(ByobNet(timm_cfg, num_classes=5), load)
+
+
+def test_strict_loading_names_the_problem(tmp_path) -> None:
+    a0 = create_model("repvgg_a0")
+    save_checkpoint(create_model("repvgg_a1"), tmp_path / "a1.pth")
+    with pytest.raises(RepVGGError, match=r"shape mismatches .*stage0\.rbr_dense\.conv\.weight"):
+        load_checkpoint(a0, tmp_path / "a1.pth")
+    partial = {k: v for k, v in a0.state_dict().items() if not k.startswith("stage4")}
+    with pytest.raises(RepVGGError, match=r"missing keys: stage4\.0\.rbr_dense"):
+        load_checkpoint(a0, partial)
+    load_checkpoint(a0, partial, strict=False)
+    with pytest.raises(RepVGGError, match="deploy model but the model is training-time"):
+        load_checkpoint(a0, reparameterize(a0).state_dict())
+
+
+def test_drop_classifier_for_fine_tuning() -> None:
+    source = create_model("repvgg_a0", num_classes=1000)
+    target = create_model("repvgg_a0", num_classes=10)
+    head = target.linear.weight.clone()
+    with pytest.raises(RepVGGError, match="linear.weight"):
+        load_checkpoint(target, source.state_dict())
+    load_checkpoint(target, source.state_dict(), drop_classifier=True)
+    assert torch.equal(target.linear.weight, head)
+    assert torch.equal(target.stage4[0].rbr_dense.conv.weight, source.stage4[0].rbr_dense.conv.weight)
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_bad_files_fail_cleanly(tmp_path) -> None:
+    with pytest.raises(RepVGGError, match="checkpoint not found"):
+        read_checkpoint(tmp_path / "nope.pth")
+    (tmp_path / "corrupt.pth").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(RepVGGError, match="cannot read checkpoint"):
+        read_checkpoint(tmp_path / "corrupt.pth")
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(RepVGGError, match="cannot read checkpoint"):
+        read_checkpoint(tmp_path / "corrupt.safetensors")
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"state_dict": Evil()}, f)
+    with pytest.raises(RepVGGError, match="cannot read checkpoint"):
+        read_checkpoint(tmp_path / "evil.pth")  # weights_only refuses arbitrary objects
+    torch.save({"foo.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(RepVGGError, match="unrecognised checkpoint layout"):
+        read_checkpoint(tmp_path / "other.pth")
+
+
+def test_architecture_is_inferred_from_shapes() -> None:
+    for name in ("repvgg_a0", "repvgg_b2g4", "repvgg_d2se"):
+        with torch.device("meta"):
+            sd = create_model(name).state_dict()
+        assert infer_architecture(sd) == name
+        with torch.device("meta"):
+            assert infer_architecture(reparameterize(create_model(name)).state_dict()) == name

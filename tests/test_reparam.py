@@ -1,0 +1,96 @@
+"""The re-parameterization math and the model-level switch, on single blocks and on foreign containers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import relative_error, trained_looking
+from torch import nn
+
+from repvgg import RepVGGBlock, create_model, reparameterize
+from repvgg.reparam import fuse_bn, identity_kernel, is_deploy, pad_to_3x3
+
+
+def test_fuse_bn_equals_conv_then_bn() -> None:
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=False).double()
+    bn = trained_looking(nn.BatchNorm2d(6).double())
+    x = torch.randn(2, 4, 9, 7, dtype=torch.float64)
+    kernel, bias = fuse_bn(conv.weight, bn)
+    assert torch.allclose(F.conv2d(x, kernel, bias, padding=1), bn(conv(x)), atol=1e-12)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_identity_kernel_copies_every_channel(groups: int) -> None:
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    kernel = identity_kernel(8, groups, dtype=torch.float64)
+    assert kernel.shape == (8, 8 // groups, 3, 3)
+    assert torch.equal(F.conv2d(x, kernel, padding=1, groups=groups), x)
+
+
+def test_pad_to_3x3_centres_the_1x1_weight() -> None:
+    k = torch.randn(3, 2, 1, 1)
+    padded = pad_to_3x3(k)
+    assert padded.shape == (3, 2, 3, 3)
+    assert torch.equal(padded[:, :, 1, 1], k[:, :, 0, 0]) and padded.abs().sum() == k.abs().sum()
+
+
+@pytest.mark.parametrize("in_ch,out_ch,stride,groups,se", [
+    (8, 8, 1, 1, None),   # identity branch present
+    (8, 8, 2, 1, None),   # stride 2: no identity
+    (8, 16, 1, 1, None),  # in != out: no identity
+    (8, 8, 1, 2, None),   # groups with identity
+    (16, 16, 1, 4, "pre"),
+    (16, 32, 2, 4, "post"),
+])
+def test_block_conversion_is_exact(in_ch: int, out_ch: int, stride: int, groups: int, se: str | None) -> None:
+    block = trained_looking(RepVGGBlock(in_ch, out_ch, stride, groups, se=se, se_reduction=4))
+    assert (block.rbr_identity is not None) == (in_ch == out_ch and stride == 1)
+    x = torch.randn(1, in_ch, 11, 7)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-12)):
+        ref_block = copy.deepcopy(block).to(dtype)
+        fused = reparameterize(ref_block)
+        assert relative_error(ref_block(x.to(dtype)), fused(x.to(dtype))) < tol
+    assert not hasattr(fused, "rbr_dense") and fused.rbr_reparam.bias is not None
+
+
+def test_equivalent_kernel_is_differentiable() -> None:
+    block = RepVGGBlock(4, 4)
+    kernel, bias = block.equivalent_kernel_bias()
+    (kernel.square().sum() + bias.sum()).backward()
+    for p in (block.rbr_dense.conv.weight, block.rbr_1x1.bn.weight, block.rbr_identity.weight,
+              block.rbr_identity.bias):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_switch_to_deploy_is_idempotent_and_in_place() -> None:
+    block = trained_looking(RepVGGBlock(4, 4))
+    block.switch_to_deploy()
+    weight = block.rbr_reparam.weight.clone()
+    block.switch_to_deploy()
+    assert torch.equal(weight, block.rbr_reparam.weight) and block.deploy
+
+
+class SegNet(nn.Module):
+    """A stand-in for a user's segmentation network with a RepVGG backbone and its own head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = create_model("repvgg_a0", out_indices=(2, 3, 4), strides=(2, 2, 2, 2, 1))
+        self.head = nn.Sequential(nn.Conv2d(1280, 5, 1), nn.BatchNorm2d(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c2, c3, c4 = self.backbone(x)
+        return F.interpolate(self.head(c4), size=x.shape[-2:], mode="bilinear") + c2.mean() + c3.mean()
+
+
+def test_reparameterize_any_module_without_touching_the_original() -> None:
+    net = trained_looking(SegNet())
+    x = torch.randn(1, 3, 64, 48)
+    deploy = reparameterize(net)
+    assert not is_deploy(net) and is_deploy(deploy) and not deploy.training
+    assert relative_error(net(x), deploy(x)) < 1e-5
+    assert isinstance(deploy.head[1], nn.BatchNorm2d)  # foreign modules are left alone
+    assert reparameterize(net, inplace=True) is net and is_deploy(net)
