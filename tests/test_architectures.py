@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from conftest import relative_error, trained_looking
 from torch import nn
 
+from conftest import relative_error, trained_looking
 from repvgg import RepVGG, RepVGGBlock, RepVGGError, SqueezeExcite, create_model, list_models, reparameterize
 from repvgg.architectures import AuxHead, get_config
 from repvgg.profile import count_params

@@ -7,10 +7,19 @@ import re
 
 import pytest
 import torch
-from conftest import relative_error, trained_looking
 
-from repvgg import (RepVGG, RepVGGConfig, RepVGGError, create_model, load_checkpoint, model_from_checkpoint, read_checkpoint,
-                    reparameterize, save_checkpoint)
+from conftest import relative_error, trained_looking
+from repvgg import (
+    RepVGG,
+    RepVGGConfig,
+    RepVGGError,
+    create_model,
+    load_checkpoint,
+    model_from_checkpoint,
+    read_checkpoint,
+    reparameterize,
+    save_checkpoint,
+)
 from repvgg.checkpoints import infer_architecture
 
 X = torch.randn(2, 3, 64, 64)
@@ -139,7 +148,7 @@ def test_drop_classifier_for_fine_tuning() -> None:
     source = create_model("repvgg_a0", num_classes=1000)
     target = create_model("repvgg_a0", num_classes=10)
     head = target.linear.weight.clone()
-    with pytest.raises(RepVGGError, match="linear.weight"):
+    with pytest.raises(RepVGGError, match=r"linear\.weight"):
         load_checkpoint(target, source.state_dict())
     load_checkpoint(target, source.state_dict(), drop_classifier=True)
     assert torch.equal(target.linear.weight, head)

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-from conftest import relative_error, trained_looking
 
+from conftest import relative_error, trained_looking
 from repvgg import create_model, list_models, model_from_checkpoint, save_checkpoint
 from repvgg.cli import main
 

@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import relative_error, trained_looking
 from torch import nn
 
+from conftest import relative_error, trained_looking
 from repvgg import RepVGGBlock, create_model, reparameterize
 from repvgg.reparam import fuse_bn, identity_kernel, is_deploy, pad_to_3x3
 

@@ -35,7 +35,7 @@ class RepVGGConfig:
     def stage_channels(self) -> tuple[int, ...]:
         """Output channels of stage0..stage4."""
         a = self.widths[0]
-        return (min(64, int(64 * a)),) + tuple(int(b * w) for b, w in zip(STAGE_BASE_WIDTHS, self.widths))
+        return (min(64, int(64 * a)), *(int(b * w) for b, w in zip(STAGE_BASE_WIDTHS, self.widths, strict=True)))
 
     def layer_groups(self, layer: int) -> int:
         """Conv groups of layer ``layer`` (1 = first block of stage1)."""

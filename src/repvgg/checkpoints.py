@@ -143,7 +143,7 @@ def _read_file(path: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
             with safe_open(path, framework="pt") as f:
                 header = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
             metadata = json.loads(header["repvgg"]) if "repvgg" in header else {}
             return tensors, metadata
         obj = torch.load(path, map_location="cpu", weights_only=True)
