@@ -1,5 +1,8 @@
 """RepVGG: multi-branch training, exact structural re-parameterization, fast plain-VGG deployment."""
 
+import importlib
+from typing import Any
+
 from ._version import __version__
 from .architectures import RepVGG, RepVGGConfig, create_model, list_models
 from .blocks import RepVGGBlock, SqueezeExcite
@@ -14,11 +17,25 @@ __all__ = [
     "RepVGGConfig",
     "RepVGGError",
     "SqueezeExcite",
+    "create_engine",
     "create_model",
+    "export_model",
+    "fastest_engine",
     "list_models",
     "load_checkpoint",
     "model_from_checkpoint",
+    "predict",
     "read_checkpoint",
     "reparameterize",
     "save_checkpoint",
 ]
+
+# Deployment API, imported on first use: it pulls in torchvision transforms and the optional runtimes.
+_LAZY = {"create_engine": "inference", "fastest_engine": "inference", "predict": "inference",
+         "export_model": "export"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,14 +1,54 @@
-"""Speed measurement: interleaved rounds over several models on the same input, reported as medians."""
+"""Speed and memory measurement: interleaved rounds over several models and engines on the same input, as medians.
+
+:func:`run_benchmark` (``repvgg bench``) times the training-time model, the deploy model on every installed
+engine and torchvision ResNets (built with ``weights=None``), together with a float32 matrix multiply that gives
+the machine's attainable GFLOP/s. Every round runs every configuration in turn, starting one further along each
+round, so load from other processes hits all of them alike. Peak memory is measured afterwards, one fresh
+subprocess per configuration: the rise of the process's peak resident set size (Linux VmHWM, reset through
+``/proc/self/clear_refs`` once libraries are imported and inputs exist) while it builds the engine and runs every
+batch size. It counts weights, runtime workspaces and activations, i.e. what the configuration really costs.
+"""
 
 from __future__ import annotations
 
+import datetime
+import json
+import os
+import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 
-__all__ = ["measure_throughput"]
+from ._version import __version__
+from .errors import RepVGGError
+from .optional import EXTRAS, is_installed, require
+from .profile import count_macs, count_params
+
+__all__ = ["measure_throughput", "BenchConfig", "BENCH_ENGINES", "BASELINES", "default_configs", "run_benchmark",
+           "matmul_gflops", "format_table", "plot_report"]
+
+BENCH_ENGINES = ("torch", "torch-channels-last", "onnxruntime", "openvino")
+BASELINES = ("resnet18", "resnet34", "resnet50")
+MATMUL_SIZE = 2048
+METHOD = {
+    "speed": "interleaved rounds (start rotates each round), same input arrays; images/s = batch / median call time",
+    "latency": "per-call wall time percentiles over all rounds",
+    "weights": "random (speed and memory do not depend on values); torchvision models built with weights=None",
+    "memory": "fresh subprocess per configuration: VmHWM rise after /proc/self/clear_refs, over engine build and "
+              "two calls at every batch size",
+    "gflops": "2 * MACs (convs + linears, count_macs) * images/s; fraction_of_matmul divides by the float32 "
+              "matmul GFLOP/s measured once per round on all torch threads",
+}
 
 
 def measure_throughput(runners: Mapping[str, Callable[[], object]], batch_size: int, rounds: int = 5,
@@ -31,3 +71,341 @@ def measure_throughput(runners: Mapping[str, Callable[[], object]], batch_size: 
                 times[name].append((time.perf_counter() - start) / iters_per_round)
     return {name: {"images_per_s": batch_size / statistics.median(t), "latency_ms": 1e3 * statistics.median(t)}
             for name, t in times.items()}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One measured configuration: a network (RepVGG name or torchvision model) in a form on an engine."""
+
+    label: str
+    network: str
+    form: str  # "train", "deploy" or "baseline"
+    engine: str  # one of BENCH_ENGINES
+
+    @property
+    def onnx_based(self) -> bool:
+        """True for engines that run the exported ONNX graph."""
+        return self.engine in ("onnxruntime", "openvino")
+
+
+def default_configs(model: str = "repvgg_a0", engines: Sequence[str] = BENCH_ENGINES,
+                    baselines: Sequence[str] = BASELINES, train: bool = True) -> list[BenchConfig]:
+    """Training-time model (eager), deploy model on each of ``engines``, then each baseline (eager)."""
+    from .architectures import canonical_name, get_config
+
+    name, title = canonical_name(model), get_config(model).official_name
+    unknown = [e for e in engines if e not in BENCH_ENGINES]
+    if unknown:
+        raise RepVGGError(f"unknown bench engine {unknown[0]!r}; choose from: {', '.join(BENCH_ENGINES)}")
+    configs = [BenchConfig(f"{title} train (torch)", name, "train", "torch")] if train else []
+    configs += [BenchConfig(f"{title} deploy ({e})", name, "deploy", e) for e in engines]
+    for base in baselines:
+        if not base.startswith("resnet") or not hasattr(_torchvision_models(), base):
+            raise RepVGGError(f"unknown baseline {base!r}; use torchvision ResNets such as {', '.join(BASELINES)}")
+        configs.append(BenchConfig(f"ResNet-{base[6:]} (torch)", base, "baseline", "torch"))
+    return configs
+
+
+def _torchvision_models() -> Any:
+    import torchvision
+
+    return torchvision.models
+
+
+def _build_model(network: str, form: str) -> nn.Module:
+    """The network with random weights (speed and memory do not depend on their values)."""
+    from .architectures import create_model
+
+    if form == "baseline":
+        return getattr(_torchvision_models(), network)(weights=None).eval()
+    return create_model(network, deploy=form == "deploy").eval()
+
+
+def _model_key(config: BenchConfig) -> tuple[str, str]:
+    """(network, form) of the PyTorch model a configuration runs or was exported from."""
+    return config.network, "deploy" if config.onnx_based else config.form
+
+
+def _build_runner(config: BenchConfig, batch_size: int, onnx_path: str | None,
+                  model: nn.Module | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    from .export import to_openvino
+    from .inference import OnnxRuntimeEngine, OpenVINOEngine, TorchEngine
+
+    if config.engine == "onnxruntime":
+        return OnnxRuntimeEngine(onnx_path)
+    if config.engine == "openvino":
+        return OpenVINOEngine(to_openvino(onnx_path, batch_size=None), batch_size)
+    model = model if model is not None else _build_model(*_model_key(config))
+    return TorchEngine(model, channels_last=config.engine == "torch-channels-last")
+
+
+def matmul_gflops(n: int = MATMUL_SIZE, repeats: int = 3) -> float:
+    """Float32 GFLOP/s of an n x n matrix multiply on all torch threads (median of ``repeats``)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def _status() -> dict[str, int]:
+    with open("/proc/self/status") as f:
+        return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in ("VmRSS", "VmHWM")}
+
+
+def _peak_rss(config: BenchConfig, img_size: Sequence[int], batch_sizes: Sequence[int], onnx_path: str | None,
+              threads: int) -> float | None:
+    """Rise of this process's peak RSS (MiB) while building ``config`` and running each batch size twice."""
+    from . import inference  # noqa: F401  (imports and library start-up are not the configuration's cost)
+
+    torch.set_num_threads(threads)
+    if config.onnx_based:
+        require(config.engine)
+    if config.form == "baseline":
+        _torchvision_models()
+    inputs = {b: np.random.default_rng(0).standard_normal((b, 3, *img_size), dtype=np.float32) for b in batch_sizes}
+    with torch.inference_mode():
+        nn.functional.conv2d(torch.ones(1, 3, 8, 8), torch.ones(4, 3, 3, 3))  # starts the thread pool
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return None
+    start = _status()["VmRSS"]
+    for b in batch_sizes:
+        runner = _build_runner(config, b, onnx_path)
+        for _ in range(2):
+            runner(inputs[b])
+        del runner
+    return (_status()["VmHWM"] - start) / 1024
+
+
+def _peak_rss_main() -> None:
+    """Subprocess entry: read the job as JSON on stdin, print the peak RSS rise as JSON."""
+    job = json.load(sys.stdin)
+    print(json.dumps(_peak_rss(BenchConfig(**job.pop("config")), **job)))
+
+
+def _peak_memory(configs: Sequence[BenchConfig], img_size: tuple[int, int], batch_sizes: Sequence[int],
+                 onnx_path: str | None, threads: int) -> dict[str, float | None]:
+    """Peak RSS rise of each configuration, each in a fresh Python process."""
+    out = {}
+    for config in configs:
+        job = dict(config=asdict(config), img_size=list(img_size), batch_sizes=list(batch_sizes),
+                   onnx_path=onnx_path, threads=threads)
+        proc = subprocess.run([sys.executable, "-c", "from repvgg.benchmark import _peak_rss_main; _peak_rss_main()"],
+                              input=json.dumps(job), capture_output=True, text=True, check=False)
+        if proc.returncode:
+            raise RepVGGError(f"memory probe for {config.label} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        out[config.label] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = {"repvgg": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    for module in ("onnxruntime", "openvino"):
+        if is_installed(module):
+            versions[module] = require(module).__version__
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "versions": versions}
+
+
+def _time_interleaved(runners: Mapping[tuple[str, int], Callable[[np.ndarray], object]], labels: Sequence[str],
+                      inputs: Mapping[int, np.ndarray], rounds: int, images_per_round: int,
+                      on_round: Callable[[int], None]) -> tuple[dict[tuple[str, int], list[float]], list[float]]:
+    """Per-call seconds of every (label, batch) runner over interleaved rounds, and matmul GFLOP/s per round.
+
+    Each round starts one configuration further along, so no configuration always follows a given other one.
+    """
+    for (_, b), run in runners.items():  # warm-up: first calls allocate and pick kernels
+        for _ in range(2):
+            run(inputs[b])
+    samples: dict[tuple[str, int], list[float]] = {key: [] for key in runners}
+    matmul = []
+    for r in range(rounds):
+        for label in list(labels[r % len(labels):]) + list(labels[:r % len(labels)]):
+            for b, x in inputs.items():
+                for _ in range(max(1, images_per_round // b)):
+                    start = time.perf_counter()
+                    runners[label, b](x)
+                    samples[label, b].append(time.perf_counter() - start)
+        matmul.append(matmul_gflops())
+        on_round(r + 1)
+    return samples, matmul
+
+
+def _result_row(model: nn.Module, img_size: tuple[int, int], times: Mapping[int, Sequence[float]],
+                machine_gflops: float) -> dict[str, Any]:
+    """Size, MACs, and per batch size: images/s (median), latency p50/p90, achieved GFLOP/s."""
+    macs = count_macs(model, img_size)
+    per_batch = {}
+    for b, t in times.items():
+        ips = b / statistics.median(t)
+        gflops = 2 * macs * ips / 1e9
+        per_batch[str(b)] = {"images_per_s": ips, "latency_ms_p50": 1e3 * statistics.median(t),
+                             "latency_ms_p90": 1e3 * float(np.percentile(t, 90)), "calls": len(t),
+                             "gflops": gflops, "fraction_of_matmul": gflops / machine_gflops}
+    return {"params_m": count_params(model) / 1e6, "gmacs": macs / 1e9, "batch": per_batch}
+
+
+def run_benchmark(model: str = "repvgg_a0", img_size: tuple[int, int] = (224, 224),
+                  batch_sizes: Sequence[int] = (1, 16), rounds: int = 5, images_per_round: int = 8,
+                  engines: Sequence[str] | None = None, baselines: Sequence[str] = BASELINES, train: bool = True,
+                  memory: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure every configuration side by side; returns the JSON-ready report (see :func:`format_table`).
+
+    Each round runs, per configuration and batch size, ``max(1, images_per_round // batch)`` timed calls.
+    Engines whose runtime is missing are skipped and listed under ``skipped``.
+    """
+    from .architectures import canonical_name
+    from .export import onnx_bytes
+    from .inference import fastest_engine
+
+    log = log or (lambda _msg: None)
+    if rounds < 1 or images_per_round < 1 or not batch_sizes or min(batch_sizes) < 1:
+        raise RepVGGError("rounds, images per round and batch sizes must be positive")
+    batch_sizes = sorted(set(batch_sizes))
+    wanted = list(BENCH_ENGINES if engines is None else engines)
+    skipped = {e: f"pip install 'repvgg[{EXTRAS[e]}]'" for e in wanted
+               if e in ("onnxruntime", "openvino") and not is_installed(e)}
+    configs = default_configs(model, [e for e in wanted if e not in skipped], baselines, train)
+    threads = torch.get_num_threads()
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        models = {key: _build_model(*key) for key in dict.fromkeys(_model_key(c) for c in configs)}
+        onnx_path = None
+        if any(c.onnx_based for c in configs):
+            onnx_path = str(Path(tmp) / "deploy.onnx")
+            Path(onnx_path).write_bytes(onnx_bytes(models[canonical_name(model), "deploy"], img_size))
+        runners = {(c.label, b): _build_runner(c, b, onnx_path, None if c.onnx_based else models[_model_key(c)])
+                   for c in configs for b in batch_sizes}
+        rng = np.random.default_rng(0)
+        inputs = {b: rng.standard_normal((b, 3, *img_size), dtype=np.float32) for b in batch_sizes}
+        samples, matmul = _time_interleaved(runners, [c.label for c in configs], inputs, rounds, images_per_round,
+                                            lambda r: log(f"round {r}/{rounds} done "
+                                                          f"({time.perf_counter() - started:.0f} s)"))
+        del runners
+        peak = {}
+        if memory:
+            log("measuring peak memory, one subprocess per configuration")
+            peak = _peak_memory(configs, img_size, batch_sizes, onnx_path, threads)
+
+    machine_gflops = statistics.median(matmul)
+    results = []
+    for c in configs:
+        times = {b: samples[c.label, b] for b in batch_sizes}
+        results.append({**asdict(c), **_result_row(models[_model_key(c)], img_size, times, machine_gflops),
+                        "peak_rss_mib": peak.get(c.label)})
+    report = {
+        "tool": "repvgg bench", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "model": model, "img_size": list(img_size), "dtype": "float32", "batch_sizes": batch_sizes,
+        "rounds": rounds, "images_per_round": images_per_round, "machine": _machine(),
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "matmul": {"size": MATMUL_SIZE, "gflops": machine_gflops, "per_round": matmul},
+        "method": METHOD,
+        "default_engine": fastest_engine(), "skipped": skipped,
+        "wall_s": time.perf_counter() - started, "results": results,
+    }
+    report["summary"] = summarize(report)
+    return report
+
+
+def summarize(report: Mapping[str, Any]) -> dict[str, Any]:
+    """Ratios at the largest batch: fastest deploy engine vs training-time model and ResNet-18, and how close the
+    default engine (:func:`repvgg.fastest_engine`) comes to the fastest one."""
+    batch = str(max(report["batch_sizes"]))
+    results = report["results"]
+
+    def speed(row: Mapping[str, Any] | None) -> float | None:
+        return row["batch"][batch]["images_per_s"] if row else None
+
+    deploy = [r for r in results if r["form"] == "deploy"]
+    if not deploy:
+        return {}
+    best = max(deploy, key=speed)
+    train = next((r for r in results if r["form"] == "train"), None)
+    resnet18 = next((r for r in results if r["network"] == "resnet18"), None)
+    default = {"torch": "torch-channels-last"}.get(report["default_engine"], report["default_engine"])
+    default_row = next((r for r in deploy if r["engine"] == default), None)
+    ratios = {"deploy_vs_train": speed(best) / speed(train) if train else None,
+              "deploy_vs_resnet18": speed(best) / speed(resnet18) if resnet18 else None,
+              "default_vs_fastest": speed(default_row) / speed(best) if default_row else None}
+    targets = {"deploy_vs_train": 2.0, "deploy_vs_resnet18": 2.0, "default_vs_fastest": 0.95}
+    return {"batch_size": int(batch), "fastest_deploy": best["label"], "fastest_deploy_images_per_s": speed(best),
+            "default_config": default_row["label"] if default_row else None, **ratios,
+            "targets_met": {k: v >= targets[k] for k, v in ratios.items() if v is not None}}
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    """The report as a text table plus the machine's matmul GFLOP/s and the summary ratios."""
+    sizes = [str(b) for b in report["batch_sizes"]]
+    small, large = sizes[0], sizes[-1]
+    head = (f"{'configuration':<40}{'params':>8}{'GMACs':>7}" + "".join(f"{'img/s b' + b:>11}" for b in sizes)
+            + f"{'p50 ms b' + small:>11}{'p90 ms b' + small:>11}{'GFLOP/s b' + large:>13}{'of mm':>7}{'peak MiB':>10}")
+    lines = [head, "-" * len(head)]
+    for r in report["results"]:
+        first, last = r["batch"][small], r["batch"][large]
+        peak = f"{r['peak_rss_mib']:.0f}" if r["peak_rss_mib"] is not None else "n/a"
+        lines.append(f"{r['label']:<40}{r['params_m']:>7.2f}M{r['gmacs']:>7.2f}"
+                     + "".join(f"{r['batch'][b]['images_per_s']:>11.1f}" for b in sizes)
+                     + f"{first['latency_ms_p50']:>11.1f}{first['latency_ms_p90']:>11.1f}{last['gflops']:>13.1f}"
+                     + f"{last['fraction_of_matmul']:>7.0%}{peak:>10}")
+    s = report.get("summary") or {}
+    lines.append(f"float32 matmul {report['matmul']['size']}x{report['matmul']['size']}: "
+                 f"{report['matmul']['gflops']:.1f} GFLOP/s ('of mm' = achieved 2*MACs*img/s over it); "
+                 f"{report['img_size'][0]}x{report['img_size'][1]} float32, {report['machine']['torch_threads']} "
+                 f"threads, {report['rounds']} rounds, load average {report['load_average_before'][0]:.1f} -> "
+                 f"{report['load_average_after'][0]:.1f}")
+    if s:
+        def ratio(key: str, target: str) -> str:
+            v = s.get(key)
+            return "n/a" if v is None else f"{v:.2f}x ({'met' if s['targets_met'][key] else 'NOT met'}, {target})"
+
+        lines.append(f"batch {s['batch_size']}: fastest deploy = {s['fastest_deploy']}; vs training-time model "
+                     f"{ratio('deploy_vs_train', 'target >= 2.0x')}; vs ResNet-18 "
+                     f"{ratio('deploy_vs_resnet18', 'target >= 2.0x')}; default engine {report['default_engine']} "
+                     f"at {ratio('default_vs_fastest', 'target >= 0.95x')} of the fastest")
+    for engine, hint in report.get("skipped", {}).items():
+        lines.append(f"skipped {engine}: not installed ({hint})")
+    return "\n".join(lines)
+
+
+def plot_report(report: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """A PNG with images/s per configuration and batch size, and peak memory per configuration."""
+    require("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    labels = [r["label"] for r in results]
+    y = np.arange(len(results))
+    sizes = [str(b) for b in report["batch_sizes"]]
+    fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(13, 0.5 * len(results) + 2),
+                                           gridspec_kw={"width_ratios": [3, 1]}, sharey=True)
+    height = 0.8 / len(sizes)
+    for i, b in enumerate(sizes):
+        ax_speed.barh(y + (i - (len(sizes) - 1) / 2) * height, [r["batch"][b]["images_per_s"] for r in results],
+                      height, label=f"batch {b}")
+    ax_speed.set_yticks(y, labels)
+    ax_speed.invert_yaxis()
+    ax_speed.set_xlabel("images/s (median over rounds)")
+    ax_speed.legend()
+    ax_mem.barh(y, [r["peak_rss_mib"] or 0 for r in results], color="gray")
+    ax_mem.set_xlabel("peak RSS rise (MiB)")
+    fig.suptitle(f"{report['model']} {report['img_size'][0]}x{report['img_size'][1]} float32 on "
+                 f"{report['machine']['cpu']} ({report['machine']['torch_threads']} threads); "
+                 f"matmul {report['matmul']['gflops']:.0f} GFLOP/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -82,6 +82,72 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args)
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from .train import options_from_args, train
+
+    train(options_from_args(args))
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate import run_eval
+
+    run_eval(args)
+
+
+def _cmd_plot(args: argparse.Namespace) -> None:
+    from .plot import plot_run
+
+    print(f"curves -> {plot_run(args.run_dir, args.out)}")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_model, load_deploy_model
+    from .inference import input_size
+
+    model, ckpt = load_deploy_model(args.checkpoint, args.model)
+    img_size = tuple(args.img_size) if args.img_size else input_size(ckpt.metadata)
+    result = export_model(model, args.out, args.format, img_size, args.dynamic_batch, args.tolerance)
+    batch = "dynamic batch" if args.dynamic_batch or args.format == "torchscript" else "batch 1"
+    print(f"exported {args.checkpoint} -> {', '.join(result.files)} ({args.format}, {batch}, "
+          f"{img_size[0]}x{img_size[1]}); checked on input {tuple(result.input_shape)}: max difference vs PyTorch "
+          f"{result.max_abs_diff:.2e} ({result.rel_diff:.2e} of the output scale)")
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from .export import load_deploy_model
+    from .inference import fastest_engine, predict
+
+    model, ckpt = load_deploy_model(args.checkpoint, args.model)
+    engine = args.engine or fastest_engine()
+    results = predict(model, args.images, engine, ckpt.metadata, args.top)
+    print(f"engine: {engine}")
+    for image, top in zip(args.images, results, strict=True):
+        print(f"{image}:")
+        for name, prob in top:
+            print(f"  {prob:8.2%}  {name}")
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from .benchmark import format_table, plot_report, run_benchmark
+    from .checkpoints import atomic_write
+
+    report = run_benchmark(args.model, tuple(args.img_size), args.batch_sizes, args.rounds, args.images_per_round,
+                           args.engines, args.baselines, train=not args.no_train, memory=not args.no_memory,
+                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(format_table(report))
+    atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+    print(f"results -> {args.json}")
+    if args.plot:
+        try:
+            plot_report(report, args.plot)
+            print(f"chart -> {args.plot}")
+        except RepVGGError as e:
+            print(f"chart skipped: {e}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="repvgg", description=__doc__)
     parser.add_argument("--version", action="version", version=f"repvgg {__version__}")
@@ -105,6 +171,58 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on an embedded default, end to end")
     p.set_defaults(func=_cmd_demo)
+
+    from . import evaluate, train
+
+    p = sub.add_parser("train", help="train on image folders (one process, or many with torchrun)")
+    train.add_arguments(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="top-1/top-5, loss and speed of a checkpoint on an image folder")
+    evaluate.add_arguments(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("plot", help="draw a training run's loss, top-1 and lr curves to a PNG")
+    p.add_argument("run_dir", help="a `repvgg train` output directory")
+    p.add_argument("--out", help="image file (default RUN_DIR/curves.png)")
+    p.set_defaults(func=_cmd_plot)
+
+    from .benchmark import BASELINES, BENCH_ENGINES
+    from .export import FORMATS
+    from .inference import ENGINES
+
+    p = sub.add_parser("export", help="export the deploy model to ONNX, TorchScript or OpenVINO, verified")
+    p.add_argument("checkpoint", help="any checkpoint (training-time ones are re-parameterized first)")
+    p.add_argument("--format", required=True, choices=list(FORMATS))
+    p.add_argument("--out", required=True, help="output file (.onnx, .pt, or .xml with a .bin beside it)")
+    p.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="input size (default: the checkpoint's preprocessing crop, else 224 224)")
+    p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: batch 1)")
+    p.add_argument("--model", help="architecture, when the file does not say")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest output difference, relative to its scale")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("predict", help="top-5 classes of images, with the checkpoint's class names and preprocessing")
+    p.add_argument("checkpoint")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--engine", choices=list(ENGINES), help="default: the fastest installed one")
+    p.add_argument("--top", type=int, default=5, help="classes shown per image")
+    p.add_argument("--model", help="architecture, when the file does not say")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("bench", help="speed and memory of train/deploy forms on each engine vs ResNets, side by side")
+    p.add_argument("--model", default="repvgg_a0")
+    p.add_argument("--img-size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; speeds are medians over them")
+    p.add_argument("--images-per-round", type=int, default=8, help="images timed per configuration and batch size")
+    p.add_argument("--engines", nargs="+", choices=list(BENCH_ENGINES), default=list(BENCH_ENGINES))
+    p.add_argument("--baselines", nargs="*", default=list(BASELINES), help="torchvision ResNets (random weights)")
+    p.add_argument("--no-train", action="store_true", help="leave out the training-time model")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-configuration peak-memory subprocesses")
+    p.add_argument("--json", default="bench.json", help="results file")
+    p.add_argument("--plot", default="bench.png", help="chart file ('' for none)")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""Data: image preprocessing shared by training, evaluation and prediction.
+"""Data: image folders (plain or archived), bad-image handling, and the preprocessing shared by training,
+evaluation and prediction.
 
 Checkpoints carry their preprocessing as metadata under ``preprocess`` (see :data:`IMAGENET_PREPROCESS`),
 so that evaluation and prediction see images exactly as training did.
@@ -6,12 +7,28 @@ so that evaluation and prediction see images exactly as training did.
 
 from __future__ import annotations
 
-from typing import Any
+import fcntl
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
-from PIL import Image
-from torchvision import transforms
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import default_collate
+from torchvision import datasets, transforms
+from torchvision.transforms import v2
 
-__all__ = ["IMAGENET_PREPROCESS", "eval_transform", "to_rgb"]
+from .errors import RepVGGError
+
+__all__ = ["IMAGENET_PREPROCESS", "eval_transform", "to_rgb", "train_transform", "resolve_split", "ImageFolder",
+           "BadImage", "Batch", "collate", "check_bad", "unpack_archive", "default_cache_dir", "ARCHIVE_SUFFIXES"]
 
 IMAGENET_PREPROCESS: dict[str, Any] = {
     "resize": 256,  # shorter side before the centre crop
@@ -19,6 +36,10 @@ IMAGENET_PREPROCESS: dict[str, Any] = {
     "mean": [0.485, 0.456, 0.406],
     "std": [0.229, 0.224, 0.225],
 }
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+BadImagePolicy = Literal["skip", "error"]
+TrainCrop = Literal["random_resized", "pad"]
+AutoAugment = Literal["none", "rand", "auto"]
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -36,3 +57,155 @@ def eval_transform(preprocess: dict[str, Any] | None = None) -> transforms.Compo
         transforms.ToTensor(),
         transforms.Normalize(p["mean"], p["std"]),
     ])
+
+
+def train_transform(img_size: int, crop: TrainCrop = "random_resized", auto_augment: AutoAugment = "none",
+                    mean: Sequence[float] = IMAGENET_PREPROCESS["mean"],
+                    std: Sequence[float] = IMAGENET_PREPROCESS["std"]) -> v2.Compose:
+    """Training augmentation: random-resized crop (ImageNet) or pad-4 random crop (small images), flip,
+    optional RandAugment/AutoAugment, then a normalized float tensor."""
+    steps: list[Callable] = [v2.Lambda(to_rgb), v2.ToImage()]
+    if crop == "pad":
+        steps += [v2.Resize(img_size, antialias=True), v2.RandomCrop(img_size, padding=img_size // 8)]
+    else:
+        steps.append(v2.RandomResizedCrop(img_size, antialias=True))
+    steps.append(v2.RandomHorizontalFlip())
+    if auto_augment == "rand":
+        steps.append(v2.RandAugment())
+    elif auto_augment == "auto":
+        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(steps)
+
+
+def default_cache_dir() -> Path:
+    """Where archives are unpacked: ``$REPVGG_CACHE_DIR``, else ``~/.cache/repvgg/datasets``."""
+    return Path(os.environ.get("REPVGG_CACHE_DIR") or Path.home() / ".cache" / "repvgg" / "datasets")
+
+
+def unpack_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Unpack a .tar/.tar.gz once into the cache and return the folder; safe when many processes race.
+
+    One process holds a file lock and extracts into a temporary folder that is renamed into place when
+    complete; the others wait on the lock and then reuse the result.
+    """
+    archive = Path(archive).resolve()
+    stat = archive.stat()
+    key = hashlib.sha1(f"{archive}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    stem = archive.name
+    for suffix in ARCHIVE_SUFFIXES:
+        stem = stem.removesuffix(suffix)
+    final = cache / f"{stem}-{key}"
+    with open(cache / f".{stem}-{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not final.is_dir():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache))
+            try:
+                with tarfile.open(archive) as tar:
+                    tar.extractall(tmp, filter="data")
+                os.rename(tmp, final)
+            except (tarfile.TarError, OSError, EOFError) as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise RepVGGError(f"cannot unpack {archive}: {e}") from None
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    return final
+
+
+def _find_dir(root: Path, name: str) -> Path | None:
+    """``root/name`` or ``root/<one folder>/name``."""
+    if (root / name).is_dir():
+        return root / name
+    found = [p / name for p in sorted(root.iterdir()) if p.is_dir() and (p / name).is_dir()]
+    return found[0] if found else None
+
+
+def resolve_split(data: str | os.PathLike, names: Sequence[str], cache_dir: str | os.PathLike | None = None) -> Path:
+    """The ImageFolder root of the first split in ``names`` (e.g. ``("val", "test")``) under ``data``.
+
+    ``data`` is a folder holding the split folders or ``<split>.tar[.gz]`` archives, or an archive holding them.
+    """
+    data = Path(data)
+    if not data.exists():
+        raise RepVGGError(f"data not found: {data}")
+    if data.is_file():
+        if not data.name.endswith(ARCHIVE_SUFFIXES):
+            raise RepVGGError(f"--data must be a folder or a .tar/.tar.gz archive, got {data}")
+        data = unpack_archive(data, cache_dir)
+    for name in names:
+        if (data / name).is_dir():
+            return data / name
+        for suffix in ARCHIVE_SUFFIXES:
+            if (data / f"{name}{suffix}").is_file():
+                root = unpack_archive(data / f"{name}{suffix}", cache_dir)
+                found = _find_dir(root, name)
+                return found if found else root
+        found = _find_dir(data, name)
+        if found:
+            return found
+    raise RepVGGError(f"no {' or '.join(names)} folder (or .tar/.tar.gz archive) in {data}")
+
+
+@dataclass(frozen=True)
+class BadImage:
+    """A sample that could not be decoded, in place of ``(image, target)``."""
+
+    path: str
+    reason: str
+
+
+class ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder whose undecodable images come back as :class:`BadImage` instead of raising."""
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None) -> None:
+        try:
+            super().__init__(str(root), transform=transform, loader=self._load)
+        except (FileNotFoundError, OSError) as e:
+            raise RepVGGError(f"not an image folder (class sub-folders of images expected): {root}: {e}") from None
+
+    @staticmethod
+    def _load(path: str) -> Image.Image:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            image.load()
+        return to_rgb(image)
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | BadImage:
+        try:
+            return super().__getitem__(index)
+        except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+            return BadImage(self.samples[index][0], str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+@dataclass
+class Batch:
+    """A collated batch plus the images that had to be left out of it."""
+
+    images: Tensor
+    targets: Tensor
+    bad: list[BadImage]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+def collate(samples: list[tuple[Any, int] | BadImage]) -> Batch:
+    """Stack the good samples; keep the bad ones aside so the caller can report (or refuse) them."""
+    good = [s for s in samples if not isinstance(s, BadImage)]
+    bad = [s for s in samples if isinstance(s, BadImage)]
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), bad)
+    images, targets = default_collate(good)
+    return Batch(images, targets, bad)
+
+
+def check_bad(batch: Batch, policy: BadImagePolicy, report: Callable[[str], None] = print) -> int:
+    """Report each bad image in ``batch``; raise under the ``error`` policy; return how many were skipped."""
+    for bad in batch.bad:
+        if policy == "error":
+            raise RepVGGError(f"cannot read image {bad.path}: {bad.reason} (use --bad-images skip to skip such files)")
+        report(f"skipping unreadable image {bad.path}: {bad.reason}")
+    return len(batch.bad)

@@ -1,0 +1,222 @@
+"""Evaluation: top-1/top-5, loss and speed of any checkpoint (training-time, deploy, official, timm) on an
+image folder, with optional per-class accuracy and confusion matrix."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .data import BadImagePolicy, Batch, ImageFolder, check_bad, collate, eval_transform, resolve_split
+from .errors import RepVGGError
+
+__all__ = ["EvalResult", "evaluate", "run_eval", "add_arguments"]
+
+
+@dataclass
+class EvalResult:
+    """Sums over an evaluated set; the accuracies are percentages."""
+
+    n: int = 0
+    correct1: int = 0
+    correct5: int = 0
+    loss_sum: float = 0.0
+    model_time_s: float = 0.0
+    wall_time_s: float = 0.0
+    skipped: int = 0
+    confusion: Tensor | None = None  # [true class, predicted class] counts
+
+    @property
+    def top1(self) -> float:
+        return 100.0 * self.correct1 / max(self.n, 1)
+
+    @property
+    def top5(self) -> float:
+        return 100.0 * self.correct5 / max(self.n, 1)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.n, 1)
+
+    @property
+    def images_per_s(self) -> float:
+        """Model throughput: images over the time spent in the forward pass (data loading excluded)."""
+        return self.n / max(self.model_time_s, 1e-9)
+
+    def per_class(self) -> list[float]:
+        """Accuracy of each true class, in percent (NaN for classes absent from the set)."""
+        if self.confusion is None:
+            raise RepVGGError("per-class accuracy needs evaluate(..., confusion=True)")
+        totals = self.confusion.sum(1).double()
+        return (100.0 * self.confusion.diag().double() / totals).tolist()
+
+    def all_reduce(self, all_sum: Callable[[Sequence[float], torch.device], list[float]],
+                   device: torch.device) -> EvalResult:
+        """Counts summed over processes with ``all_sum`` (times: the slowest process)."""
+        n, c1, c5, loss, skipped = all_sum([self.n, self.correct1, self.correct5, self.loss_sum, self.skipped],
+                                           device)
+        return EvalResult(int(n), int(c1), int(c5), loss, self.model_time_s, self.wall_time_s, int(skipped),
+                          self.confusion)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(images=self.n, top1=self.top1, top5=self.top5, loss=self.loss, images_per_s=self.images_per_s,
+                    skipped_images=self.skipped)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+             channels_last: bool = False, bad_images: BadImagePolicy = "skip",
+             report: Callable[[str], None] = print, confusion: bool = False, progress: bool = False) -> EvalResult:
+    """Run ``model`` (eval mode) over ``loader`` of :class:`~repvgg.data.Batch` and count hits."""
+    was_training = model.training
+    model.eval()
+    result = EvalResult(confusion=torch.zeros(num_classes, num_classes, dtype=torch.long) if confusion else None)
+    k = min(5, num_classes)
+    t0 = time.perf_counter()
+    for batch in tqdm(loader, desc="eval", disable=not progress, dynamic_ncols=True):
+        batch: Batch
+        result.skipped += check_bad(batch, bad_images, report)
+        if not len(batch):
+            continue
+        images, targets = batch.images.to(device, non_blocking=True), batch.targets.to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        _sync(device)
+        start = time.perf_counter()
+        with autocast():
+            logits = model(images)
+        if isinstance(logits, dict):
+            logits = logits["main"]
+        logits = logits.float()
+        _sync(device)
+        result.model_time_s += time.perf_counter() - start
+        result.loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        top = logits.topk(k, dim=1).indices
+        hits = top.eq(targets[:, None])
+        result.correct1 += int(hits[:, 0].sum())
+        result.correct5 += int(hits.any(1).sum())
+        result.n += len(targets)
+        if result.confusion is not None:
+            pairs = targets.cpu() * num_classes + top[:, 0].cpu()
+            result.confusion += torch.bincount(pairs, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    result.wall_time_s = time.perf_counter() - t0
+    model.train(was_training)
+    return result
+
+
+def _dataset_for(data: str, split: str | None, preprocess: dict[str, Any] | None,
+                 cache_dir: str | None) -> ImageFolder:
+    """The folder to evaluate: ``split`` (default val, then test) under ``data``, or ``data`` itself."""
+    names = (split,) if split else ("val", "test")
+    try:
+        root = resolve_split(data, names, cache_dir)
+    except RepVGGError:
+        if split or not Path(data).is_dir():
+            raise
+        root = Path(data)
+    return ImageFolder(root, eval_transform(preprocess))
+
+
+def _align_classes(dataset: ImageFolder, class_names: Sequence[str] | None, num_classes: int) -> None:
+    """Map the folder's classes onto the checkpoint's class indices (by name when the checkpoint has names)."""
+    if class_names:
+        unknown = [c for c in dataset.classes if c not in class_names]
+        if unknown:
+            raise RepVGGError(f"class folders not among the checkpoint's classes: {', '.join(unknown[:5])}"
+                              + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""))
+        index = {name: i for i, name in enumerate(class_names)}
+        dataset.target_transform = lambda t: index[dataset.classes[t]]
+    elif len(dataset.classes) > num_classes:
+        raise RepVGGError(f"{len(dataset.classes)} class folders but the model has {num_classes} outputs")
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """``repvgg eval``: load any checkpoint, evaluate it on the folder, print (and optionally save) the results."""
+    from .checkpoints import model_from_checkpoint
+
+    model, ckpt = model_from_checkpoint(args.checkpoint, args.model)
+    if not model.num_classes:
+        raise RepVGGError(f"{args.checkpoint} has no classifier to evaluate")
+    meta = ckpt.metadata
+    preprocess = dict(meta.get("preprocess") or {})
+    if args.img_size:
+        preprocess.update(crop=args.img_size, resize=args.resize or round(args.img_size / 0.875))
+    dataset = _dataset_for(args.data, args.split, preprocess, args.cache_dir)
+    class_names = meta.get("class_names")
+    _align_classes(dataset, class_names, model.num_classes)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.amp == "fp16" and device.type != "cuda":
+        raise RepVGGError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+    model = model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate,
+                        pin_memory=device.type == "cuda")
+    result = evaluate(model, loader, device, model.num_classes,
+                      autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+                      channels_last=args.channels_last, bad_images=args.bad_images, report=tqdm.write,
+                      confusion=bool(args.per_class or args.confusion), progress=True)
+    form = "deploy" if ckpt.deploy else "training-time"
+    print(f"{args.checkpoint} ({ckpt.format}, {form}, {model.config.official_name}) on {dataset.root}")
+    print(f"  images {result.n}  top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  loss {result.loss:.4f}  "
+          f"{result.images_per_s:.1f} images/s" + (f"  ({result.skipped} unreadable skipped)" if result.skipped
+                                                   else ""))
+    names = list(class_names or dataset.classes)
+    summary = dict(checkpoint=str(args.checkpoint), format=ckpt.format, form=form, data=str(dataset.root),
+                   **result.as_dict())
+    if args.per_class:
+        present = sorted({names.index(c) if class_names else i for i, c in enumerate(dataset.classes)})
+        accuracy = result.per_class()
+        summary["per_class_top1"] = {names[i]: accuracy[i] for i in present}
+        width = max(len(names[i]) for i in present)
+        for i in present:
+            print(f"  {names[i]:<{width}} {accuracy[i]:6.2f}%  ({int(result.confusion[i].sum())} images)")
+    if args.confusion:
+        from .plot import plot_confusion
+
+        plot_confusion(result.confusion, names, args.confusion)
+        print(f"  confusion matrix -> {args.confusion}")
+    if args.json:
+        from .checkpoints import atomic_write
+
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    return summary
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``repvgg eval`` options."""
+    p.add_argument("--data", required=True, help="folder with val/ or test/ class folders (or archives of them), "
+                   "or a class-folder root itself")
+    p.add_argument("--checkpoint", required=True, help="training-time or deploy checkpoint: this library's, "
+                   "official or timm")
+    p.add_argument("--model", help="architecture, for files without metadata")
+    p.add_argument("--split", help="sub-folder to evaluate (default val, then test)")
+    p.add_argument("--img-size", type=int, help="override the checkpoint's crop size")
+    p.add_argument("--resize", type=int, help="shorter side before the crop (with --img-size; default size/0.875)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--bad-images", choices=["skip", "error"], default="skip")
+    p.add_argument("--cache-dir", help="where archives are unpacked")
+    p.add_argument("--per-class", action="store_true", help="print the accuracy of every class")
+    p.add_argument("--confusion", metavar="PNG", help="draw the confusion matrix to this file")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")

@@ -1,0 +1,161 @@
+"""Export the deploy model to ONNX, TorchScript or OpenVINO IR, verified against PyTorch through each runtime.
+
+ONNX uses PyTorch's TorchScript-based exporter (``dynamo=False``): it runs offline in well under a second and
+emits a plain graph (Conv, Relu, GlobalAveragePool, Flatten, Gemm). OpenVINO IR is converted from that ONNX
+graph and saved with float32 weights.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoints import Checkpoint, atomic_write, model_from_checkpoint
+from .errors import RepVGGError
+from .optional import require
+from .reparam import reparameterize
+
+__all__ = ["FORMATS", "ExportResult", "load_deploy_model", "input_channels", "onnx_bytes", "to_torchscript",
+           "to_openvino", "export_model", "output_difference"]
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "openvino": ".xml"}
+ONNX_OPSET = 17
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_model` wrote and how closely the artifact reproduces PyTorch."""
+
+    format: str
+    files: list[str]
+    max_abs_diff: float
+    rel_diff: float
+    input_shape: tuple[int, ...]
+
+
+def load_deploy_model(source: str | os.PathLike | Checkpoint, model_name: str | None = None
+                      ) -> tuple[nn.Module, Checkpoint]:
+    """Load any supported checkpoint and return its deploy (re-parameterized) model in eval mode."""
+    model, ckpt = model_from_checkpoint(source, model_name)
+    return (model if ckpt.deploy else reparameterize(model)).eval(), ckpt
+
+
+def input_channels(model: nn.Module) -> int:
+    """Channels the model expects: RepVGG's stem input, else the first conv's input channels, else 3."""
+    stem = getattr(model, "stage0", None)
+    if stem is not None and hasattr(stem, "in_channels"):
+        return stem.in_channels
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else 3
+
+
+def onnx_bytes(model: nn.Module, img_size: tuple[int, int] = (224, 224), dynamic_batch: bool = True,
+               batch_size: int = 1) -> bytes:
+    """The model as an ONNX graph (opset 17) with input ``input`` and output ``logits``."""
+    x = torch.zeros(batch_size, input_channels(model), *img_size)
+    buffer = io.BytesIO()
+    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter announces its successor
+        torch.onnx.export(model.eval(), (x,), buffer, dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes)
+    return buffer.getvalue()
+
+
+def to_torchscript(model: nn.Module, img_size: tuple[int, int] = (224, 224)) -> torch.jit.ScriptModule:
+    """Trace and freeze the model (weights become constants; any batch size works). Numerics-changing passes
+    and trace re-checking are off: :func:`export_model` verifies the saved artifact instead."""
+    x = torch.zeros(1, input_channels(model), *img_size)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in favour of torch.export
+        return torch.jit.freeze(torch.jit.trace(model.eval(), x, check_trace=False), optimize_numerics=False)
+
+
+def to_openvino(onnx: bytes | str | os.PathLike, batch_size: int | None = 1) -> Any:
+    """An ``openvino.Model`` converted from ONNX; ``batch_size=None`` leaves the batch dimension dynamic."""
+    ov = require("openvino")
+    with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(onnx, bytes):
+            path = Path(tmp) / "model.onnx"
+            path.write_bytes(onnx)
+            onnx = path
+        model = ov.convert_model(str(onnx))
+    shape = model.input(0).get_partial_shape()
+    shape[0] = ov.Dimension(batch_size) if batch_size else ov.Dimension()
+    model.reshape({model.input(0): shape})
+    return model
+
+
+def output_difference(reference: np.ndarray, output: np.ndarray) -> tuple[float, float]:
+    """(max absolute difference, that difference relative to the reference's largest magnitude)."""
+    diff = float(np.abs(reference - output).max())
+    return diff, diff / max(float(np.abs(reference).max()), 1e-12)
+
+
+def export_model(model: nn.Module, out: str | os.PathLike, fmt: str, img_size: tuple[int, int] = (224, 224),
+                 dynamic_batch: bool = False, tolerance: float = 1e-4, seed: int = 0) -> ExportResult:
+    """Write ``model`` (deploy form) as ``fmt`` to ``out``, run the artifact through its own runtime on random
+    input, and compare with PyTorch; raises :class:`RepVGGError` (leaving nothing behind) beyond ``tolerance``."""
+    from .inference import load_artifact
+
+    if fmt not in FORMATS:
+        raise RepVGGError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    if min(img_size) < 1:
+        raise RepVGGError(f"image size must be positive, got {tuple(img_size)}")
+    if fmt != "torchscript":
+        require("onnxruntime" if fmt == "onnx" else "openvino")  # the runtime that verifies the artifact
+    model = model.eval()
+    batch = 2 if dynamic_batch or fmt == "torchscript" else 1
+    x = torch.randn(batch, input_channels(model), *img_size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        reference = model(x).numpy()
+    result = ExportResult(fmt, [str(out)], 0.0, 0.0, tuple(x.shape))
+
+    def verify(path: str) -> None:
+        result.max_abs_diff, result.rel_diff = output_difference(reference, load_artifact(path, fmt)(x.numpy()))
+        if not result.rel_diff <= tolerance:
+            raise RepVGGError(f"exported {fmt} model differs from PyTorch by {result.rel_diff:.2e} of the output "
+                              f"scale (tolerance {tolerance:.0e}); nothing written")
+
+    if fmt == "onnx":
+        data = onnx_bytes(model, img_size, dynamic_batch)
+        atomic_write(out, lambda tmp: (Path(tmp).write_bytes(data), verify(tmp)))
+    elif fmt == "torchscript":
+        scripted = to_torchscript(model, img_size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            atomic_write(out, lambda tmp: (torch.jit.save(scripted, tmp), verify(tmp)))
+    else:
+        result.files = _export_openvino(model, Path(out), img_size, dynamic_batch, verify)
+    return result
+
+
+def _export_openvino(model: nn.Module, out: Path, img_size: tuple[int, int], dynamic_batch: bool,
+                     verify: Callable[[str], None]) -> list[str]:
+    """Save IR (``.xml`` + ``.bin``) into a temporary folder beside ``out``, verify, then move both into place."""
+    ov = require("openvino")
+    if out.suffix != ".xml":
+        raise RepVGGError(f"OpenVINO output must end in .xml (a .bin is written beside it), got {out}")
+    ir = to_openvino(onnx_bytes(model, img_size, dynamic_batch), None if dynamic_batch else 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        ov.save_model(ir, str(tmp / out.name), compress_to_fp16=False)
+        verify(str(tmp / out.name))
+        os.replace(tmp / out.with_suffix(".bin").name, out.with_suffix(".bin"))
+        os.replace(tmp / out.name, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [str(out), str(out.with_suffix(".bin"))]

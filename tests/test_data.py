@@ -1,0 +1,132 @@
+"""Data loading: plain and archived image folders (unpacked once, even by racing processes), colour modes,
+unreadable images skipped or fatal."""
+
+from __future__ import annotations
+
+import multiprocessing
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from imagefolders import make_dataset, make_split
+from repvgg.data import ImageFolder, check_bad, collate, eval_transform, resolve_split, train_transform, unpack_archive
+from repvgg.errors import RepVGGError
+
+PREPROCESS = {"resize": 16, "crop": 16}
+
+
+def _tar(src: Path, archive: Path, arcname: str) -> Path:
+    with tarfile.open(archive, "w:gz" if archive.name.endswith("gz") else "w") as tar:
+        tar.add(src, arcname=arcname)
+    return archive
+
+
+def test_resolve_split_plain_folders(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "d", train=2, val=1)
+    assert resolve_split(data, ("train",)) == data / "train"
+    assert resolve_split(data, ("val", "test")) == data / "val"
+    with pytest.raises(RepVGGError, match="no test folder"):
+        resolve_split(data, ("test",))
+    with pytest.raises(RepVGGError, match="data not found"):
+        resolve_split(tmp_path / "missing", ("train",))
+
+
+def test_split_archives_unpack_once_into_cache(tmp_path: Path) -> None:
+    src = make_dataset(tmp_path / "src", train=2, val=1)
+    data = tmp_path / "archives"
+    data.mkdir()
+    _tar(src / "train", data / "train.tar.gz", "train")
+    _tar(src / "val", data / "test.tar", "test")
+    cache = tmp_path / "cache"
+    train = resolve_split(data, ("train",), cache)
+    test = resolve_split(data, ("val", "test"), cache)
+    assert train.name == "train" and test.name == "test" and cache in train.parents
+    assert len(ImageFolder(train).samples) == 6 and ImageFolder(test).classes == ["class0", "class1", "class2"]
+    before = {p: p.stat().st_mtime_ns for p in cache.iterdir() if p.is_dir()}
+    assert resolve_split(data, ("train",), cache) == train
+    assert {p: p.stat().st_mtime_ns for p in cache.iterdir() if p.is_dir()} == before
+
+
+def test_whole_dataset_archive(tmp_path: Path) -> None:
+    src = make_dataset(tmp_path / "src", train=2, val=1)
+    archive = _tar(src, tmp_path / "mydata.tar.gz", "mydata")
+    assert resolve_split(archive, ("train",), tmp_path / "cache").parts[-2:] == ("mydata", "train")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(RepVGGError, match=r"folder or a \.tar"):
+        resolve_split(tmp_path / "notes.txt", ("train",))
+
+
+def test_corrupt_archive_is_reported_and_leaves_nothing(tmp_path: Path) -> None:
+    bad = tmp_path / "train.tar.gz"
+    bad.write_bytes(b"not a tar file at all")
+    cache = tmp_path / "cache"
+    with pytest.raises(RepVGGError, match="cannot unpack"):
+        unpack_archive(bad, cache)
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def _unpack(args: tuple[str, str]) -> str:
+    return str(unpack_archive(*args))
+
+
+def test_concurrent_unpack_is_safe(tmp_path: Path) -> None:
+    src = make_split(tmp_path / "src", "train", 30)
+    archive = _tar(src, tmp_path / "train.tar.gz", "train")
+    cache = tmp_path / "cache"
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        results = pool.map(_unpack, [(str(archive), str(cache))] * 4)
+    assert len(set(results)) == 1
+    folders = [p for p in cache.iterdir() if p.is_dir()]
+    assert folders == [Path(results[0])]  # one extraction, no temporary leftovers
+    assert len(list(Path(results[0]).rglob("*.png"))) == 90
+
+
+def test_grayscale_rgba_palette_become_rgb(tmp_path: Path) -> None:
+    folder = tmp_path / "split" / "a"
+    folder.mkdir(parents=True)
+    Image.new("L", (20, 16), 128).save(folder / "gray.png")
+    Image.new("RGBA", (16, 20), (10, 20, 30, 40)).save(folder / "rgba.png")
+    Image.new("P", (16, 16)).save(folder / "palette.png")
+    Image.new("RGB", (16, 16)).save(folder / "cmyk.jpg")
+    for transform in (eval_transform(PREPROCESS), train_transform(16, "pad"), train_transform(16, auto_augment="rand")):
+        dataset = ImageFolder(tmp_path / "split", transform)
+        for i in range(len(dataset)):
+            image, target = dataset[i]
+            assert image.shape == (3, 16, 16) and image.dtype == torch.float32 and target == 0
+
+
+def _with_bad_images(tmp_path: Path) -> Path:
+    root = make_split(tmp_path, "train", 3)
+    (root / "class1" / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+    good = (root / "class2" / "000.png").read_bytes()
+    (root / "class2" / "truncated.png").write_bytes(good[: len(good) // 2])
+    return root
+
+
+def test_bad_images_are_skipped_and_counted(tmp_path: Path) -> None:
+    dataset = ImageFolder(_with_bad_images(tmp_path), eval_transform(PREPROCESS))
+    reports: list[str] = []
+    good = skipped = 0
+    for batch in DataLoader(dataset, batch_size=4, collate_fn=collate):
+        skipped += check_bad(batch, "skip", reports.append)
+        good += len(batch)
+        assert batch.images.shape[0] == len(batch.targets)
+    assert (good, skipped) == (9, 2)
+    assert any("garbage.png" in r for r in reports) and any("truncated.png" in r for r in reports)
+
+
+def test_bad_images_can_be_fatal(tmp_path: Path) -> None:
+    dataset = ImageFolder(_with_bad_images(tmp_path), eval_transform(PREPROCESS))
+    with pytest.raises(RepVGGError, match=r"cannot read image .*(garbage|truncated)\.png"):
+        for batch in DataLoader(dataset, batch_size=4, collate_fn=collate):
+            check_bad(batch, "error")
+
+
+def test_not_an_image_folder(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RepVGGError, match="not an image folder"):
+        ImageFolder(tmp_path / "empty")

@@ -1,0 +1,93 @@
+"""``repvgg eval``: the same figures for training-time, deploy, official-layout and timm checkpoints."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import trained_looking
+from imagefolders import make_dataset
+from repvgg import create_model, reparameterize, save_checkpoint
+from repvgg.cli import main
+from repvgg.data import ImageFolder, eval_transform
+
+CLASSES = ["class0", "class1", "class2"]
+PREPROCESS = {"resize": 16, "crop": 16, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"), train=1, val=6)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    model = trained_looking(create_model("repvgg_a0", num_classes=3))
+    paths = {"train": root / "train.pth", "deploy": root / "deploy.safetensors", "official": root / "official.pth"}
+    save_checkpoint(model, paths["train"], class_names=CLASSES, preprocess=PREPROCESS)
+    save_checkpoint(reparameterize(model), paths["deploy"], class_names=CLASSES, preprocess=PREPROCESS)
+    torch.save(model.state_dict(), paths["official"])
+    return paths
+
+
+def _eval(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / f"result{len(list(tmp_path.glob('result*.json')))}.json"
+    assert main(["eval", "--workers", "0", "--json", str(out), *args]) == 0
+    return json.loads(out.read_text())
+
+
+def test_training_time_and_deploy_agree(data: Path, checkpoints: dict[str, Path], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture) -> None:
+    train = _eval(tmp_path, "--data", str(data), "--checkpoint", str(checkpoints["train"]), "--per-class",
+                  "--confusion", str(tmp_path / "confusion.png"))
+    deploy = _eval(tmp_path, "--data", str(data), "--checkpoint", str(checkpoints["deploy"]))
+    assert train["form"] == "training-time" and deploy["form"] == "deploy" and train["images"] == 18
+    assert train["top1"] == deploy["top1"] and abs(train["loss"] - deploy["loss"]) < 1e-4
+    assert train["top5"] == 100.0 and train["images_per_s"] > 0
+    assert set(train["per_class_top1"]) == set(CLASSES)
+    assert (tmp_path / "confusion.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "top-1" in printed and "class2" in printed and "images/s" in printed
+
+
+def test_official_layout_without_metadata(data: Path, checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    ours = _eval(tmp_path, "--data", str(data), "--checkpoint", str(checkpoints["train"]))
+    official = _eval(tmp_path, "--data", str(data / "val"), "--checkpoint", str(checkpoints["official"]),
+                     "--model", "RepVGG-A0", "--img-size", "16", "--resize", "16")
+    assert official["format"] == "official" and official["top1"] == ours["top1"]
+
+
+def test_timm_checkpoint_matches_timm(data: Path, tmp_path: Path) -> None:
+    timm = pytest.importorskip("timm")
+    model = trained_looking(timm.create_model("repvgg_a0", pretrained=False, num_classes=3))
+    torch.save(model.state_dict(), tmp_path / "timm.pth")
+    dataset = ImageFolder(data / "val", eval_transform(PREPROCESS))
+    with torch.no_grad():
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        hits = (model(images).argmax(1) == torch.tensor(dataset.targets)).float().mean().item()
+    result = _eval(tmp_path, "--data", str(data), "--checkpoint", str(tmp_path / "timm.pth"),
+                   "--img-size", "16", "--resize", "16")
+    assert result["format"] == "timm" and result["top1"] == pytest.approx(100 * hits)
+
+
+def test_bad_input(data: Path, checkpoints: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (data / "odd" / "dogs").mkdir(parents=True)
+    (data / "odd" / "dogs" / "0.png").hardlink_to(data / "val" / "class0" / "000.png")
+    assert main(["eval", "--data", str(data), "--split", "odd", "--checkpoint", str(checkpoints["train"])]) == 2
+    assert main(["eval", "--data", str(data), "--checkpoint", str(tmp_path / "missing.pth")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert "not among the checkpoint's classes: dogs" in errors[0] and "not found" in errors[1]
