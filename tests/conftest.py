@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
 from repvgg.demo import randomize_bn
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Train with one torch thread: with other processes on the cores, more threads are far slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
