@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from repvgg import create_model, model_from_checkpoint
+from repvgg.benchmark import measure_throughput
 from repvgg.checkpoints import atomic_write
 from repvgg.data import collate, eval_transform
 from repvgg.evaluate import evaluate
@@ -55,16 +56,8 @@ def measure_steps(batch: tuple[torch.Tensor, torch.Tensor], recipe_lr: float, am
     ours_opt = torch.optim.SGD(param_groups(ours, 5e-4), lr=recipe_lr, momentum=0.9, nesterov=True)
     step = TrainStep(ours, ours, ours_opt, criterion, torch.device("cpu"), amp, channels_last)
     runners = {"plain": plain_step, "ours": lambda: step(images, targets)}
-    for run in runners.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                run()
-            times[name].append((time.perf_counter() - start) / steps)
-    return {name: len(targets) / statistics.median(t) for name, t in times.items()}
+    speed = measure_throughput(runners, len(targets), rounds, iters_per_round=steps, warmup=1, inference=False)
+    return {name: r["images_per_s"] for name, r in speed.items()}
 
 
 def write_markdown(path: Path, r: dict) -> None:

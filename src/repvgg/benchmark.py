@@ -52,13 +52,15 @@ METHOD = {
 
 
 def measure_throughput(runners: Mapping[str, Callable[[], object]], batch_size: int, rounds: int = 5,
-                       iters_per_round: int = 3, warmup: int = 2) -> dict[str, dict[str, float]]:
+                       iters_per_round: int = 3, warmup: int = 2,
+                       inference: bool = True) -> dict[str, dict[str, float]]:
     """Images/s of each runner (a no-argument callable that processes one batch), measured side by side.
 
     Every round times each runner in turn, so machine noise hits all of them alike; returns per-runner
-    ``images_per_s`` (median over rounds) and ``latency_ms`` (median per-batch time).
+    ``images_per_s`` (median over rounds) and ``latency_ms`` (median per-batch time). Runners that train
+    (need autograd) pass ``inference=False``.
     """
-    with torch.inference_mode():
+    with torch.inference_mode(inference):
         for run in runners.values():
             for _ in range(warmup):
                 run()
