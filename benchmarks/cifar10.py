@@ -23,11 +23,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from repvgg import create_model, model_from_checkpoint
-from repvgg.benchmark import measure_throughput
-from repvgg.checkpoints import atomic_write
-from repvgg.data import collate, eval_transform
-from repvgg.evaluate import evaluate
-from repvgg.train import RECIPES, TrainOptions, TrainStep, load_datasets, param_groups, recipe_with, train
+from repvgg.deploy.benchmark import measure_throughput
+from repvgg.files import atomic_write
+from repvgg.training.data import collate, eval_transform
+from repvgg.training.evaluate import evaluate
+from repvgg.training.loop import RECIPES, TrainOptions, TrainStep, load_datasets, param_groups, recipe_with, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "cifar10"

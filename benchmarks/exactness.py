@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from repvgg import create_model, list_models, reparameterize
-from repvgg.checkpoints import atomic_write
 from repvgg.demo import randomize_bn
+from repvgg.files import atomic_write
 
 SHAPES = ((1, 3, 224, 224), (2, 3, 96, 160), (1, 3, 75, 61))
 

@@ -10,8 +10,8 @@ from torch import nn
 
 from conftest import relative_error, trained_looking
 from repvgg import RepVGG, RepVGGBlock, RepVGGError, SqueezeExcite, create_model, list_models, reparameterize
-from repvgg.architectures import AuxHead, get_config
-from repvgg.profile import count_params
+from repvgg.models.architectures import AuxHead, get_config
+from repvgg.models.profile import count_params
 
 PAPER_DEPLOY_PARAMS_M = {"repvgg_a0": 8.30, "repvgg_a1": 12.78, "repvgg_a2": 25.49, "repvgg_b0": 14.33,
                          "repvgg_b1": 51.82, "repvgg_b1g2": 41.36, "repvgg_b1g4": 36.12, "repvgg_b2": 80.31,

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from repvgg import RepVGGError
-from repvgg.benchmark import BenchConfig, _peak_memory, default_configs, measure_throughput
 from repvgg.cli import main
+from repvgg.deploy.benchmark import BenchConfig, _peak_memory, default_configs, measure_throughput
 from repvgg.optional import is_installed
 
 

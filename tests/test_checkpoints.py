@@ -20,7 +20,7 @@ from repvgg import (
     reparameterize,
     save_checkpoint,
 )
-from repvgg.checkpoints import infer_architecture
+from repvgg.models.checkpoints import infer_architecture
 
 X = torch.randn(2, 3, 64, 64)
 

@@ -13,8 +13,16 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from imagefolders import make_dataset, make_split
-from repvgg.data import ImageFolder, check_bad, collate, eval_transform, resolve_split, train_transform, unpack_archive
 from repvgg.errors import RepVGGError
+from repvgg.training.data import (
+    ImageFolder,
+    check_bad,
+    collate,
+    eval_transform,
+    resolve_split,
+    train_transform,
+    unpack_archive,
+)
 
 PREPROCESS = {"resize": 16, "crop": 16}
 

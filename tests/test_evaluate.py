@@ -12,7 +12,7 @@ from conftest import trained_looking
 from imagefolders import make_dataset
 from repvgg import create_model, reparameterize, save_checkpoint
 from repvgg.cli import main
-from repvgg.data import ImageFolder, eval_transform
+from repvgg.training.data import ImageFolder, eval_transform
 
 CLASSES = ["class0", "class1", "class2"]
 PREPROCESS = {"resize": 16, "crop": 16, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}

@@ -15,7 +15,7 @@ import repvgg
 from conftest import trained_looking
 from repvgg import create_model, save_checkpoint
 from repvgg.cli import main
-from repvgg.inference import ENGINES, available_engines, class_names_for, create_engine, fastest_engine, predict
+from repvgg.deploy.engines import ENGINES, available_engines, class_names_for, create_engine, fastest_engine, predict
 
 CLASSES = ["ant", "bee", "cat", "dog", "eel", "fox"]
 
@@ -76,7 +76,7 @@ def test_predict_cli_on_every_installed_engine(ckpt, images, capsys) -> None:
 def test_predict_matches_pytorch_on_preprocessed_input(ckpt, images) -> None:
     model, meta = repvgg.model_from_checkpoint(ckpt)
     top = predict(repvgg.reparameterize(model), images[:1], "torch", meta.metadata, topk=6)[0]
-    x = repvgg.data.eval_transform(meta.metadata["preprocess"])(Image.open(images[0]))[None]
+    x = repvgg.training.data.eval_transform(meta.metadata["preprocess"])(Image.open(images[0]))[None]
     with torch.no_grad():
         probs = torch.softmax(model(x), 1)[0]
     assert [name for name, _ in top] == [CLASSES[i] for i in probs.argsort(descending=True).tolist()]

@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import relative_error, trained_looking
 from repvgg import RepVGGBlock, create_model, reparameterize
-from repvgg.reparam import fuse_bn, identity_kernel, is_deploy, pad_to_3x3
+from repvgg.models.reparam import fuse_bn, identity_kernel, is_deploy, pad_to_3x3
 
 
 def test_fuse_bn_equals_conv_then_bn() -> None:

@@ -20,7 +20,15 @@ from imagefolders import PYTHON, TINY_TRAIN, make_dataset, subprocess_env
 from repvgg import create_model, model_from_checkpoint
 from repvgg.cli import main
 from repvgg.errors import RepVGGError
-from repvgg.train import RECIPES, TrainOptions, WarmupCosine, custom_l2_penalty, param_groups, recipe_with, train
+from repvgg.training.loop import (
+    RECIPES,
+    TrainOptions,
+    WarmupCosine,
+    custom_l2_penalty,
+    param_groups,
+    recipe_with,
+    train,
+)
 
 
 @pytest.fixture(scope="module")

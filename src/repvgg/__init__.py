@@ -4,11 +4,11 @@ import importlib
 from typing import Any
 
 from ._version import __version__
-from .architectures import RepVGG, RepVGGConfig, create_model, list_models
-from .blocks import RepVGGBlock, SqueezeExcite
-from .checkpoints import load_checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
 from .errors import RepVGGError
-from .reparam import reparameterize
+from .models.architectures import RepVGG, RepVGGConfig, create_model, list_models
+from .models.blocks import RepVGGBlock, SqueezeExcite
+from .models.checkpoints import load_checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
+from .models.reparam import reparameterize
 
 __all__ = [
     "__version__",
@@ -31,8 +31,8 @@ __all__ = [
 ]
 
 # Deployment API, imported on first use: it pulls in torchvision transforms and the optional runtimes.
-_LAZY = {"create_engine": "inference", "fastest_engine": "inference", "predict": "inference",
-         "export_model": "export"}
+_LAZY = {"create_engine": "deploy.engines", "fastest_engine": "deploy.engines", "predict": "deploy.engines",
+         "export_model": "deploy.export"}
 
 
 def __getattr__(name: str) -> Any:

@@ -15,9 +15,9 @@ EXIT_BAD_INPUT = 2
 
 
 def _cmd_list(args: argparse.Namespace) -> None:
-    from .architectures import MODEL_CONFIGS, create_model
-    from .profile import count_macs, count_params
-    from .reparam import reparameterize
+    from .models.architectures import MODEL_CONFIGS, create_model
+    from .models.profile import count_macs, count_params
+    from .models.reparam import reparameterize
 
     print(f"{'model':<18}{'official name':<18}{'train params':>14}{'deploy params':>15}{'GMACs@224':>11}")
     for name, cfg in MODEL_CONFIGS.items():
@@ -29,7 +29,7 @@ def _cmd_list(args: argparse.Namespace) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
-    from .checkpoints import infer_architecture, read_checkpoint
+    from .models.checkpoints import infer_architecture, read_checkpoint
 
     ckpt = read_checkpoint(args.checkpoint)
     meta = ckpt.metadata
@@ -56,8 +56,8 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
-    from .checkpoints import model_from_checkpoint, save_checkpoint
-    from .reparam import reparameterize
+    from .models.checkpoints import model_from_checkpoint, save_checkpoint
+    from .models.reparam import reparameterize
 
     model, ckpt = model_from_checkpoint(args.src, args.model)
     deploy = reparameterize(model)
@@ -83,26 +83,26 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from .train import options_from_args, train
+    from .training.loop import options_from_args, train
 
     train(options_from_args(args))
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from .evaluate import run_eval
+    from .training.evaluate import run_eval
 
     run_eval(args)
 
 
 def _cmd_plot(args: argparse.Namespace) -> None:
-    from .plot import plot_run
+    from .training.plot import plot_run
 
     print(f"curves -> {plot_run(args.run_dir, args.out)}")
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from .export import export_model, load_deploy_model
-    from .inference import input_size
+    from .deploy.engines import input_size
+    from .deploy.export import export_model, load_deploy_model
 
     model, ckpt = load_deploy_model(args.checkpoint, args.model)
     img_size = tuple(args.img_size) if args.img_size else input_size(ckpt.metadata)
@@ -114,8 +114,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from .export import load_deploy_model
-    from .inference import fastest_engine, predict
+    from .deploy.engines import fastest_engine, predict
+    from .deploy.export import load_deploy_model
 
     model, ckpt = load_deploy_model(args.checkpoint, args.model)
     engine = args.engine or fastest_engine()
@@ -131,8 +131,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from .benchmark import format_table, plot_report, run_benchmark
-    from .checkpoints import atomic_write
+    from .deploy.benchmark import format_table, plot_report, run_benchmark
+    from .files import atomic_write
 
     report = run_benchmark(args.model, tuple(args.img_size), args.batch_sizes, args.rounds, args.images_per_round,
                            args.engines, args.baselines, train=not args.no_train, memory=not args.no_memory,
@@ -172,10 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on an embedded default, end to end")
     p.set_defaults(func=_cmd_demo)
 
-    from . import evaluate, train
+    from .training import evaluate, loop
 
     p = sub.add_parser("train", help="train on image folders (one process, or many with torchrun)")
-    train.add_arguments(p)
+    loop.add_arguments(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="top-1/top-5, loss and speed of a checkpoint on an image folder")
@@ -187,9 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="image file (default RUN_DIR/curves.png)")
     p.set_defaults(func=_cmd_plot)
 
-    from .benchmark import BASELINES, BENCH_ENGINES
-    from .export import FORMATS
-    from .inference import ENGINES
+    from .deploy.benchmark import BASELINES, BENCH_ENGINES
+    from .deploy.engines import ENGINES
+    from .deploy.export import FORMATS
 
     p = sub.add_parser("export", help="export the deploy model to ONNX, TorchScript or OpenVINO, verified")
     p.add_argument("checkpoint", help="any checkpoint (training-time ones are re-parameterized first)")

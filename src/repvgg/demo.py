@@ -13,14 +13,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .architectures import create_model
-from .benchmark import measure_throughput
-from .checkpoints import model_from_checkpoint
-from .data import collate
+from .deploy.benchmark import measure_throughput
 from .errors import RepVGGError
-from .evaluate import evaluate
-from .profile import count_macs, count_params
-from .reparam import reparameterize
+from .models.architectures import create_model
+from .models.checkpoints import model_from_checkpoint
+from .models.profile import count_macs, count_params
+from .models.reparam import reparameterize
+from .training.data import collate
+from .training.evaluate import evaluate
 
 DIGITS_PREPROCESS = {"resize": 8, "crop": 8, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 
@@ -88,7 +88,7 @@ def digits_datasets(seed: int = 0) -> tuple[TensorImages, TensorImages, list[str
 
 def train_digits(out_dir: str | Path, epochs: int = 8, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train RepVGG-A0 (strides for 8x8 inputs) on the digits with the ``cifar`` recipe; returns the summary."""
-    from .train import TrainOptions, recipe_with, train
+    from .training.loop import TrainOptions, recipe_with, train
 
     train_set, test_set, classes = digits_datasets()
     recipe = recipe_with("cifar", epochs=epochs, batch_size=32, lr=0.1, img_size=8, eval_resize=8,

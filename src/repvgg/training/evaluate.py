@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..errors import RepVGGError
 from .data import BadImagePolicy, Batch, ImageFolder, check_bad, collate, eval_transform, resolve_split
-from .errors import RepVGGError
 
 __all__ = ["EvalResult", "evaluate", "run_eval", "add_arguments"]
 
@@ -83,7 +83,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
              channels_last: bool = False, bad_images: BadImagePolicy = "skip",
              report: Callable[[str], None] = print, confusion: bool = False, progress: bool = False) -> EvalResult:
-    """Run ``model`` (eval mode) over ``loader`` of :class:`~repvgg.data.Batch` and count hits."""
+    """Run ``model`` (eval mode) over ``loader`` of :class:`~repvgg.training.data.Batch` and count hits."""
     was_training = model.training
     model.eval()
     result = EvalResult(confusion=torch.zeros(num_classes, num_classes, dtype=torch.long) if confusion else None)
@@ -148,7 +148,7 @@ def _align_classes(dataset: ImageFolder, class_names: Sequence[str] | None, num_
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """``repvgg eval``: load any checkpoint, evaluate it on the folder, print (and optionally save) the results."""
-    from .checkpoints import model_from_checkpoint
+    from ..models.checkpoints import model_from_checkpoint
 
     model, ckpt = model_from_checkpoint(args.checkpoint, args.model)
     if not model.num_classes:
@@ -194,7 +194,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         plot_confusion(result.confusion, names, args.confusion)
         print(f"  confusion matrix -> {args.confusion}")
     if args.json:
-        from .checkpoints import atomic_write
+        from ..files import atomic_write
 
         atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     return summary

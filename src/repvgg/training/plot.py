@@ -10,9 +10,9 @@ from typing import Any
 
 from torch import Tensor
 
-from .checkpoints import atomic_write
-from .errors import RepVGGError
-from .optional import require
+from ..errors import RepVGGError
+from ..files import atomic_write
+from ..optional import require
 
 __all__ = ["read_metrics", "plot_run", "plot_confusion"]
 

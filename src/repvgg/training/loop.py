@@ -34,9 +34,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from .architectures import RepVGG, create_model
-from .blocks import RepVGGBlock
-from .checkpoints import atomic_write, model_metadata, save_checkpoint
+from ..errors import RepVGGError
+from ..files import atomic_write
+from ..models.architectures import RepVGG, create_model
+from ..models.blocks import RepVGGBlock
+from ..models.checkpoints import model_metadata, save_checkpoint
+from ..models.reparam import reparameterize
 from .data import (
     IMAGENET_PREPROCESS,
     AutoAugment,
@@ -50,9 +53,7 @@ from .data import (
     resolve_split,
     train_transform,
 )
-from .errors import RepVGGError
 from .evaluate import EvalResult, evaluate
-from .reparam import reparameterize
 
 __all__ = ["Recipe", "RECIPES", "recipe_with", "TrainOptions", "TrainStep", "train", "load_datasets", "preprocess_of",
            "param_groups", "custom_l2_penalty", "WarmupCosine", "add_arguments", "options_from_args",

@@ -21,10 +21,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from .data import IMAGENET_PREPROCESS, eval_transform
-from .errors import RepVGGError
+from ..errors import RepVGGError
+from ..optional import is_installed, require
+from ..training.data import IMAGENET_PREPROCESS, eval_transform
 from .export import onnx_bytes, to_openvino
-from .optional import is_installed, require
 
 __all__ = ["ENGINES", "SPEED_ORDER", "Engine", "TorchEngine", "OnnxRuntimeEngine", "OpenVINOEngine",
            "available_engines", "fastest_engine", "create_engine", "load_artifact", "input_size", "class_names_for",

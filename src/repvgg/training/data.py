@@ -25,7 +25,7 @@ from torch.utils.data import default_collate
 from torchvision import datasets, transforms
 from torchvision.transforms import v2
 
-from .errors import RepVGGError
+from ..errors import RepVGGError
 
 __all__ = ["IMAGENET_PREPROCESS", "eval_transform", "to_rgb", "train_transform", "resolve_split", "ImageFolder",
            "BadImage", "Batch", "collate", "check_bad", "unpack_archive", "default_cache_dir", "ARCHIVE_SUFFIXES"]

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint_sequential
 
+from ..errors import RepVGGError
 from .blocks import RepVGGBlock, SEPosition
-from .errors import RepVGGError
 
 __all__ = ["RepVGGConfig", "RepVGG", "AuxHead", "MODEL_CONFIGS", "list_models", "create_model", "get_config",
            "canonical_name"]

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoints import Checkpoint, atomic_write, model_from_checkpoint
-from .errors import RepVGGError
-from .optional import require
-from .reparam import reparameterize
+from ..errors import RepVGGError
+from ..files import atomic_write
+from ..models.checkpoints import Checkpoint, model_from_checkpoint
+from ..models.reparam import reparameterize
+from ..optional import require
 
 __all__ = ["FORMATS", "ExportResult", "load_deploy_model", "input_channels", "onnx_bytes", "to_torchscript",
            "to_openvino", "export_model", "output_difference"]
@@ -108,7 +109,7 @@ def export_model(model: nn.Module, out: str | os.PathLike, fmt: str, img_size: t
                  dynamic_batch: bool = False, tolerance: float = 1e-4, seed: int = 0) -> ExportResult:
     """Write ``model`` (deploy form) as ``fmt`` to ``out``, run the artifact through its own runtime on random
     input, and compare with PyTorch; raises :class:`RepVGGError` (leaving nothing behind) beyond ``tolerance``."""
-    from .inference import load_artifact
+    from .engines import load_artifact
 
     if fmt not in FORMATS:
         raise RepVGGError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._version import __version__
-from .errors import RepVGGError
-from .optional import EXTRAS, is_installed, require
-from .profile import count_macs, count_params
+from .._version import __version__
+from ..errors import RepVGGError
+from ..models.profile import count_macs, count_params
+from ..optional import EXTRAS, is_installed, require
 
 __all__ = ["measure_throughput", "BenchConfig", "BENCH_ENGINES", "BASELINES", "default_configs", "run_benchmark",
            "matmul_gflops", "format_table", "plot_report"]
@@ -93,7 +93,7 @@ class BenchConfig:
 def default_configs(model: str = "repvgg_a0", engines: Sequence[str] = BENCH_ENGINES,
                     baselines: Sequence[str] = BASELINES, train: bool = True) -> list[BenchConfig]:
     """Training-time model (eager), deploy model on each of ``engines``, then each baseline (eager)."""
-    from .architectures import canonical_name, get_config
+    from ..models.architectures import canonical_name, get_config
 
     name, title = canonical_name(model), get_config(model).official_name
     unknown = [e for e in engines if e not in BENCH_ENGINES]
@@ -116,7 +116,7 @@ def _torchvision_models() -> Any:
 
 def _build_model(network: str, form: str) -> nn.Module:
     """The network with random weights (speed and memory do not depend on their values)."""
-    from .architectures import create_model
+    from ..models.architectures import create_model
 
     if form == "baseline":
         return getattr(_torchvision_models(), network)(weights=None).eval()
@@ -130,8 +130,8 @@ def _model_key(config: BenchConfig) -> tuple[str, str]:
 
 def _build_runner(config: BenchConfig, batch_size: int, onnx_path: str | None,
                   model: nn.Module | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    from .engines import OnnxRuntimeEngine, OpenVINOEngine, TorchEngine
     from .export import to_openvino
-    from .inference import OnnxRuntimeEngine, OpenVINOEngine, TorchEngine
 
     if config.engine == "onnxruntime":
         return OnnxRuntimeEngine(onnx_path)
@@ -160,7 +160,7 @@ def _status() -> dict[str, int]:
 def _peak_rss(config: BenchConfig, img_size: Sequence[int], batch_sizes: Sequence[int], onnx_path: str | None,
               threads: int) -> float | None:
     """Rise of this process's peak RSS (MiB) while building ``config`` and running each batch size twice."""
-    from . import inference  # noqa: F401  (imports and library start-up are not the configuration's cost)
+    from . import engines  # noqa: F401  (imports and library start-up are not the configuration's cost)
 
     torch.set_num_threads(threads)
     if config.onnx_based:
@@ -197,7 +197,8 @@ def _peak_memory(configs: Sequence[BenchConfig], img_size: tuple[int, int], batc
     for config in configs:
         job = dict(config=asdict(config), img_size=list(img_size), batch_sizes=list(batch_sizes),
                    onnx_path=onnx_path, threads=threads)
-        proc = subprocess.run([sys.executable, "-c", "from repvgg.benchmark import _peak_rss_main; _peak_rss_main()"],
+        code = "from repvgg.deploy.benchmark import _peak_rss_main; _peak_rss_main()"
+        proc = subprocess.run([sys.executable, "-c", code],
                               input=json.dumps(job), capture_output=True, text=True, check=False)
         if proc.returncode:
             raise RepVGGError(f"memory probe for {config.label} failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -266,9 +267,9 @@ def run_benchmark(model: str = "repvgg_a0", img_size: tuple[int, int] = (224, 22
     Each round runs, per configuration and batch size, ``max(1, images_per_round // batch)`` timed calls.
     Engines whose runtime is missing are skipped and listed under ``skipped``.
     """
-    from .architectures import canonical_name
+    from ..models.architectures import canonical_name
+    from .engines import fastest_engine
     from .export import onnx_bytes
-    from .inference import fastest_engine
 
     log = log or (lambda _msg: None)
     if rounds < 1 or images_per_round < 1 or not batch_sizes or min(batch_sizes) < 1:

@@ -7,22 +7,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._version import __version__
+from .._version import __version__
+from ..errors import RepVGGError
+from ..files import atomic_write
 from .architectures import MODEL_CONFIGS, RepVGG, canonical_name, create_model
-from .errors import RepVGGError
 from .reparam import is_deploy
 
 __all__ = ["Checkpoint", "read_checkpoint", "load_checkpoint", "save_checkpoint", "model_metadata",
-           "model_from_checkpoint", "infer_architecture", "atomic_write", "CLASSIFIER_PREFIXES"]
+           "model_from_checkpoint", "infer_architecture", "CLASSIFIER_PREFIXES"]
 
 FORMAT_NATIVE, FORMAT_OFFICIAL, FORMAT_TIMM = "repvgg", "official", "timm"
 CLASSIFIER_PREFIXES = ("linear.", "aux.")
@@ -44,23 +43,6 @@ class Checkpoint:
         """True when the weights are already in the plain (re-parameterized) form."""
         return any(".rbr_reparam." in k for k in self.state_dict) and not any(".rbr_dense." in k
                                                                              for k in self.state_dict)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _unwrap(obj: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
