@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import csv
 import datetime
 import json
 import math
@@ -54,6 +53,7 @@ from .data import (
     train_transform,
 )
 from .evaluate import EvalResult, evaluate
+from .metrics import MetricsLog
 
 __all__ = ["Recipe", "RECIPES", "recipe_with", "TrainOptions", "TrainStep", "train", "load_datasets", "preprocess_of",
            "param_groups", "custom_l2_penalty", "WarmupCosine", "add_arguments", "options_from_args",
@@ -326,44 +326,6 @@ class _Stopper:
             signal.signal(sig, handler)
 
 
-class _MetricsLog:
-    """Per-epoch rows to metrics.jsonl and metrics.csv, and TensorBoard scalars when it is installed."""
-
-    CSV_FIELDS = ("epoch", "train_loss", "lr", "train_images_per_s", "train_time_s", "val_loss", "val_top1",
-                  "val_top5", "ema_val_top1", "ema_val_loss", "epoch_time_s", "skipped_images")
-
-    def __init__(self, out_dir: Path, tensorboard: bool) -> None:
-        self.out_dir = out_dir
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
-            except ImportError:
-                pass
-
-    def write(self, row: dict[str, Any]) -> None:
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        csv_path = self.out_dir / "metrics.csv"
-        new = not csv_path.exists()
-        with open(csv_path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.CSV_FIELDS, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow(row)
-        if self.writer:
-            for k, v in row.items():
-                if isinstance(v, int | float) and k != "epoch":
-                    self.writer.add_scalar(k, v, row["epoch"])
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer:
-            self.writer.close()
-
-
 def _loader(dataset: Dataset, batch_size: int, sampler: Sampler | None, workers: int, device: torch.device,
             drop_last: bool) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
@@ -469,7 +431,7 @@ def train(opts: TrainOptions, train_set: Dataset | None = None, val_set: Dataset
         f"{d.world} process(es) on {device}")
     log(describe(opts, {"global_batch": r.batch_size, "per_rank_batch": per_rank, "peak_lr": lr,
                         "steps_per_epoch": steps_per_epoch, "planned_epochs": total_epochs}))
-    metrics = _MetricsLog(out, opts.tensorboard) if d.main else None
+    metrics = MetricsLog(out, opts.tensorboard) if d.main else None
     meta = dict(class_names=class_names, preprocess=preprocess, recipe=r.name)
     debug_dir = os.environ.get(DEBUG_INDICES_ENV)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,11 +9,11 @@ from typing import Any
 
 from torch import Tensor
 
-from ..errors import RepVGGError
 from ..files import atomic_write
 from ..optional import require
+from .metrics import read_metrics
 
-__all__ = ["read_metrics", "plot_run", "plot_confusion"]
+__all__ = ["plot_run", "plot_confusion"]
 
 
 def _pyplot() -> Any:
@@ -25,21 +24,6 @@ def _pyplot() -> Any:
 def _save(fig: Any, path: str | os.PathLike) -> None:
     suffix = Path(path).suffix.lstrip(".") or "png"
     atomic_write(path, lambda tmp: fig.savefig(tmp, format=suffix, dpi=120, bbox_inches="tight"))
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The per-epoch rows of ``run_dir/metrics.jsonl``, one per epoch (the latest wins after a resume)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise RepVGGError(f"no metrics.jsonl in {run_dir} (is it a `repvgg train` run directory?)")
-    rows: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[row["epoch"]] = row
-    if not rows:
-        raise RepVGGError(f"{path} holds no epochs yet")
-    return [rows[e] for e in sorted(rows)]
 
 
 def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
