@@ -1,8 +1,11 @@
-"""Shared fixtures: deterministic seeds and helpers to compare training-time and deploy outputs."""
+"""Shared fixtures: deterministic seeds, one compute thread, and models with trained-looking BatchNorms."""
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,9 +27,29 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """Largest absolute difference as a fraction of the reference output's largest magnitude."""
-    return ((reference - other).abs().max() / reference.abs().max()).item()
+FIXED_ENGINE_SPEEDS = {"1": {"openvino": 3.0, "onnxruntime": 2.0, "torch": 1.0},
+                       "8": {"openvino": 3.0, "onnxruntime": 2.0, "torch": 1.0}}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _user_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh REPVGG_CACHE_DIR per session (nothing lands in ~/.cache), its engine probe seeded with fixed speeds
+    for every thread count, so that no test waits for, or depends on, a real timing."""
+    from repvgg.deploy.engines import available_engines
+    from repvgg.deploy.probe import PROBE_FILE, machine_key
+
+    cache = tmp_path_factory.mktemp("repvgg-cache")
+    engines = available_engines()
+    entries = {}
+    for threads in range(1, (os.cpu_count() or 1) + 1):
+        key, machine = machine_key(engines, threads)
+        speeds = {b: {e: v for e, v in table.items() if e in engines} for b, table in FIXED_ENGINE_SPEEDS.items()}
+        entries[key] = {"machine": machine, "images_per_s": speeds}
+    (cache / PROBE_FILE).write_text(json.dumps(entries))
+    patch = pytest.MonkeyPatch()
+    patch.setenv("REPVGG_CACHE_DIR", str(cache))
+    yield cache
+    patch.undo()
 
 
 def trained_looking(model: torch.nn.Module) -> torch.nn.Module:

@@ -40,4 +40,4 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 PYTHON = sys.executable
 TINY_TRAIN = ["--recipe", "cifar", "--img-size", "16", "--eval-resize", "16", "--strides", "2", "2", "2", "2", "2",
-              "--batch-size", "8", "--workers", "0", "--no-tensorboard", "--warmup-epochs", "0"]
+              "--batch-size", "8", "--workers", "0", "--no-tensorboard", "--warmup-epochs", "0", "--no-probe"]

@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import relative_error, trained_looking
+from conftest import trained_looking
 from repvgg import RepVGG, RepVGGBlock, RepVGGError, SqueezeExcite, create_model, list_models, reparameterize
 from repvgg.models.architectures import AuxHead, get_config
 from repvgg.models.profile import count_params
+from repvgg.models.reparam import relative_difference
 
 PAPER_DEPLOY_PARAMS_M = {"repvgg_a0": 8.30, "repvgg_a1": 12.78, "repvgg_a2": 25.49, "repvgg_b0": 14.33,
                          "repvgg_b1": 51.82, "repvgg_b1g2": 41.36, "repvgg_b1g4": 36.12, "repvgg_b2": 80.31,
@@ -36,10 +37,10 @@ def test_conversion_is_exact_and_plain(name: str) -> None:
     x = torch.randn(1, 3, 40, 56)
     with torch.no_grad():
         deploy = reparameterize(model)
-        assert relative_error(model(x), deploy(x)) < 1e-5
+        assert relative_difference(model(x), deploy(x)) < 1e-5
         model.double()
         deploy64 = reparameterize(model)
-        assert relative_error(model(x.double()), deploy64(x.double())) < 1e-10
+        assert relative_difference(model(x.double()), deploy64(x.double())) < 1e-10
     for m in deploy.modules():
         assert isinstance(m, ALLOWED_DEPLOY_MODULES), f"{type(m).__name__} left in deploy model"
         if isinstance(m, nn.Conv2d) and not any(m is c for s in deploy.modules() if isinstance(s, SqueezeExcite)

@@ -7,6 +7,7 @@ import multiprocessing
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -20,6 +21,7 @@ from repvgg.training.data import (
     collate,
     eval_transform,
     resolve_split,
+    to_rgb,
     train_transform,
     unpack_archive,
 )
@@ -138,3 +140,39 @@ def test_not_an_image_folder(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(RepVGGError, match="not an image folder"):
         ImageFolder(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I", "F"])
+def test_deep_greyscale_is_scaled_not_clipped(tmp_path: Path, mode: str) -> None:
+    """16-bit PNGs (and PIL's 32-bit int / float modes holding 16-bit values) keep their grey levels."""
+    levels = np.linspace(0, 65535, 16 * 16).reshape(16, 16)
+    if mode == "I;16B":
+        image = Image.frombytes(mode, (16, 16), levels.astype(">u2").tobytes())
+    else:
+        image = Image.fromarray(levels.astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]))
+    if mode == "I;16":
+        image.save(tmp_path / "deep.png")
+        image = Image.open(tmp_path / "deep.png")
+    assert image.mode == mode
+    rgb = np.asarray(to_rgb(image))
+    assert rgb.shape == (16, 16, 3) and rgb.dtype == np.uint8
+    np.testing.assert_allclose(rgb[..., 0], levels / 257, atol=1)
+
+
+def test_float_images_in_unit_range_and_8bit_scale() -> None:
+    unit = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    np.testing.assert_allclose(np.asarray(to_rgb(Image.fromarray(unit)))[..., 1], unit * 255, atol=1)
+    eight_bit = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4)
+    assert np.array_equal(np.asarray(to_rgb(eight_bit.convert("I"))), np.asarray(to_rgb(eight_bit)))
+
+
+def test_symlink_cycle_counts_each_image_once(tmp_path: Path) -> None:
+    root = make_split(tmp_path, "train", 3)
+    (root / "class0" / "sub").mkdir()
+    (root / "class0" / "sub" / "loop").symlink_to(root / "class0", target_is_directory=True)
+    (root / "class1" / "again").symlink_to(root / "class1", target_is_directory=True)
+    (root / "class2" / "copy.png").symlink_to(root / "class2" / "000.png")
+    (root / "class2" / "elsewhere").symlink_to(root / "class0", target_is_directory=True)  # followed: no cycle
+    samples = ImageFolder(root).samples
+    assert [sum(t == c for _, t in samples) for c in range(3)] == [3, 3, 6]
+    assert len({p for p, _ in samples}) == len(samples)

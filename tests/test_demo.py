@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from repvgg import demo
 from repvgg.demo import digits_datasets
 
 
@@ -16,3 +19,20 @@ def test_digits_datasets() -> None:
     assert image.shape == (3, 8, 8) and image.dtype == torch.float32 and 0 <= target < 10
     assert test.images.min() >= -1 and test.images.max() <= 1
     assert torch.bincount(test.targets).min() >= 35  # stratified
+
+
+def test_interrupted_demo_does_not_point_into_its_deleted_folder(monkeypatch, capsys) -> None:
+    """Training saves on Ctrl-C and names the file; the demo's folder is gone by then, so the demo says so instead."""
+    folders = []
+
+    def interrupted(out_dir: str, epochs: int, log) -> None:
+        folders.append(out_dir)
+        log(f"interrupted; saved epoch 1 step 3 to {out_dir}/last.pt (continue with --resume)")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "train_digits", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(demo.DemoOptions(epochs=1))
+    out = capsys.readouterr().out
+    assert folders and folders[0] not in out and not Path(folders[0]).exists()
+    assert "demo interrupted: it keeps no files" in out

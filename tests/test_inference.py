@@ -91,10 +91,9 @@ def test_predict_falls_back_to_class_indices_and_imagenet_preprocessing(tmp_path
     assert len(top) == 2 and all(name.startswith("class ") for name, _ in top)
 
 
-def test_fastest_engine_prefers_compiled_runtimes() -> None:
+def test_fastest_engine_is_an_installed_one() -> None:
+    """Which one wins is measured (see test_probe.py); here the session's seeded probe ranks OpenVINO first."""
     assert fastest_engine(["torch"]) == "torch"
-    assert fastest_engine(["torch", "onnxruntime"]) == "onnxruntime"
-    assert fastest_engine(ENGINES) == "openvino"
     assert fastest_engine() in available_engines() and repvgg.fastest_engine is fastest_engine
 
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import relative_error, trained_looking
+from conftest import trained_looking
 from repvgg import RepVGGBlock, create_model, reparameterize
-from repvgg.models.reparam import fuse_bn, identity_kernel, is_deploy, pad_to_3x3
+from repvgg.models.reparam import fuse_bn, identity_kernel, is_deploy, pad_to_3x3, relative_difference
 
 
 def test_fuse_bn_equals_conv_then_bn() -> None:
@@ -52,7 +53,7 @@ def test_block_conversion_is_exact(in_ch: int, out_ch: int, stride: int, groups:
     for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-12)):
         ref_block = copy.deepcopy(block).to(dtype)
         fused = reparameterize(ref_block)
-        assert relative_error(ref_block(x.to(dtype)), fused(x.to(dtype))) < tol
+        assert relative_difference(ref_block(x.to(dtype)), fused(x.to(dtype))) < tol
     assert not hasattr(fused, "rbr_dense") and fused.rbr_reparam.bias is not None
 
 
@@ -91,6 +92,23 @@ def test_reparameterize_any_module_without_touching_the_original() -> None:
     x = torch.randn(1, 3, 64, 48)
     deploy = reparameterize(net)
     assert not is_deploy(net) and is_deploy(deploy) and not deploy.training
-    assert relative_error(net(x), deploy(x)) < 1e-5
+    assert relative_difference(net(x), deploy(x)) < 1e-5
     assert isinstance(deploy.head[1], nn.BatchNorm2d)  # foreign modules are left alone
     assert reparameterize(net, inplace=True) is net and is_deploy(net)
+
+
+@pytest.mark.parametrize(("options", "message"), [({"se": "bogus"}, "se must be None, 'pre' or 'post'"),
+                                                  ({"stride": 3}, "stride must be 1 or 2"),
+                                                  ({"stride": 0}, "stride must be 1 or 2")])
+def test_block_rejects_unknown_se_and_strides(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RepVGGBlock(8, 8, **options)
+
+
+def test_relative_difference_on_tensors_and_arrays() -> None:
+    ref = torch.tensor([[1.0, -4.0], [2.0, 0.5]])
+    out = ref + torch.tensor([[0.0, 0.02], [0.0, 0.0]])
+    assert relative_difference(ref, out) == pytest.approx(0.005)
+    assert relative_difference(ref.numpy(), out.numpy()) == pytest.approx(0.005)
+    assert relative_difference(ref, ref) == 0.0 and relative_difference(torch.zeros(2), torch.zeros(2)) == 0.0
+    assert math.isnan(relative_difference(ref, out * float("nan")))

@@ -1,14 +1,15 @@
-"""Training: recipe rules, a short real run end to end, crash safety (SIGKILL, SIGTERM, NaN) and 2-process DDP."""
+"""Training: recipe rules, a short real run end to end, resume in every situation (mid-epoch exactness, after the last
+epoch, extension, mismatches), crash safety (SIGKILL, NaN), locking, fine-tuning, the speed probe and DDP."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,19 +17,16 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from imagefolders import PYTHON, TINY_TRAIN, make_dataset, subprocess_env
-from repvgg import create_model, model_from_checkpoint
+from imagefolders import PYTHON, REPO, TINY_TRAIN, make_dataset, subprocess_env
+from repvgg import create_model, model_from_checkpoint, save_checkpoint
 from repvgg.cli import main
 from repvgg.errors import RepVGGError
-from repvgg.training.loop import (
-    RECIPES,
-    TrainOptions,
-    WarmupCosine,
-    custom_l2_penalty,
-    param_groups,
-    recipe_with,
-    train,
-)
+from repvgg.training.data import BadImage
+from repvgg.training.options import Callback, TrainOptions
+from repvgg.training.recipes import RECIPES, WarmupCosine, custom_l2_penalty, param_groups, recipe_with
+from repvgg.training.rundir import RunDir
+from repvgg.training.speed import StepMode, candidate_modes, probe_modes
+from repvgg.training.train import train
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +35,47 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = recipe_with("cifar", epochs=2, batch_size=8, img_size=16, eval_resize=16, strides=(2, 2, 2, 2, 2),
+                   warmup_epochs=0)
+ONE_EPOCH, THREE_EPOCHS = dataclasses.replace(TINY, epochs=1), dataclasses.replace(TINY, epochs=3)
+
+
+def _opts(out: Path, recipe=TINY, **kw) -> TrainOptions:
+    kw = {"workers": 0, "amp": "none", "channels_last": False, "probe": False, "tensorboard": False,
+          "log": lambda s: None, **kw}
+    return TrainOptions(data=None, out_dir=str(out), recipe=recipe, **kw)
+
+
+class Noisy(Dataset):
+    """Fixed images plus fresh random noise per read (like augmentation); ``bad`` makes every image unreadable."""
+
+    def __init__(self, n: int = 24, seed: int = 0, bad: bool = False) -> None:
+        self.images = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+        self.bad = bad
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | BadImage:
+        if self.bad:
+            return BadImage(f"{index}.png", "cannot identify image file")
+        return self.images[index] + index % 3 + 0.3 * torch.randn(3, 16, 16), index % 3
+
+
+VAL = [(torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i)) + i % 3, i % 3) for i in range(6)]
+CLASSES = ["a", "b", "c"]
+
+
+class StopAt(Callback):
+    """Sends this process SIGTERM after optimizer step ``step`` of ``epoch`` (0-based epoch, 1-based step)."""
+
+    def __init__(self, epoch: int, step: int) -> None:
+        self.at = (epoch, step)
+
+    def on_step_end(self, epoch: int, step: int) -> None:
+        if (epoch, step) == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def test_paper_weight_decay_rules() -> None:
@@ -75,7 +114,7 @@ def test_warmup_cosine() -> None:
     assert s(4) == 1.0 and math.isclose(s(9), 0.5) and s(14) == 0.0
 
 
-def test_recipes_are_printed_presets() -> None:
+def test_recipes_are_printed_presets(capsys: pytest.CaptureFixture) -> None:
     assert RECIPES["paper"].epochs == 120 and RECIPES["paper"].lr == 0.1 and RECIPES["paper"].weight_decay == 1e-4
     assert RECIPES["paper"].label_smoothing == 0 and RECIPES["paper"].warmup_epochs == 0
     strong = RECIPES["strong"]
@@ -84,6 +123,20 @@ def test_recipes_are_printed_presets() -> None:
     assert recipe_with("paper", lr=None).lr == 0.1 and RECIPES["paper"].scaled_lr(512) == 0.2
     with pytest.raises(RepVGGError, match="unknown recipe"):
         recipe_with("fast")
+    assert main(["train", "--recipe", "cifar", "--lr", "0.3", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"recipe\.lr +0\.3 \(for a global batch of 256; scaled linearly", printed)
+    assert re.search(r"recipe\.strides +\(1, 1, 2, 2, 2\)", printed)
+
+
+def test_train_help_shows_defaults_and_every_option_has_help(capsys: pytest.CaptureFixture) -> None:
+    from repvgg.cli import build_parser
+
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    assert all(action.help for action in train_parser._actions)
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "(default: paper)" in capsys.readouterr().out
 
 
 def test_short_training_run_end_to_end(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -94,7 +147,8 @@ def test_short_training_run_end_to_end(data: Path, tmp_path: Path, capsys: pytes
     assert re.search(r"recipe\.label_smoothing +0\.1\n", printed) and re.search(r"recipe\.custom_l2 +True", printed)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all(math.isfinite(r["train_loss"]) for r in rows)
-    assert {"val_top1", "ema_val_top1", "lr", "train_images_per_s"} <= set(rows[-1])
+    assert {"val_top1", "ema_val_top1", "lr", "train_images_per_s", "train_of_matmul"} <= set(rows[-1])
+    assert rows[1]["lr_steps"][0][0] == 6 and 0 < rows[-1]["train_of_matmul"] < 10
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_top1"] == summary["deploy_top1"] and summary["weights"] == "ema"
     for name, deploy in (("model.pth", False), ("model_deploy.pth", True)):
@@ -103,164 +157,239 @@ def test_short_training_run_end_to_end(data: Path, tmp_path: Path, capsys: pytes
         assert ckpt.metadata["class_names"] == ["class0", "class1", "class2"]
         assert ckpt.metadata["preprocess"]["crop"] == 16
     state = torch.load(out / "last.pt", weights_only=True)
-    assert state["epoch"] == 2 and state["step"] == 0 and state["ema"] is not None
+    assert state["progress"]["epoch"] == 2 and state["progress"]["step"] == 0 and state["ema"] is not None
     assert main(["plot", str(out)]) == 0 and (out / "curves.png").stat().st_size > 1000
 
 
-def test_bad_options_are_one_line_errors(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"), *TINY_TRAIN]) == 2
-    assert main(["train", "--data", str(data), "--out", str(tmp_path / "r"), "--amp", "fp16", "--device", "cpu",
-                 *TINY_TRAIN]) == 2
-    assert main(["train", "--data", str(data), "--out", str(tmp_path / "r"), "--resume", str(tmp_path / "x.pt"),
-                 *TINY_TRAIN]) == 2
-    errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 3 and all(e.startswith("repvgg: error: ") for e in errors)
-    assert "data not found" in errors[0] and "fp16" in errors[1] and "not found" in errors[2]
+def test_resume_of_a_model_file_or_a_code_pickle_is_refused(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(_opts(run, ONE_EPOCH), Noisy(), VAL, CLASSES)
+    with pytest.raises(RepVGGError, match=r"needs a training state .* model checkpoint"):
+        train(_opts(tmp_path / "other", resume=str(run / "model.pth")), Noisy(), VAL, CLASSES)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    torch.save({"model": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(RepVGGError, match="never unpickled"):
+        train(_opts(tmp_path / "other", resume=str(tmp_path / "evil.pt")), Noisy(), VAL, CLASSES)
+    assert not (tmp_path / "pwned").exists()
 
 
-class _PoisonAfterOneEpoch(Dataset):
-    """Good images for the first pass over the data, NaN images afterwards."""
+def test_nan_loss_stops_and_says_what_was_kept(tmp_path: Path) -> None:
+    class PoisonAfter(Noisy):
+        def __init__(self, good_reads: int) -> None:
+            super().__init__()
+            self.reads, self.good = 0, good_reads
 
-    def __init__(self, n: int = 16) -> None:
-        self.calls, self.n = 0, n
+        def __getitem__(self, index: int):
+            self.reads += 1
+            image, target = super().__getitem__(index)
+            return (image * float("nan") if self.reads > self.good else image), target
 
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        self.calls += 1
-        image = torch.randn(3, 16, 16) + index % 3
-        return (image * float("nan") if self.calls > self.n else image), index % 3
-
-
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
-    recipe = recipe_with("cifar", epochs=3, batch_size=8, img_size=16, eval_resize=16, strides=(2, 2, 2, 2, 2))
-    opts = TrainOptions(data=None, out_dir=str(tmp_path), recipe=recipe, workers=0, tensorboard=False,
-                        log=lambda s: None)
-    val = [(torch.randn(3, 16, 16), i % 3) for i in range(6)]
-    with pytest.raises(RepVGGError, match=r"loss became nan at epoch 2 step 1 .* last good checkpoint"):
-        train(opts, _PoisonAfterOneEpoch(), val, ["a", "b", "c"])
-    state = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+    with pytest.raises(RepVGGError, match=r"loss became nan at epoch 2 step 1 .* last good checkpoint .* untouched"):
+        train(_opts(tmp_path / "a", THREE_EPOCHS), PoisonAfter(24), VAL, CLASSES)
+    state = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    assert state["progress"]["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values()
+                                                   if v.is_floating_point())
+    with pytest.raises(RepVGGError, match=r"epoch 1 step 1 .* no checkpoint had been written yet"):
+        train(_opts(tmp_path / "b"), PoisonAfter(0), VAL, CLASSES)
 
 
-def _train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
-    return [PYTHON, "-m", "repvgg.cli", "train", "--data", str(data), "--out", str(out), *TINY_TRAIN, *extra]
+def test_all_images_unreadable_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(RepVGGError, match="no readable training image in epoch 1"):
+        train(_opts(tmp_path / "a"), Noisy(bad=True), VAL, CLASSES)
+    with pytest.raises(RepVGGError, match="no readable validation image"):
+        train(_opts(tmp_path / "b"), Noisy(), [BadImage("v.png", "broken")] * 4, CLASSES)
 
 
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
+def _final_state(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "last.pt", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("stop_at", [(0, 2), (1, 1)])
+def test_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path: Path, stop_at: tuple[int, int]) -> None:
+    """Workers draw augmentation noise and mixup/EMA are on: the resumed run must still equal the straight one."""
+    recipe = dataclasses.replace(TINY, mixup=0.4, ema_decay=0.5)
+    train(_opts(tmp_path / "straight", recipe, workers=1), Noisy(), VAL, CLASSES)
+    split = tmp_path / "split"
+    with pytest.raises(KeyboardInterrupt):
+        train(_opts(split, recipe, workers=1, callbacks=[StopAt(*stop_at)]), Noisy(), VAL, CLASSES)
+    progress = torch.load(split / "last.pt", weights_only=True)["progress"]
+    assert (progress["epoch"], progress["step"]) == stop_at
+    train(_opts(split, recipe, workers=1, resume="auto"), Noisy(), VAL, CLASSES)
+    straight, resumed = _final_state(tmp_path / "straight"), _final_state(split)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    rows = {d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("straight", "split")}
+    for a, b in zip(rows["straight"], rows["split"], strict=True):
+        assert math.isclose(a["train_loss"], b["train_loss"], rel_tol=1e-9) and b["train_images_per_s"] > 0
+        assert a["val_top1"] == b["val_top1"]
+
+
+def test_resume_after_the_last_epoch_finishes_and_a_complete_run_says_so(tmp_path: Path) -> None:
+    logs: list[str] = []
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):  # stopped on the very last step: only the end of the run is left
+        train(_opts(out, callbacks=[StopAt(1, 3)]), Noisy(), VAL, CLASSES)
+    assert not (out / "model.pth").exists()
+    summary = train(_opts(out, resume="auto"), Noisy(), VAL, CLASSES)
+    assert summary["epochs"] == 2 and (out / "model_deploy.pth").is_file()
+    for name in ("model.pth", "model_deploy.pth", "summary.json"):  # killed after last.pt, before the final files
+        (out / name).unlink()
+    assert train(_opts(out, resume="auto"), Noisy(), VAL, CLASSES)["epochs"] == 2 and (out / "summary.json").exists()
+    again = train(_opts(out, resume="auto", log=logs.append), Noisy(), VAL, CLASSES)
+    assert again == json.loads((out / "summary.json").read_text())
+    assert any("already complete (2 epochs)" in line for line in logs)
+    logs.clear()
+    assert train(_opts(out, THREE_EPOCHS, resume="auto", log=logs.append), Noisy(), VAL, CLASSES)["epochs"] == 3
+    assert any("schedule is stretched to end at epoch 3" in line for line in logs)
+    epochs = [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(set(epochs)) == [1, 2, 3]
+
+
+def test_resume_with_other_settings_names_the_differences(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(_opts(out, callbacks=[StopAt(0, 1)]), Noisy(), VAL, CLASSES)
+    changes = [(dataclasses.replace(TINY, lr=0.05), {}, "lr: 0.2 -> 0.05"),
+               (dataclasses.replace(TINY, strides=(1, 2, 2, 2, 2)), {}, "strides"),
+               (TINY, {"model": "repvgg_b0"}, "model_name: 'repvgg_a0' -> 'repvgg_b0'"),
+               (dataclasses.replace(TINY, name="paper"), {}, "name: 'cifar' -> 'paper'")]
+    for recipe, extra, message in changes:
+        with pytest.raises(RepVGGError, match=re.escape(message)):
+            train(_opts(out, recipe, resume="auto", **extra), Noisy(), VAL, CLASSES)
+
+
+def test_a_second_run_into_the_same_directory_is_refused_and_debris_is_cleared(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    holder = RunDir(out)
+    holder.create()
+    holder.lock()
+    with pytest.raises(RepVGGError, match="another training run is using"):
+        train(_opts(out), Noisy(), VAL, CLASSES)
+    holder.unlock()
+    stale = out / ".last.pt.abc123.tmp"
+    stale.write_bytes(b"x" * 100)
+    logs: list[str] = []
+    train(_opts(out, log=logs.append), Noisy(), VAL, CLASSES)
+    assert not stale.exists() and any("interrupted checkpoint write" in line for line in logs)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_sigkill_mid_run_then_resume_finishes(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [PYTHON, "-m", "repvgg.cli", "train", "--data", str(data), "--out", str(out), *TINY_TRAIN,
+           "--epochs", "3", "--batch-size", "4"]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "last.pt").exists():  # written atomically at the end of epoch 1
         assert proc.poll() is None, proc.communicate()[0]
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
-
-
-def test_sigkill_mid_epoch_then_resume_finishes(data: Path, tmp_path: Path) -> None:
-    out, debug = tmp_path / "run", tmp_path / "debug"
-    debug.mkdir()
-    env = subprocess_env(REPVGG_DEBUG_INDICES_DIR=str(debug))
-    started = debug / "indices_rank0.txt"
-    cmd = _train_cmd(data, out, "--epochs", "3", "--batch-size", "4")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # epoch 2 has started once its shard is recorded; the checkpoint of epoch 1 is on disk by then
-    _wait_for(lambda: started.exists() and len(started.read_text().splitlines()) >= 2, proc)
-    time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(out / "last.pt", weights_only=True)["progress"]["epoch"] >= 1
     assert not (out / "model.pth").exists()
-
-    proc = subprocess.Popen([*cmd, "--resume"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for(lambda: len(started.read_text().splitlines()) >= 3, proc)
-    time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 130, output
-    assert "interrupted; saved epoch 2" in output
-    state = torch.load(out / "last.pt", weights_only=True)
-    assert state["epoch"] == 1 and state["step"] >= 1
-
-    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*cmd, "--resume"], env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"resumed from {out / 'last.pt'} at epoch 2, step {state['step']}" in done.stdout
-    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert f"resumed from {out / 'last.pt'} at epoch" in done.stdout
+    epochs = sorted({json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()})
     assert epochs == [1, 2, 3]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 3 and summary["train_top1"] == summary["deploy_top1"]
-    model, _ = model_from_checkpoint(out / "model_deploy.pth")
-    assert torch.isfinite(model(torch.randn(2, 3, 16, 16))).all()
 
 
-def test_torchrun_two_processes_disjoint_shards_one_checkpoint(data: Path, tmp_path: Path) -> None:
-    out, debug = tmp_path / "run", tmp_path / "debug"
-    debug.mkdir()
+def test_fine_tuning_replaces_the_classifier_freezes_stages_and_scales_the_backbone_lr(tmp_path: Path) -> None:
+    source = create_model("repvgg_a0", num_classes=7, strides=(2, 2, 2, 2, 2))
+    save_checkpoint(source, tmp_path / "pre.pth")
+    logs: list[str] = []
+    opts = _opts(tmp_path / "run", pretrained=str(tmp_path / "pre.pth"), freeze_stages=2, backbone_lr_scale=0.1,
+                 log=logs.append)
+    train(opts, Noisy(), VAL, CLASSES)
+    assert any("replaced its 7-class classifier by a new 3-class one" in line for line in logs)
+    tuned = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    before = source.state_dict()
+    for key, value in tuned["model"].items():
+        if key.startswith(("stage0.", "stage1.")):
+            assert torch.equal(value, before[key]), key  # weights and BN statistics kept
+    assert not torch.equal(tuned["model"]["stage2.0.rbr_dense.conv.weight"], before["stage2.0.rbr_dense.conv.weight"])
+    lrs = {round(g["initial_lr"], 6) for g in tuned["optimizer"]["param_groups"]}
+    assert lrs == {round(0.2 * 8 / 256, 6), round(0.1 * 0.2 * 8 / 256, 6)}
+
+
+def test_paper_recipe_on_small_images_warns(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "r"), "--recipe", "paper", "--epochs", "1",
+            "--batch-size", "8", "--workers", "0", "--no-tensorboard", "--no-probe", "--img-size", "64",
+            "--eval-resize", "64"]
+    assert main(argv) == 0
+    assert "'paper' recipe crops 64x64 from 16-pixel images" in capsys.readouterr().out
+
+
+def test_speed_probe_measures_every_open_mode() -> None:
+    cpu = torch.device("cpu")
+    modes = candidate_modes(cpu, None, None, 1)
+    assert set(modes) == {StepMode(a, c, 1) for a in ("none", "bf16") for c in (False, True)}
+    assert candidate_modes(cpu, "bf16", True, 1) == [StepMode("bf16", True, 1), StepMode("none", False, 1)]
+    model = create_model("repvgg_a0", num_classes=3, strides=(2, 2, 2, 2, 2))
+    speeds = probe_modes(model, modes[:2], torch.randn(4, 3, 16, 16), torch.randint(0, 3, (4,)), rounds=1)
+    assert set(speeds) == set(modes[:2]) and all(v > 0 for v in speeds.values())
+    assert StepMode("bf16", True, 2).label == "bf16 autocast channels_last, 2 threads"
+
+
+def test_grad_checkpointing_updates_bn_statistics_once() -> None:
+    plain = create_model("repvgg_a0", num_classes=3, strides=(2, 2, 2, 2, 2)).train()
+    checkpointed = create_model("repvgg_a0", num_classes=3, strides=(2, 2, 2, 2, 2)).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.set_grad_checkpointing(True)
+    x = torch.randn(4, 3, 32, 32)
+    for _ in range(3):
+        for model in (plain, checkpointed):
+            model(x).sum().backward()
+    a, b = plain.state_dict(), checkpointed.state_dict()
+    assert all(torch.allclose(a[k].double(), b[k].double(), rtol=1e-5, atol=1e-6) for k in a)
+    assert int(b["stage2.0.rbr_dense.bn.num_batches_tracked"]) == 3
+
+
+def _torchrun(tmp_path: Path, mode: str = "") -> subprocess.CompletedProcess:
     cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "repvgg.cli", "train", "--data", str(data), "--out", str(out), *TINY_TRAIN, "--epochs", "2"]
-    done = subprocess.run(cmd, env=subprocess_env(REPVGG_DEBUG_INDICES_DIR=str(debug)), capture_output=True,
-                          text=True, timeout=300)
+           str(REPO / "tests" / "ddp_train.py"), str(tmp_path / "run"), str(tmp_path), *([mode] if mode else [])]
+    return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_two_processes_disjoint_shards_one_checkpoint(tmp_path: Path) -> None:
+    done = _torchrun(tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("final (last weights)") == 1 and "2 process(es)" in done.stdout
-    shards = [[set(map(int, line.split())) for line in (debug / f"indices_rank{r}.txt").read_text().splitlines()]
+    shards = [[set(map(int, line.split())) for line in (tmp_path / f"indices_rank{r}.txt").read_text().splitlines()]
               for r in range(2)]
     for epoch in range(2):
         a, b = shards[0][epoch], shards[1][epoch]
         assert len(a) == len(b) == 24 and not a & b and len(a | b) == 48
     assert shards[0][0] != shards[0][1]  # reshuffled every epoch
-    sums = {(debug / f"params_rank{r}.txt").read_text() for r in range(2)}
-    assert len(sums) == 1  # both ranks ended with identical weights
-    summary = json.loads((out / "summary.json").read_text())
+    assert len({(tmp_path / f"params_rank{r}.txt").read_text() for r in range(2)}) == 1  # identical weights
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["train_top1"] == summary["deploy_top1"]
-    model, ckpt = model_from_checkpoint(out / "model.pth")
-    assert model.num_classes == 3 and ckpt.metadata["class_names"] == ["class0", "class1", "class2"]
-    assert os.path.exists(out / "last.pt") and len(list(out.glob("*.pth"))) == 3
+    assert len(list((tmp_path / "run").glob("*.pth"))) == 3
+
+
+@pytest.mark.parametrize(("mode", "messages"), [
+    ("bad-rank-1", ["no readable training image in epoch 1"] * 2),
+    ("nan-rank-1", ["loss became nan at epoch 1 step 1", "loss became non-finite on another process at epoch 1"])])
+def test_torchrun_one_broken_process_stops_every_process_cleanly(tmp_path: Path, mode: str,
+                                                                 messages: list[str]) -> None:
+    done = _torchrun(tmp_path, mode)  # before the fix, the healthy process waited for the broken one until timeout
+    assert done.returncode != 0 and done.stderr.count("repvgg: error: ") == 2, done.stderr[-3000:]
+    assert all(done.stderr.count(m) == messages.count(m) for m in messages), done.stderr[-3000:]
 
 
 def test_plot_without_matplotlib_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture) -> None:
+    import sys
+
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 1.0, "lr": 0.1}) + "\n")
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["plot", str(tmp_path)]) == 2
     assert "pip install 'repvgg[plot]'" in capsys.readouterr().err
     assert main(["plot", str(tmp_path / "nothing")]) == 2
-
-
-class _Interrupting(Dataset):
-    """Fixed tensors; the first read of the second pass sends this process SIGINT (when armed)."""
-
-    def __init__(self, armed: bool, n: int = 24) -> None:
-        generator = torch.Generator().manual_seed(0)
-        self.images = torch.randn(n, 3, 16, 16, generator=generator)
-        self.calls, self.armed = 0, armed
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        self.calls += 1
-        if self.armed and self.calls == len(self) + 1:
-            os.kill(os.getpid(), signal.SIGINT)
-        return self.images[index] + index % 3, index % 3
-
-
-def test_resume_mid_epoch_continues_exactly(tmp_path: Path) -> None:
-    recipe = recipe_with("cifar", epochs=2, batch_size=8, img_size=16, eval_resize=16, strides=(2, 2, 2, 2, 2),
-                         ema_decay=0.5)
-    val = [(torch.randn(3, 16, 16), i % 3) for i in range(6)]
-
-    def run(out: Path, armed: bool, resume: str | None = None) -> None:
-        opts = TrainOptions(data=None, out_dir=str(out), recipe=recipe, workers=0, tensorboard=False,
-                            log=lambda s: None, resume=resume)
-        train(opts, _Interrupting(armed), val, ["a", "b", "c"])
-
-    run(tmp_path / "straight", armed=False)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "split", armed=True)
-    state = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
-    assert (state["epoch"], state["step"]) == (1, 1)
-    run(tmp_path / "split", armed=False, resume="auto")
-    for name in ("model.pth", "model_deploy.pth"):
-        a = torch.load(tmp_path / "straight" / name, weights_only=True)["state_dict"]
-        b = torch.load(tmp_path / "split" / name, weights_only=True)["state_dict"]
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)

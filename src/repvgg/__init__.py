@@ -7,18 +7,28 @@ from ._version import __version__
 from .errors import RepVGGError
 from .models.architectures import RepVGG, RepVGGConfig, create_model, list_models
 from .models.blocks import RepVGGBlock, SqueezeExcite
-from .models.checkpoints import load_checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
-from .models.reparam import reparameterize
+from .models.checkpoints import (
+    describe_checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from .models.convert import ConvertResult, convert_checkpoint
+from .models.reparam import relative_difference, reparameterize
 
 __all__ = [
     "__version__",
+    "ConvertResult",
     "RepVGG",
     "RepVGGBlock",
     "RepVGGConfig",
     "RepVGGError",
     "SqueezeExcite",
+    "convert_checkpoint",
     "create_engine",
     "create_model",
+    "describe_checkpoint",
     "export_model",
     "fastest_engine",
     "list_models",
@@ -26,6 +36,7 @@ __all__ = [
     "model_from_checkpoint",
     "predict",
     "read_checkpoint",
+    "relative_difference",
     "reparameterize",
     "save_checkpoint",
 ]

@@ -3,95 +3,82 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from ._version import __version__
+from .cliargs import nonneg_float, nonneg_int, output_file, positive_int
 from .errors import RepVGGError
 
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .models.checkpoints import Checkpoint
+
 EXIT_BAD_INPUT = 2
+PRETRAINED_HELP = ("published weights by model name (repvgg_a0: timm's, from the Hugging Face Hub, cached), "
+                   "a Hub id (timm/repvgg_a0.rvgg_in1k) or a file")
 
 
 def _cmd_list(args: argparse.Namespace) -> None:
-    from .models.architectures import MODEL_CONFIGS, create_model
-    from .models.profile import count_macs, count_params
-    from .models.reparam import reparameterize
+    from .models.architectures import MODEL_CONFIGS
+    from .models.pretrained import PUBLISHED
+    from .models.profile import architecture_stats
 
-    print(f"{'model':<18}{'official name':<18}{'train params':>14}{'deploy params':>15}{'GMACs@224':>11}")
+    print(f"{'model':<18}{'official name':<18}{'train params':>14}{'deploy params':>15}{'GMACs@224':>11}"
+          f"{'top-1 %':>9}  weights")
     for name, cfg in MODEL_CONFIGS.items():
-        with torch.device("meta"):
-            model = create_model(name, num_classes=args.num_classes)
-            deploy = reparameterize(model)
-        print(f"{name:<18}{cfg.official_name:<18}{count_params(model) / 1e6:>13.2f}M"
-              f"{count_params(deploy) / 1e6:>14.2f}M{count_macs(deploy) / 1e9:>11.2f}")
+        stats, published = architecture_stats(cfg, num_classes=args.num_classes), PUBLISHED[name]
+        top1 = "-" if published.top1 is None else f"{published.top1:.2f}{'*' if published.test_size != 224 else ''}"
+        print(f"{name:<18}{cfg.official_name:<18}{stats.train_params / 1e6:>13.2f}M"
+              f"{stats.deploy_params / 1e6:>14.2f}M{stats.macs / 1e9:>11.2f}{top1:>9}  {published.weights}")
+    print("top-1: published ImageNet accuracy (* tested at 320x320); weights: hub = create_model(name, "
+          "pretrained=True) / --pretrained NAME fetches them, release file = download the official file, pass its path")
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
-    from .models.checkpoints import infer_architecture, read_checkpoint
+    from .models.checkpoints import describe_checkpoint
 
-    ckpt = read_checkpoint(args.checkpoint)
-    meta = ckpt.metadata
-    try:
-        arch = meta.get("architecture") or infer_architecture(ckpt.state_dict)
-    except RepVGGError as e:
-        arch = f"unknown ({e})"
-    n_params = sum(v.numel() for k, v in ckpt.state_dict.items() if not k.endswith(("running_mean", "running_var",
-                                                                                      "num_batches_tracked")))
-    linear = ckpt.state_dict.get("linear.weight")
-    rows = {
-        "file": args.checkpoint,
-        "format": ckpt.format,
-        "architecture": arch,
-        "form": "deploy (re-parameterized)" if ckpt.deploy else "training-time (multi-branch)",
-        "classes": meta.get("num_classes", linear.shape[0] if linear is not None else "none"),
-        "parameters": f"{n_params / 1e6:.2f}M in {len(ckpt.state_dict)} tensors",
-    }
-    rows.update({k: v for k, v in meta.items() if k not in ("architecture", "num_classes", "format")})
-    for key, value in rows.items():
+    for key, value in describe_checkpoint(args.checkpoint).items():
         if isinstance(value, list) and len(value) > 12:
             value = f"{value[:12]} ... ({len(value)} items)"
         print(f"{key:>16}: {value}")
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
-    from .models.checkpoints import model_from_checkpoint, save_checkpoint
-    from .models.reparam import reparameterize
+    from .models.convert import convert_checkpoint
 
-    model, ckpt = model_from_checkpoint(args.src, args.model)
-    deploy = reparameterize(model)
-    x = torch.randn(2, model.stage0.in_channels, args.img_size, args.img_size)
-    with torch.no_grad():
-        ref, out = model(x), deploy(x)
-    err = ((ref - out).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-    if err > args.tolerance:
-        raise RepVGGError(f"converted model differs from the source by {err:.2e} of the output scale "
-                          f"(tolerance {args.tolerance:.0e}); nothing written")
-    extra = {k: v for k, v in ckpt.metadata.items()
-             if k not in ("architecture", "num_classes", "in_chans", "strides", "groups", "deploy", "format",
-                          "library_version")}
-    save_checkpoint(deploy, args.dst, source=str(args.src), source_format=ckpt.format, **extra)
-    print(f"converted {args.src} ({ckpt.format}, {model.config.official_name}) -> {args.dst}; "
-          f"max relative difference {err:.2e}")
+    result = convert_checkpoint(args.src, args.dst, args.model, args.img_size, args.tolerance, args.headless)
+    head = f"{result.num_classes} classes" if result.num_classes else "headless: no classifier"
+    print(f"converted {result.src} ({result.source_format}, {result.architecture}, {head}) -> {result.dst}; "
+          f"max relative difference {result.rel_diff:.2e}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .demo import DemoOptions, run_demo
 
-    run_demo(args)
+    run_demo(DemoOptions())
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from .training.loop import options_from_args, train
+    from .training.options import describe, options_from_args
+    from .training.train import train
 
-    train(options_from_args(args))
+    opts = options_from_args(args)
+    if args.print_config:
+        print(describe(opts))
+        return
+    train(opts)
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from .training.evaluate import run_eval
+    from dataclasses import fields
 
-    run_eval(args)
+    from .training.evaluate import EvalOptions, run_eval
+
+    run_eval(EvalOptions(**{f.name: getattr(args, f.name) for f in fields(EvalOptions)}))
 
 
 def _cmd_plot(args: argparse.Namespace) -> None:
@@ -100,28 +87,46 @@ def _cmd_plot(args: argparse.Namespace) -> None:
     print(f"curves -> {plot_run(args.run_dir, args.out)}")
 
 
+def _deploy_source(checkpoint: str | None, pretrained: str | None,
+                   model_name: str | None) -> tuple[nn.Module, Checkpoint, str]:
+    """(deploy model, its checkpoint, a label) from a checkpoint file or ``--pretrained`` weights, exactly one."""
+    from .deploy.export import load_deploy_model
+    from .models.pretrained import read_pretrained
+
+    if bool(checkpoint) == bool(pretrained):
+        raise RepVGGError("give a checkpoint file or --pretrained (one of the two)")
+    source = read_pretrained(pretrained, model_name) if pretrained else checkpoint
+    return *load_deploy_model(source, model_name), checkpoint or f"pretrained {pretrained}"
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
     from .deploy.engines import input_size
-    from .deploy.export import export_model, load_deploy_model
+    from .deploy.export import export_model
 
-    model, ckpt = load_deploy_model(args.checkpoint, args.model)
+    model, ckpt, label = _deploy_source(args.checkpoint, args.pretrained, args.model)
     img_size = tuple(args.img_size) if args.img_size else input_size(ckpt.metadata)
-    result = export_model(model, args.out, args.format, img_size, args.dynamic_batch, args.tolerance)
+    result = export_model(model, args.out, args.format, img_size, args.dynamic_batch, args.tolerance,
+                          metadata=ckpt.metadata)
     batch = "dynamic batch" if args.dynamic_batch or args.format == "torchscript" else "batch 1"
-    print(f"exported {args.checkpoint} -> {', '.join(result.files)} ({args.format}, {batch}, "
+    print(f"exported {label} -> {', '.join(result.files)} ({args.format}, {batch}, "
           f"{img_size[0]}x{img_size[1]}); checked on input {tuple(result.input_shape)}: max difference vs PyTorch "
           f"{result.max_abs_diff:.2e} ({result.rel_diff:.2e} of the output scale)")
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
+    from .deploy.artifacts import artifact_format, open_artifact
     from .deploy.engines import fastest_engine, predict
-    from .deploy.export import load_deploy_model
 
-    model, ckpt = load_deploy_model(args.checkpoint, args.model)
-    engine = args.engine or fastest_engine()
-    results = predict(model, args.images, engine, ckpt.metadata, args.top)
+    images = [args.checkpoint, *args.images] if args.pretrained else args.images
+    if not args.pretrained and artifact_format(args.checkpoint):
+        model, metadata = open_artifact(args.checkpoint, args.engine, max(len(images), 1)), None
+        engine = model.engine
+    else:
+        model, ckpt, _ = _deploy_source(None if args.pretrained else args.checkpoint, args.pretrained, args.model)
+        engine, metadata = args.engine or fastest_engine(batch_size=max(len(images), 1)), ckpt.metadata
+    results = predict(model, images, engine, metadata, args.top)
     print(f"engine: {engine}")
-    for image, top in zip(args.images, results, strict=True):
+    for image, top in zip(images, results, strict=True):
         print(f"{image}:")
         for name, prob in top:
             print(f"  {prob:8.2%}  {name}")
@@ -148,13 +153,16 @@ def _cmd_bench(args: argparse.Namespace) -> None:
             print(f"chart skipped: {e}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="repvgg", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"repvgg {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _defines(command: str | None, name: str) -> bool:
+    """Whether to define ``name``'s options: yes for help (``command`` None) and for the command being run. Training
+    and evaluation options import torchvision, which other commands (``repvgg list``) should not wait for."""
+    return command is None or command == name
 
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    """``list``, ``info``, ``convert`` and ``demo``: the model and conversion side."""
     p = sub.add_parser("list", help="every architecture with train/deploy parameters and GMACs at 224x224")
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--num-classes", type=nonneg_int, default=1000, help="classifier outputs (0: none)")
     p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser("info", help="tell what a checkpoint file holds")
@@ -163,73 +171,109 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="re-parameterize a training-time checkpoint into a deploy checkpoint")
     p.add_argument("src", help="training-time checkpoint (this library's, official or timm format)")
-    p.add_argument("dst", help="output file (.pth or .safetensors)")
+    p.add_argument("dst", type=output_file, help="output file (.pth or .safetensors)")
     p.add_argument("--model", help="architecture, when the file does not say (e.g. repvgg_a0 or RepVGG-A0)")
-    p.add_argument("--img-size", type=int, default=64, help="side of the random check batch")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="largest relative output difference accepted")
+    p.add_argument("--img-size", type=positive_int, default=64, help="side of the random check batch")
+    p.add_argument("--tolerance", type=nonneg_float, default=1e-4,
+                   help="largest relative output difference accepted")
+    p.add_argument("--headless", action="store_true",
+                   help="convert a checkpoint without a classifier (linear.*) as a backbone")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("demo", help="the main job on an embedded default, end to end")
     p.set_defaults(func=_cmd_demo)
 
-    from .training import evaluate, loop
 
-    p = sub.add_parser("train", help="train on image folders (one process, or many with torchrun)")
-    loop.add_arguments(p)
-    p.set_defaults(func=_cmd_train)
-
-    p = sub.add_parser("eval", help="top-1/top-5, loss and speed of a checkpoint on an image folder")
-    evaluate.add_arguments(p)
-    p.set_defaults(func=_cmd_eval)
-
-    p = sub.add_parser("plot", help="draw a training run's loss, top-1 and lr curves to a PNG")
-    p.add_argument("run_dir", help="a `repvgg train` output directory")
-    p.add_argument("--out", help="image file (default RUN_DIR/curves.png)")
-    p.set_defaults(func=_cmd_plot)
-
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    """``bench``: measurements only (acceptance targets are checked by benchmarks/deploy_speed.py)."""
     from .deploy.benchmark import BASELINES, BENCH_ENGINES
-    from .deploy.engines import ENGINES
-    from .deploy.export import FORMATS
-
-    p = sub.add_parser("export", help="export the deploy model to ONNX, TorchScript or OpenVINO, verified")
-    p.add_argument("checkpoint", help="any checkpoint (training-time ones are re-parameterized first)")
-    p.add_argument("--format", required=True, choices=list(FORMATS))
-    p.add_argument("--out", required=True, help="output file (.onnx, .pt, or .xml with a .bin beside it)")
-    p.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"),
-                   help="input size (default: the checkpoint's preprocessing crop, else 224 224)")
-    p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: batch 1)")
-    p.add_argument("--model", help="architecture, when the file does not say")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="largest output difference, relative to its scale")
-    p.set_defaults(func=_cmd_export)
-
-    p = sub.add_parser("predict", help="top-5 classes of images, with the checkpoint's class names and preprocessing")
-    p.add_argument("checkpoint")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--engine", choices=list(ENGINES), help="default: the fastest installed one")
-    p.add_argument("--top", type=int, default=5, help="classes shown per image")
-    p.add_argument("--model", help="architecture, when the file does not say")
-    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("bench", help="speed and memory of train/deploy forms on each engine vs ResNets, side by side")
     p.add_argument("--model", default="repvgg_a0")
-    p.add_argument("--img-size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; speeds are medians over them")
-    p.add_argument("--images-per-round", type=int, default=8, help="images timed per configuration and batch size")
+    p.add_argument("--img-size", type=positive_int, nargs=2, default=[224, 224], metavar=("H", "W"))
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 16])
+    p.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds; speeds are medians over them")
+    p.add_argument("--images-per-round", type=positive_int, default=8,
+                   help="images timed per configuration and batch size")
     p.add_argument("--engines", nargs="+", choices=list(BENCH_ENGINES), default=list(BENCH_ENGINES))
     p.add_argument("--baselines", nargs="*", default=list(BASELINES), help="torchvision ResNets (random weights)")
     p.add_argument("--no-train", action="store_true", help="leave out the training-time model")
     p.add_argument("--no-memory", action="store_true", help="skip the per-configuration peak-memory subprocesses")
-    p.add_argument("--json", default="bench.json", help="results file")
-    p.add_argument("--plot", default="bench.png", help="chart file ('' for none)")
+    p.add_argument("--json", type=output_file, default="bench.json", help="results file")
+    p.add_argument("--plot", type=output_file, default="bench.png", help="chart file ('' for none)")
     p.set_defaults(func=_cmd_bench)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``repvgg`` parser; given the sub-command about to run, only its own heavy options are defined."""
+    parser = argparse.ArgumentParser(prog="repvgg", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"repvgg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_model_commands(sub)
+
+    p = sub.add_parser("train", help="train on image folders (one process, or many with torchrun)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if _defines(command, "train"):
+        from .training import options
+
+        options.add_arguments(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="top-1/top-5, loss and speed of a checkpoint on an image folder")
+    if _defines(command, "eval"):
+        from .training import evaluate
+
+        evaluate.add_arguments(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("plot", help="draw a training run's loss, top-1 and lr curves to a PNG")
+    p.add_argument("run_dir", help="a `repvgg train` output directory")
+    p.add_argument("--out", type=output_file, help="image file (default RUN_DIR/curves.png)")
+    p.set_defaults(func=_cmd_plot)
+
+    from .deploy.engines import ENGINES
+    from .deploy.export import FORMATS
+
+    p = sub.add_parser("export", help="export the deploy model to ONNX, TorchScript or OpenVINO, verified")
+    p.add_argument("checkpoint", nargs="?", help="any checkpoint (training-time ones are re-parameterized first)")
+    p.add_argument("--pretrained", metavar="WEIGHTS", help=PRETRAINED_HELP + "; instead of CHECKPOINT")
+    p.add_argument("--format", required=True, choices=list(FORMATS))
+    p.add_argument("--out", required=True, type=output_file,
+                   help="output file (.onnx, .pt, or .xml with a .bin beside it)")
+    p.add_argument("--img-size", type=positive_int, nargs=2, metavar=("H", "W"),
+                   help="input size (default: the checkpoint's preprocessing crop, else 224 224)")
+    p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: batch 1)")
+    p.add_argument("--model", help="architecture, when the file does not say")
+    p.add_argument("--tolerance", type=nonneg_float, default=1e-4,
+                   help="largest output difference, relative to its scale")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("predict", help="top-5 classes of images, with the checkpoint's class names and preprocessing")
+    p.add_argument("checkpoint", help="checkpoint, or exported .onnx/.xml/TorchScript file (with --pretrained: the "
+                   "first image)")
+    p.add_argument("images", nargs="*", metavar="IMAGE")
+    p.add_argument("--pretrained", metavar="WEIGHTS", help=PRETRAINED_HELP + "; instead of CHECKPOINT")
+    p.add_argument("--engine", choices=list(ENGINES), help="default: the fastest one here (probed once, cached)")
+    p.add_argument("--top", type=positive_int, default=5, help="classes shown per image")
+    p.add_argument("--model", help="architecture, when the file does not say")
+    p.set_defaults(func=_cmd_predict)
+
+    _add_bench(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one sub-command; returns the exit code (2 for bad input, 130 when interrupted)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv[0] if argv and not argv[0].startswith("-") else None).parse_args(argv)
     try:
         args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away (`repvgg list | head`): stop quietly, and keep Python's exit-time flush from failing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (RepVGGError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
         print(f"repvgg: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +13,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .deploy.benchmark import measure_throughput
 from .errors import RepVGGError
+from .hardware import measure_throughput
 from .models.architectures import create_model
 from .models.checkpoints import model_from_checkpoint
 from .models.profile import count_macs, count_params
-from .models.reparam import reparameterize
+from .models.reparam import relative_difference, reparameterize
 from .training.data import collate
 from .training.evaluate import evaluate
 
@@ -45,11 +45,11 @@ def compare_forms(name: str = "repvgg_a0", img_size: int = 224, batch_size: int 
     deploy = reparameterize(train)
     x = torch.randn(batch_size, 3, img_size, img_size)
     with torch.no_grad():
-        err = ((train(x) - deploy(x)).abs().max() / train(x).abs().max()).item()
+        err = relative_difference(train(x), deploy(x))
     speed = measure_throughput({"train": lambda: train(x), "deploy": lambda: deploy(x)}, batch_size, rounds=3)
     rows = []
     for form, model in (("train", train), ("deploy", deploy)):
-        rows.append(dict(form=form, params_m=count_params(model) / 1e6,
+        rows.append(dict(form=form, name=train.config.official_name, params_m=count_params(model) / 1e6,
                          gmacs=count_macs(model, (img_size, img_size)) / 1e9, **speed[form]))
     rows[1]["max_rel_diff"] = err
     return rows
@@ -88,12 +88,15 @@ def digits_datasets(seed: int = 0) -> tuple[TensorImages, TensorImages, list[str
 
 def train_digits(out_dir: str | Path, epochs: int = 8, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train RepVGG-A0 (strides for 8x8 inputs) on the digits with the ``cifar`` recipe; returns the summary."""
-    from .training.loop import TrainOptions, recipe_with, train
+    from .training.options import TrainOptions
+    from .training.recipes import recipe_with
+    from .training.train import train
 
     train_set, test_set, classes = digits_datasets()
     recipe = recipe_with("cifar", epochs=epochs, batch_size=32, lr=0.1, img_size=8, eval_resize=8,
                          warmup_epochs=1, strides=(1, 2, 2, 2, 2))
-    opts = TrainOptions(data=None, out_dir=str(out_dir), recipe=recipe, workers=0, tensorboard=False, log=log)
+    opts = TrainOptions(data=None, out_dir=str(out_dir), recipe=recipe, workers=0, amp="none", channels_last=False,
+                        probe=False, tensorboard=False, log=log)
     return train(opts, train_set, test_set, classes, preprocess=DIGITS_PREPROCESS)
 
 
@@ -106,18 +109,41 @@ def evaluate_digits(checkpoint: str | Path) -> dict[str, float]:
     return dict(params_m=count_params(model) / 1e6, top1=result.top1, images_per_s=result.images_per_s)
 
 
-def run_demo(args: argparse.Namespace) -> None:
+@dataclass(frozen=True)
+class DemoOptions:
+    """What ``repvgg demo`` runs: digits training epochs, then the model, input side and batch of the timing."""
+
+    epochs: int = 8
+    model: str = "repvgg_a0"
+    img_size: int = 224
+    batch_size: int = 8
+
+
+def _train_in_temporary_folder(epochs: int) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+    """Train on the digits in a folder that is removed afterwards; evaluate both forms re-loaded from disk.
+
+    Messages naming that folder are not shown, as nothing in it outlives the demo (not even on interruption).
+    """
+    with tempfile.TemporaryDirectory(prefix="repvgg-demo-") as tmp:
+        print("Training RepVGG-A0 on scikit-learn's handwritten digits (1437 train / 360 test, 8x8) ...")
+        try:
+            summary = train_digits(tmp, epochs, log=lambda s: None if s.startswith("  ") or tmp in s else print(s))
+        except KeyboardInterrupt:
+            print("demo interrupted: it keeps no files (it trains in a temporary folder, now removed)")
+            raise
+        rows = {form: evaluate_digits(Path(tmp) / name)
+                for form, name in (("train", "model.pth"), ("deploy", "model_deploy.pth"))}
+    return summary, rows
+
+
+def run_demo(opts: DemoOptions = DemoOptions()) -> None:
     """Train on the digits, convert, evaluate both forms; then time both forms of A0 at 224x224."""
     start = time.perf_counter()
     threads = torch.get_num_threads()
     # 8x8 inputs are too small to split across cores: one thread is as fast, and unharmed by other busy processes
     torch.set_num_threads(1)
     try:
-        with tempfile.TemporaryDirectory(prefix="repvgg-demo-") as tmp:
-            print("Training RepVGG-A0 on scikit-learn's handwritten digits (1437 train / 360 test, 8x8) ...")
-            summary = train_digits(tmp, log=lambda s: None if s.startswith("  ") else print(s))
-            rows = {form: evaluate_digits(Path(tmp) / name)
-                    for form, name in (("train", "model.pth"), ("deploy", "model_deploy.pth"))}
+        summary, rows = _train_in_temporary_folder(opts.epochs)
     finally:
         torch.set_num_threads(threads)
     print(f"\nDigits test set, {summary['epochs']} epochs, {summary['wall_time_s']:.0f}s of training "
@@ -126,8 +152,8 @@ def run_demo(args: argparse.Namespace) -> None:
     for form, r in rows.items():
         print(f"{form:<8}{r['params_m']:>9.2f}M{r['top1']:>8.2f}%{r['images_per_s']:>10.0f}")
     print(f"top-1 difference train vs deploy: {abs(rows['train']['top1'] - rows['deploy']['top1']):.2f} points\n")
-    rows = compare_forms()
-    print("RepVGG-A0, 224x224, batch 8, float32 on CPU")
+    rows = compare_forms(opts.model, opts.img_size, opts.batch_size)
+    print(f"{rows[0]['name']}, {opts.img_size}x{opts.img_size}, batch {opts.batch_size}, float32 on CPU")
     print(f"{'form':<8}{'params':>10}{'GMACs':>8}{'images/s':>10}{'ms/batch':>10}")
     for r in rows:
         print(f"{r['form']:<8}{r['params_m']:>9.2f}M{r['gmacs']:>8.2f}{r['images_per_s']:>10.1f}{r['latency_ms']:>10.1f}")

@@ -7,12 +7,28 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write"]
+from .errors import RepVGGError
+
+__all__ = ["atomic_write", "check_output_path"]
+
+
+def check_output_path(path: str | os.PathLike) -> None:
+    """Raise :class:`RepVGGError` when ``path`` cannot become a file: it is a folder, or a part of its folder path
+    is a regular file."""
+    path = Path(path)
+    if path.is_dir():
+        raise RepVGGError(f"cannot write {path}: it is a folder")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RepVGGError(f"cannot write {path}: {parent} is a file, not a folder")
+            return
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
     path = Path(path)
+    check_output_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -5,6 +5,9 @@ inference mode; ONNX Runtime with every graph optimization, one intra-op thread 
 busy-waiting between operators (faster when other processes share the cores); OpenVINO in
 float32 (its default on CPUs with bf16 support is bfloat16), the LATENCY hint for single images and, for
 batches, THROUGHPUT streams that each take a slice of the batch.
+
+The default engine is the one measured fastest on the machine at hand (:func:`fastest_engine`, a short probe
+cached per CPU and engine versions; see :mod:`repvgg.deploy.probe`).
 """
 
 from __future__ import annotations
@@ -23,15 +26,15 @@ from torch import nn
 
 from ..errors import RepVGGError
 from ..optional import is_installed, require
-from ..training.data import IMAGENET_PREPROCESS, eval_transform
+from .artifacts import Artifact
 from .export import onnx_bytes, to_openvino
+from .probe import PROBE_BATCH_SIZES, engine_speeds
 
-__all__ = ["ENGINES", "SPEED_ORDER", "Engine", "TorchEngine", "OnnxRuntimeEngine", "OpenVINOEngine",
+__all__ = ["ENGINES", "Engine", "TorchEngine", "OnnxRuntimeEngine", "OpenVINOEngine",
            "available_engines", "fastest_engine", "create_engine", "load_artifact", "input_size", "class_names_for",
            "predict"]
 
 ENGINES = ("torch", "onnxruntime", "openvino")
-SPEED_ORDER = ("openvino", "onnxruntime", "torch")  # fastest first, as measured in benchmarks/results/bench_a0.json
 
 Engine = Callable[[np.ndarray], np.ndarray]
 
@@ -41,10 +44,16 @@ def available_engines() -> list[str]:
     return [e for e in ENGINES if is_installed(e)]
 
 
-def fastest_engine(installed: Iterable[str] | None = None) -> str:
-    """The fastest engine among ``installed`` (default: every installed one), per :data:`SPEED_ORDER`."""
-    names = set(available_engines() if installed is None else installed)
-    return next((e for e in SPEED_ORDER if e in names), "torch")
+def fastest_engine(installed: Iterable[str] | None = None, batch_size: int = 1) -> str:
+    """The fastest of ``installed`` (default: every installed engine) for ``batch_size`` images at a time, as a
+    one-time probe of every installed engine measured it on this CPU (cached; see :mod:`repvgg.deploy.probe`)."""
+    wanted = set(available_engines() if installed is None else installed)
+    names = [e for e in ENGINES if e in wanted]
+    if len(names) <= 1:
+        return names[0] if names else "torch"
+    speeds = engine_speeds(available_engines())
+    table = speeds.get(PROBE_BATCH_SIZES[0] if batch_size == 1 else max(speeds), {})
+    return max(names, key=lambda e: table.get(e, 0.0))
 
 
 def _threads(threads: int | None) -> int:
@@ -113,7 +122,7 @@ class OpenVINOEngine:
 def create_engine(model: nn.Module, engine: str | None = None, img_size: tuple[int, int] = (224, 224),
                   batch_size: int = 1, threads: int | None = None) -> Engine:
     """Run ``model`` (deploy form, eval mode) on ``engine`` (default: :func:`fastest_engine`)."""
-    engine = engine or fastest_engine()
+    engine = engine or fastest_engine(batch_size=batch_size)
     if engine not in ENGINES:
         raise RepVGGError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
     if engine == "torch":
@@ -139,7 +148,9 @@ def load_artifact(path: str | os.PathLike, fmt: str, batch_size: int = 1) -> Eng
 
 def input_size(metadata: dict[str, Any] | None = None) -> tuple[int, int]:
     """(height, width) the network sees: the ``crop`` of the checkpoint's ``preprocess`` metadata, else 224."""
-    crop = {**IMAGENET_PREPROCESS, **((metadata or {}).get("preprocess") or {})}["crop"]
+    from ..training.data import preprocess_settings
+
+    crop = preprocess_settings((metadata or {}).get("preprocess"))["crop"]
     return (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
 
 
@@ -160,23 +171,35 @@ def _load_image(path: str | os.PathLike) -> Image.Image:
             return image
     except (FileNotFoundError, IsADirectoryError):
         raise RepVGGError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise RepVGGError(f"cannot read image {path}: {e}") from None
 
 
-def predict(model: nn.Module, images: Sequence[str | os.PathLike | Image.Image], engine: str | None = None,
-            metadata: dict[str, Any] | None = None, topk: int = 5) -> list[list[tuple[str, float]]]:
+def predict(model: nn.Module | Artifact, images: Sequence[str | os.PathLike | Image.Image],
+            engine: str | None = None, metadata: dict[str, Any] | None = None,
+            topk: int = 5) -> list[list[tuple[str, float]]]:
     """Top-``topk`` (class name, probability) per image, with the checkpoint's preprocessing and class names
-    from ``metadata`` (``preprocess``, ``class_names``; ImageNet preprocessing and class indices when absent)."""
+    from ``metadata`` (``preprocess``, ``class_names``; ImageNet preprocessing and class indices when absent).
+
+    ``model`` is a deploy model run on ``engine``, or an exported file opened with
+    :func:`~repvgg.deploy.artifacts.open_artifact` (its own metadata is the default)."""
+    from ..training.data import eval_transform
+
     if not images:
         raise RepVGGError("no images given")
     if topk < 1:
         raise RepVGGError(f"top-k must be at least 1, got {topk}")
-    metadata = metadata or {}
+    if getattr(model, "num_classes", None) == 0:
+        raise RepVGGError("the model has no classifier (no linear.* weights): there are no classes to predict")
+    metadata = metadata or (model.metadata if isinstance(model, Artifact) else {})
     transform = eval_transform(metadata.get("preprocess"))
     batch = torch.stack([transform(im if isinstance(im, Image.Image) else _load_image(im)) for im in images])
-    run = create_engine(model, engine, tuple(batch.shape[-2:]), batch_size=len(batch))
-    probs = torch.softmax(torch.from_numpy(np.ascontiguousarray(run(batch.numpy()))), dim=1)
+    run = model.run if isinstance(model, Artifact) else create_engine(model, engine, tuple(batch.shape[-2:]),
+                                                                      batch_size=len(batch))
+    logits = torch.from_numpy(np.ascontiguousarray(run(batch.numpy())))
+    if not bool(logits.isfinite().all()):
+        raise RepVGGError("model outputs are not finite (NaN or inf): the weights are broken")
+    probs = torch.softmax(logits, dim=1)
     names = class_names_for(metadata, probs.shape[1])
     values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
     return [[(names[i], p) for p, i in zip(vs, ix, strict=True)] for vs, ix in zip(values.tolist(), indices.tolist(),

@@ -8,11 +8,12 @@ graph and saved with float32 weights.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,14 @@ import torch
 from torch import nn
 
 from ..errors import RepVGGError
-from ..files import atomic_write
+from ..files import atomic_write, check_output_path
 from ..models.checkpoints import Checkpoint, model_from_checkpoint
-from ..models.reparam import reparameterize
+from ..models.reparam import relative_difference, reparameterize
 from ..optional import require
+from .artifacts import METADATA_KEY, TORCHSCRIPT_EXTRA, artifact_metadata, with_onnx_metadata
 
 __all__ = ["FORMATS", "ExportResult", "load_deploy_model", "input_channels", "onnx_bytes", "to_torchscript",
-           "to_openvino", "export_model", "output_difference"]
+           "to_openvino", "export_model"]
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "openvino": ".xml"}
 ONNX_OPSET = 17
@@ -99,16 +101,14 @@ def to_openvino(onnx: bytes | str | os.PathLike, batch_size: int | None = 1) -> 
     return model
 
 
-def output_difference(reference: np.ndarray, output: np.ndarray) -> tuple[float, float]:
-    """(max absolute difference, that difference relative to the reference's largest magnitude)."""
-    diff = float(np.abs(reference - output).max())
-    return diff, diff / max(float(np.abs(reference).max()), 1e-12)
-
-
 def export_model(model: nn.Module, out: str | os.PathLike, fmt: str, img_size: tuple[int, int] = (224, 224),
-                 dynamic_batch: bool = False, tolerance: float = 1e-4, seed: int = 0) -> ExportResult:
+                 dynamic_batch: bool = False, tolerance: float = 1e-4, seed: int = 0,
+                 metadata: Mapping[str, Any] | None = None) -> ExportResult:
     """Write ``model`` (deploy form) as ``fmt`` to ``out``, run the artifact through its own runtime on random
-    input, and compare with PyTorch; raises :class:`RepVGGError` (leaving nothing behind) beyond ``tolerance``."""
+    input, and compare with PyTorch; raises :class:`RepVGGError` (leaving nothing behind) beyond ``tolerance``.
+
+    The file carries the checkpoint ``metadata`` (class names, preprocessing) with the architecture and library
+    version: ONNX ``metadata_props``, OpenVINO ``rt_info`` or a TorchScript extra file, each under ``repvgg``."""
     from .engines import load_artifact
 
     if fmt not in FORMATS:
@@ -122,34 +122,42 @@ def export_model(model: nn.Module, out: str | os.PathLike, fmt: str, img_size: t
     x = torch.randn(batch, input_channels(model), *img_size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         reference = model(x).numpy()
+    if not np.isfinite(reference).all():
+        raise RepVGGError("model outputs are not finite (NaN or inf): the weights are broken; nothing written")
     result = ExportResult(fmt, [str(out)], 0.0, 0.0, tuple(x.shape))
+    meta = artifact_metadata(model, metadata, img_size)
 
     def verify(path: str) -> None:
-        result.max_abs_diff, result.rel_diff = output_difference(reference, load_artifact(path, fmt)(x.numpy()))
+        output = load_artifact(path, fmt)(x.numpy())
+        result.max_abs_diff = float(np.abs(reference - output).max())
+        result.rel_diff = relative_difference(reference, output)
         if not result.rel_diff <= tolerance:
             raise RepVGGError(f"exported {fmt} model differs from PyTorch by {result.rel_diff:.2e} of the output "
                               f"scale (tolerance {tolerance:.0e}); nothing written")
 
     if fmt == "onnx":
-        data = onnx_bytes(model, img_size, dynamic_batch)
+        data = with_onnx_metadata(onnx_bytes(model, img_size, dynamic_batch), meta)
         atomic_write(out, lambda tmp: (Path(tmp).write_bytes(data), verify(tmp)))
     elif fmt == "torchscript":
         scripted = to_torchscript(model, img_size)
+        extra = {TORCHSCRIPT_EXTRA: json.dumps(meta)}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            atomic_write(out, lambda tmp: (torch.jit.save(scripted, tmp), verify(tmp)))
+            atomic_write(out, lambda tmp: (torch.jit.save(scripted, tmp, _extra_files=extra), verify(tmp)))
     else:
-        result.files = _export_openvino(model, Path(out), img_size, dynamic_batch, verify)
+        result.files = _export_openvino(model, Path(out), img_size, dynamic_batch, verify, meta)
     return result
 
 
 def _export_openvino(model: nn.Module, out: Path, img_size: tuple[int, int], dynamic_batch: bool,
-                     verify: Callable[[str], None]) -> list[str]:
+                     verify: Callable[[str], None], metadata: Mapping[str, Any]) -> list[str]:
     """Save IR (``.xml`` + ``.bin``) into a temporary folder beside ``out``, verify, then move both into place."""
     ov = require("openvino")
     if out.suffix != ".xml":
         raise RepVGGError(f"OpenVINO output must end in .xml (a .bin is written beside it), got {out}")
     ir = to_openvino(onnx_bytes(model, img_size, dynamic_batch), None if dynamic_batch else 1)
+    ir.set_rt_info(json.dumps(metadata), [METADATA_KEY])
+    check_output_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

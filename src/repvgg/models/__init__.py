@@ -2,8 +2,16 @@
 
 from .architectures import MODEL_CONFIGS, RepVGG, RepVGGConfig, create_model, list_models
 from .blocks import RepVGGBlock, SqueezeExcite
-from .checkpoints import load_checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
-from .reparam import reparameterize
+from .checkpoints import (
+    describe_checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from .convert import ConvertResult, convert_checkpoint
+from .reparam import relative_difference, reparameterize
 
-__all__ = ["MODEL_CONFIGS", "RepVGG", "RepVGGBlock", "RepVGGConfig", "SqueezeExcite", "create_model", "list_models",
-           "load_checkpoint", "model_from_checkpoint", "read_checkpoint", "reparameterize", "save_checkpoint"]
+__all__ = ["MODEL_CONFIGS", "ConvertResult", "RepVGG", "RepVGGBlock", "RepVGGConfig", "SqueezeExcite",
+           "convert_checkpoint", "create_model", "describe_checkpoint", "list_models", "load_checkpoint",
+           "model_from_checkpoint", "read_checkpoint", "relative_difference", "reparameterize", "save_checkpoint"]

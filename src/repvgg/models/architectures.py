@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint_sequential
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import RepVGGError
 from .blocks import RepVGGBlock, SEPosition
 
-__all__ = ["RepVGGConfig", "RepVGG", "AuxHead", "MODEL_CONFIGS", "list_models", "create_model", "get_config",
-           "canonical_name"]
+__all__ = ["RepVGGConfig", "BlockShape", "RepVGG", "AuxHead", "MODEL_CONFIGS", "list_models", "create_model",
+           "get_config", "canonical_name"]
 
 STAGE_BASE_WIDTHS = (64, 128, 256, 512)
 GROUPED_LAYERS = tuple(range(2, 27, 2))  # layers 2, 4, ..., 26; layer 1 is the first block of stage1
@@ -40,6 +42,32 @@ class RepVGGConfig:
     def layer_groups(self, layer: int) -> int:
         """Conv groups of layer ``layer`` (1 = first block of stage1)."""
         return self.groups if layer in GROUPED_LAYERS else 1
+
+    def block_shapes(self, in_chans: int = 3, strides: Sequence[int] = (2, 2, 2, 2, 2)) -> list[BlockShape]:
+        """Every block, stage0 first: the one description that :class:`RepVGG` builds from and that
+        :func:`repvgg.models.profile.architecture_stats` counts from."""
+        channels = self.stage_channels
+        shapes = [BlockShape(0, in_chans, channels[0], strides[0], 1)]
+        for i, depth in enumerate(self.depths, start=1):
+            for j in range(depth):
+                shapes.append(BlockShape(i, channels[i - 1] if j == 0 else channels[i], channels[i],
+                                         strides[i] if j == 0 else 1, self.layer_groups(len(shapes))))
+        return shapes
+
+    def aux_taps(self) -> dict[str, tuple[int, int]]:
+        """Where RepVGGplus auxiliary heads read: name -> (stage, number of its blocks run before the tap)."""
+        d = self.depths
+        return {"stage1": (1, d[0]), "stage2": (2, d[1]), "stage3_first": (3, d[2] // 2)}
+
+
+class BlockShape(NamedTuple):
+    """One block's place and size: its stage (0-4), channels in and out, stride and conv groups."""
+
+    stage: int
+    in_channels: int
+    out_channels: int
+    stride: int
+    groups: int
 
 
 _A, _B, _D = (2, 4, 14, 1), (4, 6, 16, 1), (8, 14, 24, 1)
@@ -79,6 +107,21 @@ def get_config(name: str) -> RepVGGConfig:
 def list_models() -> list[str]:
     """Names of every registered architecture, in registry order."""
     return list(MODEL_CONFIGS)
+
+
+@contextlib.contextmanager
+def _keep_bn_statistics(module: nn.Module) -> Iterator[None]:
+    """Undo what a recomputed forward pass does to BatchNorm running statistics, so that gradient checkpointing
+    updates them once per step, as training without it does."""
+    saved = [(bn, bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+             for bn in module.modules() if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats]
+    try:
+        yield
+    finally:
+        for bn, mean, var, count in saved:
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            bn.num_batches_tracked.copy_(count)
 
 
 class AuxHead(nn.Sequential):
@@ -124,16 +167,10 @@ class RepVGG(nn.Module):
         self.aux_weight = aux_weight
         channels = config.stage_channels
         block = dict(se=config.se, se_reduction=config.se_reduction, deploy=deploy)
-        self.stage0 = RepVGGBlock(in_chans, channels[0], strides[0], **block)
-        layer = 1
-        for i, depth in enumerate(config.depths, start=1):
-            blocks = []
-            for j in range(depth):
-                in_ch = channels[i - 1] if j == 0 else channels[i]
-                blocks.append(RepVGGBlock(in_ch, channels[i], strides[i] if j == 0 else 1,
-                                          config.layer_groups(layer), **block))
-                layer += 1
-            self.add_module(f"stage{i}", nn.Sequential(*blocks))
+        shapes = config.block_shapes(in_chans, strides)
+        self.stage0 = RepVGGBlock(*shapes[0][1:], **block)
+        for i in range(1, 5):
+            self.add_module(f"stage{i}", nn.Sequential(*(RepVGGBlock(*s[1:], **block) for s in shapes if s.stage == i)))
         reduction = 1
         self.feature_info = []
         for i, stride in enumerate(self.strides):
@@ -156,8 +193,7 @@ class RepVGG(nn.Module):
     @property
     def aux_taps(self) -> dict[str, tuple[int, int]]:
         """Where auxiliary heads read: name -> (stage, number of its blocks run before the tap)."""
-        d = self.config.depths
-        return {"stage1": (1, d[0]), "stage2": (2, d[1]), "stage3_first": (3, d[2] // 2)}
+        return self.config.aux_taps()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Trade compute for memory: recompute each stage's activations in the backward pass."""
@@ -165,7 +201,10 @@ class RepVGG(nn.Module):
 
     def _run_stage(self, stage: nn.Module, x: Tensor) -> Tensor:
         if self.grad_checkpointing and self.training and isinstance(stage, nn.Sequential) and torch.is_grad_enabled():
-            return checkpoint_sequential(stage, len(stage), x, use_reentrant=False)
+            for block in stage:
+                x = checkpoint(block, x, use_reentrant=False,
+                               context_fn=lambda block=block: (contextlib.nullcontext(), _keep_bn_statistics(block)))
+            return x
         return stage(x)
 
     def _forward_stages(self, x: Tensor) -> tuple[list[Tensor], dict[str, Tensor]]:
@@ -228,16 +267,34 @@ class RepVGG(nn.Module):
         self.deploy = True
 
 
-def create_model(name: str, num_classes: int = 1000, deploy: bool = False, **options) -> RepVGG:
+def create_model(name: str, num_classes: int = 1000, deploy: bool = False, pretrained: bool | str = False,
+                 **options) -> RepVGG:
     """Build a registered architecture by name (``repvgg_a0`` or the official ``RepVGG-A0``).
 
-    ``options`` are passed to :class:`RepVGG` (``in_chans``, ``strides``, ``out_indices``, ``aux_weight``);
-    ``groups`` overrides the config's grouped-conv setting.
+    ``pretrained``: True loads the published ImageNet weights (Hugging Face Hub, cached), or give a Hub id or a
+    checkpoint path (see :func:`repvgg.models.pretrained.load_pretrained`); a model for other classes keeps
+    its own new classifier. ``options`` are passed to :class:`RepVGG` (``in_chans``, ``strides``, ``out_indices``,
+    ``aux_weight``); ``groups`` overrides the config's grouped-conv setting.
     """
     config = get_config(name)
     if "groups" in options:
         config = replace(config, groups=int(options.pop("groups")))
+    ckpt = None
+    if pretrained:
+        from .pretrained import read_pretrained
+
+        ckpt = read_pretrained(pretrained, canonical_name(name))
+        if ckpt.deploy and not deploy:
+            raise RepVGGError(f"pretrained weights {pretrained} are re-parameterized; create the model with "
+                              "deploy=True")
     try:
-        return RepVGG(config, num_classes=num_classes, deploy=deploy, **options)
+        model = RepVGG(config, num_classes=num_classes, deploy=deploy if ckpt is None else ckpt.deploy, **options)
     except TypeError as e:
         raise RepVGGError(f"invalid option for create_model: {e}") from None
+    if ckpt is not None:
+        from .pretrained import load_pretrained
+
+        load_pretrained(model, ckpt)
+        if deploy:
+            model.switch_to_deploy()
+    return model

@@ -56,6 +56,10 @@ class RepVGGBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1,
                  se: SEPosition | None = None, se_reduction: int = 16, deploy: bool = False) -> None:
         super().__init__()
+        if se not in (None, "pre", "post"):
+            raise ValueError(f"se must be None, 'pre' or 'post', got {se!r}")
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride!r}")
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
         self.in_channels, self.out_channels = in_channels, out_channels

@@ -1,12 +1,16 @@
 """Checkpoints: this library's own files (.pth or .safetensors, with metadata), the official RepVGG release
-layout and timm's layout, told apart by their keys and mapped onto this library's module names.
+layout (also as saved by its training script), timm's and mmpretrain's layouts, told apart by their keys and mapped
+onto this library's module names. Torch files are read with ``weights_only=True``, always.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
+import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,12 +25,18 @@ from .architectures import MODEL_CONFIGS, RepVGG, canonical_name, create_model
 from .reparam import is_deploy
 
 __all__ = ["Checkpoint", "read_checkpoint", "load_checkpoint", "save_checkpoint", "model_metadata",
-           "model_from_checkpoint", "infer_architecture", "CLASSIFIER_PREFIXES"]
+           "model_from_checkpoint", "infer_architecture", "check_finite", "describe_checkpoint", "CLASSIFIER_PREFIXES"]
 
-FORMAT_NATIVE, FORMAT_OFFICIAL, FORMAT_TIMM = "repvgg", "official", "timm"
+FORMAT_NATIVE, FORMAT_OFFICIAL, FORMAT_TIMM, FORMAT_MMPRETRAIN = "repvgg", "official", "timm", "mmpretrain"
 CLASSIFIER_PREFIXES = ("linear.", "aux.")
 _TIMM_BLOCK_RENAMES = (("conv_kxk.", "rbr_dense."), ("conv_1x1.", "rbr_1x1."), ("identity.", "rbr_identity."),
                        ("attn.fc1.", "se.down."), ("attn.fc2.", "se.up."), ("reparam_conv.", "rbr_reparam."))
+_MMPRETRAIN_BLOCK_RENAMES = (("branch_3x3.", "rbr_dense."), ("branch_1x1.", "rbr_1x1."),
+                             ("branch_norm.", "rbr_identity."), ("branch_reparam.", "rbr_reparam."),
+                             ("se_layer.conv1.conv.", "se.down."), ("se_layer.conv2.conv.", "se.up."))
+# The official training script saves its yacs ``CfgNode`` beside the weights. The weights-only unpickler builds
+# that one class as a plain OrderedDict instead (yacs itself is never imported, nor any code from the file run).
+_SAFE_STAND_INS = [(OrderedDict, "yacs.config.CfgNode")]
 
 
 @dataclass
@@ -40,7 +50,10 @@ class Checkpoint:
 
     @property
     def deploy(self) -> bool:
-        """True when the weights are already in the plain (re-parameterized) form."""
+        """True when the weights are already in the plain (re-parameterized) form (for an exported artifact,
+        which holds no state dict here, as its metadata says)."""
+        if not self.state_dict:
+            return bool(self.metadata.get("deploy"))
         return any(".rbr_reparam." in k for k in self.state_dict) and not any(".rbr_dense." in k
                                                                              for k in self.state_dict)
 
@@ -96,10 +109,25 @@ def _from_official(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def _from_mmpretrain(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """mmpretrain: ``backbone.stem``/``backbone.stage_N``, ``branch_*`` branches whose BN is ``norm``, ``head.fc``."""
+    out = {}
+    for key, value in state_dict.items():
+        key = re.sub(r"^backbone\.stem\.", "stage0.", key)
+        key = re.sub(r"^backbone\.stage_(\d)\.", r"stage\1.", key)
+        key = re.sub(r"^head\.fc\.", "linear.", key)
+        for old, new in _MMPRETRAIN_BLOCK_RENAMES:
+            key = key.replace(f".{old}", f".{new}")
+        out[re.sub(r"\.(rbr_dense|rbr_1x1)\.norm\.", r".\1.bn.", key)] = value
+    return out
+
+
 def detect_format(state_dict: Mapping[str, Tensor]) -> str:
-    """Tell this library's / the official layout from timm's by their keys."""
+    """Tell this library's / the official layout from timm's and mmpretrain's by their keys."""
     if any(k.startswith(("stem.", "stages.")) for k in state_dict):
         return FORMAT_TIMM
+    if any(k.startswith(("backbone.stem.", "backbone.stage_")) for k in state_dict):
+        return FORMAT_MMPRETRAIN
     if any(k.startswith("stage0.") for k in state_dict):
         return FORMAT_OFFICIAL
     raise RepVGGError(f"unrecognised checkpoint layout (first keys: {', '.join(list(state_dict)[:3])})")
@@ -112,13 +140,39 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint
         raw, metadata = _unwrap(source)
     else:
         path = str(source)
+        if os.path.isdir(path):
+            raise RepVGGError(f"{path} is a folder, not a checkpoint file")
         if not os.path.isfile(path):
             raise RepVGGError(f"checkpoint not found: {path}")
         raw, metadata = _read_file(path)
     raw = _strip_prefix(raw)
     fmt = FORMAT_NATIVE if metadata else detect_format(raw)
-    state_dict = _from_timm(raw) if fmt == FORMAT_TIMM else _from_official(raw)
+    convert = {FORMAT_TIMM: _from_timm, FORMAT_MMPRETRAIN: _from_mmpretrain}.get(fmt, _from_official)
+    state_dict = convert(raw)
     return Checkpoint(state_dict, fmt, metadata, path)
+
+
+def _refusal(message: str) -> str:
+    """Why the weights-only reader refused a file, in words that name what it holds (torch's text is cut)."""
+    if m := re.search(r"GLOBAL ([\w.]+)", message):
+        return (f"it holds a pickled Python object ({m.group(1)}); only tensors, numbers, strings and plain "
+                "containers are read, because unpickling other objects can run arbitrary code")
+    if m := re.search(r"Unsupported operand (\d+)", message):
+        return (f"it uses pickle opcode {m.group(1)} (pickle protocol 4 or later), which the safe reader of tensors "
+                "does not accept; save it again with torch.save's default protocol")
+    return ("it holds Python objects other than tensors, numbers, strings and plain containers, which are not read "
+            "because unpickling them can run arbitrary code")
+
+
+def _torch_load(path: str) -> Any:
+    """``torch.load(weights_only=True)`` that also reads the official training script's files (their yacs config
+    becomes an OrderedDict), keeps torch's pickle-protocol warnings off stderr, and explains a refusal."""
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(_SAFE_STAND_INS):
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise RepVGGError(f"refusing to read {path}: {_refusal(str(e))}") from None
 
 
 def _read_file(path: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -131,7 +185,7 @@ def _read_file(path: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
             metadata = json.loads(header["repvgg"]) if "repvgg" in header else {}
             return tensors, metadata
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _torch_load(path)
     except RepVGGError:
         raise
     except Exception as e:  # corrupt archives raise many unrelated types
@@ -166,7 +220,8 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     if mismatched:
         raise RepVGGError(f"checkpoint does not fit the model; shape mismatches (checkpoint vs model): "
                           f"{_first(mismatched, 3)}")
-    missing = [k for k in own if k not in state_dict
+    # older exports lack BatchNorm's num_batches_tracked; torch's strict loading accepts that, and so do we
+    missing = [k for k in own if k not in state_dict and not k.endswith(".num_batches_tracked")
                and not (drop_classifier and k.startswith(CLASSIFIER_PREFIXES))]
     unexpected = [k for k in state_dict if k not in own]
     if strict and (missing or unexpected):
@@ -234,10 +289,18 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> str:
     raise RepVGGError(f"no registered architecture has depths {depths}, widths {widths}, groups {groups}")
 
 
+def check_finite(ckpt: Checkpoint) -> None:
+    """Refuse weights holding NaN or infinity (a diverged run): every result computed from them would be NaN."""
+    bad = [k for k, v in ckpt.state_dict.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise RepVGGError(f"{ckpt.path or 'checkpoint'}: weights are not finite (NaN or inf) in {_first(bad, 3)}")
+
+
 def model_from_checkpoint(source: str | os.PathLike | Mapping[str, Any] | Checkpoint, model_name: str | None = None,
                           **options: Any) -> tuple[RepVGG, Checkpoint]:
     """Build the model a checkpoint describes (metadata, else ``model_name``, else inferred) and load it."""
     ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(source)
+    check_finite(ckpt)
     meta = ckpt.metadata
     name = model_name or meta.get("architecture") or infer_architecture(ckpt.state_dict)
     if model_name and meta.get("architecture") and canonical_name(model_name) != meta["architecture"]:
@@ -252,3 +315,27 @@ def model_from_checkpoint(source: str | os.PathLike | Mapping[str, Any] | Checkp
     model = create_model(name, num_classes=num_classes, deploy=ckpt.deploy, **build)
     load_checkpoint(model, ckpt.state_dict)
     return model.eval(), ckpt
+
+
+def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """What a checkpoint file holds, for ``repvgg info``: format, architecture, form, classes, parameter count and
+    its metadata (the architecture is inferred from tensor shapes when the file does not say)."""
+    ckpt = read_checkpoint(path)
+    meta = ckpt.metadata
+    try:
+        arch = meta.get("architecture") or infer_architecture(ckpt.state_dict)
+    except RepVGGError as e:
+        arch = f"unknown ({e})"
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
+    n_params = sum(v.numel() for k, v in ckpt.state_dict.items() if not k.endswith(statistics))
+    linear = ckpt.state_dict.get("linear.weight")
+    rows = {
+        "file": str(path),
+        "format": ckpt.format,
+        "architecture": arch,
+        "form": "deploy (re-parameterized)" if ckpt.deploy else "training-time (multi-branch)",
+        "classes": meta.get("num_classes", linear.shape[0] if linear is not None else 0) or "none (no classifier)",
+        "parameters": f"{n_params / 1e6:.2f}M in {len(ckpt.state_dict)} tensors",
+    }
+    rows.update({k: v for k, v in meta.items() if k not in ("architecture", "num_classes", "format")})
+    return rows

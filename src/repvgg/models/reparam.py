@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,6 +20,7 @@ __all__ = [
     "sum_branches",
     "reparameterize",
     "is_deploy",
+    "relative_difference",
 ]
 
 
@@ -57,6 +59,16 @@ def sum_branches(branches: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]
     kernel = sum(pad_to_3x3(k) for k, _ in branches)
     bias = sum(b for _, b in branches)
     return kernel, bias
+
+
+def relative_difference(reference: Tensor | np.ndarray, output: Tensor | np.ndarray) -> float:
+    """max|reference - output| / max|reference| (in float64): how far a converted or exported model's output is
+    from the original's, relative to the output's scale. NaN when either holds a NaN or infinity."""
+    ref = torch.as_tensor(reference).detach().double()
+    out = torch.as_tensor(output).detach().double()
+    if not (ref.isfinite().all() and out.isfinite().all()):
+        return float("nan")
+    return ((ref - out).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
 def is_deploy(model: nn.Module) -> bool:

@@ -9,26 +9,30 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import math
 import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import default_collate
 from torchvision import datasets, transforms
+from torchvision.datasets.folder import has_file_allowed_extension
 from torchvision.transforms import v2
 
 from ..errors import RepVGGError
 
-__all__ = ["IMAGENET_PREPROCESS", "eval_transform", "to_rgb", "train_transform", "resolve_split", "ImageFolder",
-           "BadImage", "Batch", "collate", "check_bad", "unpack_archive", "default_cache_dir", "ARCHIVE_SUFFIXES"]
+__all__ = ["IMAGENET_PREPROCESS", "preprocess_settings", "eval_transform", "to_rgb", "train_transform",
+           "resolve_split", "ImageFolder", "BadImage", "Batch", "collate", "check_bad", "unpack_archive",
+           "default_cache_dir", "ARCHIVE_SUFFIXES"]
 
 IMAGENET_PREPROCESS: dict[str, Any] = {
     "resize": 256,  # shorter side before the centre crop
@@ -43,13 +47,60 @@ AutoAugment = Literal["none", "rand", "auto"]
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Grayscale, palette and RGBA images become 3-channel RGB."""
-    return image if image.mode == "RGB" else image.convert("RGB")
+    """Any image becomes 3-channel 8-bit RGB; greyscale deeper than 8 bits is scaled first, which PIL's
+    ``convert("RGB")`` does not do (it clips, so a 16-bit PNG would turn white)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _to_8bit(image)
+    return image.convert("RGB")
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Modes ``I;16*`` span 0..65535; ``I`` and ``F`` are on PIL's 8-bit scale unless a value exceeds 255 (then
+    16-bit), and ``F`` within [0, 1] is taken as normalized."""
+    pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))
+    peak = pixels.max(initial=0.0)
+    if image.mode.startswith("I;16") or peak > 255:
+        pixels = pixels * (255 / 65535)
+    elif image.mode == "F" and peak <= 1:
+        pixels = pixels * 255
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
+
+
+def _size_ok(value: Any) -> bool:
+    """A positive integer, or [height, width] of positive integers."""
+    if isinstance(value, list | tuple):
+        return len(value) == 2 and all(_size_ok(v) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _stats_ok(value: Any, positive: bool) -> bool:
+    """1 or 3 finite numbers (one per channel), all > 0 when ``positive``."""
+    return isinstance(value, list | tuple) and len(value) in (1, 3) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive)
+        for v in value)
+
+
+def preprocess_settings(preprocess: Any = None) -> dict[str, Any]:
+    """Checkpoint ``preprocess`` metadata over the ImageNet defaults, checked: the one place it is validated, so
+    malformed metadata ends in a one-line :class:`RepVGGError` wherever it is used."""
+    if preprocess is not None and not isinstance(preprocess, Mapping):
+        raise RepVGGError(f"preprocess metadata must be a mapping (resize, crop, mean, std), got {preprocess!r:.60}")
+    p = {**IMAGENET_PREPROCESS, **(preprocess or {})}
+    for key in ("resize", "crop"):
+        if not _size_ok(p[key]):
+            raise RepVGGError(f"preprocess {key!r} must be a positive integer or [height, width], got {p[key]!r:.60}")
+    for key in ("mean", "std"):
+        if not _stats_ok(p[key], positive=key == "std"):
+            raise RepVGGError(f"preprocess {key!r} must be 1 or 3 finite numbers{' > 0' if key == 'std' else ''}, "
+                              f"got {p[key]!r:.60}")
+    return p
 
 
 def eval_transform(preprocess: dict[str, Any] | None = None) -> transforms.Compose:
     """PIL image -> normalized tensor: resize the shorter side, centre-crop, to tensor, normalize (RGB)."""
-    p = {**IMAGENET_PREPROCESS, **(preprocess or {})}
+    p = preprocess_settings(preprocess)
     return transforms.Compose([
         transforms.Lambda(to_rgb),
         transforms.Resize(p["resize"]),
@@ -165,6 +216,29 @@ class ImageFolder(datasets.ImageFolder):
             super().__init__(str(root), transform=transform, loader=self._load)
         except (FileNotFoundError, OSError) as e:
             raise RepVGGError(f"not an image folder (class sub-folders of images expected): {root}: {e}") from None
+
+    @staticmethod
+    def make_dataset(directory: str | os.PathLike, class_to_idx: dict[str, int],
+                     extensions: tuple[str, ...] | None = None, is_valid_file: Callable[[str], bool] | None = None,
+                     allow_empty: bool = False) -> list[tuple[str, int]]:
+        """torchvision's listing (symlinks followed), except that each real folder and file counts once per class:
+        a symlink cycle cannot multiply the images."""
+        valid = is_valid_file or (lambda path: has_file_allowed_extension(path, extensions))
+        samples, empty = [], []
+        for name, index in sorted(class_to_idx.items()):
+            folders, files = set(), {}
+            for root, dirs, names in os.walk(os.path.join(directory, name), followlinks=True):
+                folders.add(os.path.realpath(root))
+                dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) not in folders)
+                for path in (os.path.join(root, n) for n in names):
+                    if valid(path):
+                        files.setdefault(os.path.realpath(path), path)
+            samples += [(path, index) for path in sorted(files.values())]
+            if not files:
+                empty.append(name)
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"no image files for the classes {', '.join(empty)}")
+        return samples
 
     @staticmethod
     def _load(path: str) -> Image.Image:

@@ -6,21 +6,36 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..cliargs import nonneg_int, output_file, positive_int
 from ..errors import RepVGGError
-from .data import BadImagePolicy, Batch, ImageFolder, check_bad, collate, eval_transform, resolve_split
+from .data import (
+    BadImagePolicy,
+    Batch,
+    ImageFolder,
+    check_bad,
+    collate,
+    eval_transform,
+    preprocess_settings,
+    resolve_split,
+)
+from .device import AmpMode, autocast, check_amp, resolve_device
 
-__all__ = ["EvalResult", "evaluate", "run_eval", "add_arguments"]
+if TYPE_CHECKING:
+    from ..models.checkpoints import Checkpoint
+
+__all__ = ["EvalResult", "EvalOptions", "evaluate", "run_eval", "add_arguments"]
 
 
 @dataclass
@@ -59,6 +74,19 @@ class EvalResult:
             raise RepVGGError("per-class accuracy needs evaluate(..., confusion=True)")
         totals = self.confusion.sum(1).double()
         return (100.0 * self.confusion.diag().double() / totals).tolist()
+
+    def per_class_metrics(self) -> dict[str, list[float]]:
+        """Recall (the per-class top-1), precision and F1 of each class, in percent; NaN where undefined (recall
+        of a class absent from the set, precision of a class never predicted)."""
+        if self.confusion is None:
+            raise RepVGGError("per-class metrics need evaluate(..., confusion=True)")
+        counts = self.confusion.double()
+        hits = counts.diag()
+        recall, precision = 100.0 * hits / counts.sum(1), 100.0 * hits / counts.sum(0)
+        total = precision + recall
+        f1 = torch.where(total > 0, 2 * precision * recall / total, torch.zeros_like(total))
+        f1 = torch.where(total.isnan(), total, f1)
+        return {"recall": recall.tolist(), "precision": precision.tolist(), "f1": f1.tolist()}
 
     def all_reduce(self, all_sum: Callable[[Sequence[float], torch.device], list[float]],
                    device: torch.device) -> EvalResult:
@@ -146,77 +174,130 @@ def _align_classes(dataset: ImageFolder, class_names: Sequence[str] | None, num_
         raise RepVGGError(f"{len(dataset.classes)} class folders but the model has {num_classes} outputs")
 
 
-def run_eval(args: argparse.Namespace) -> dict[str, Any]:
-    """``repvgg eval``: load any checkpoint, evaluate it on the folder, print (and optionally save) the results."""
-    from ..models.checkpoints import model_from_checkpoint
+@dataclass(frozen=True)
+class EvalOptions:
+    """What ``repvgg eval`` evaluates and how: the command's options, typed."""
 
-    model, ckpt = model_from_checkpoint(args.checkpoint, args.model)
+    data: str
+    checkpoint: str | None = None  # a checkpoint, or an exported .onnx / .xml / TorchScript file
+    pretrained: str | None = None  # instead of a checkpoint: published weights (model name or Hub id) or a file
+    model: str | None = None  # architecture, for files without metadata
+    split: str | None = None  # default val, then test
+    img_size: int | None = None  # overrides the checkpoint's crop
+    resize: int | None = None  # shorter side before the crop (with img_size; default img_size / 0.875)
+    batch_size: int = 64
+    workers: int = 4
+    device: str | None = None  # default: cuda when available
+    amp: AmpMode = "none"
+    channels_last: bool = False
+    bad_images: BadImagePolicy = "skip"
+    cache_dir: str | None = None
+    per_class: bool = False
+    confusion: str | None = None  # PNG file for the confusion matrix
+    json: str | None = None  # JSON file for the results
+
+
+def _prepare(opts: EvalOptions) -> tuple[nn.Module, Checkpoint, ImageFolder, torch.device]:
+    """The model on its device, the checkpoint, and the folder to evaluate (classes aligned to the checkpoint's)."""
+    from ..deploy.artifacts import load_model_source
+
+    if bool(opts.checkpoint) == bool(opts.pretrained):
+        raise RepVGGError("give --checkpoint or --pretrained (one of the two)")
+    model, ckpt = load_model_source(opts.checkpoint, opts.model, opts.pretrained)
     if not model.num_classes:
-        raise RepVGGError(f"{args.checkpoint} has no classifier to evaluate")
-    meta = ckpt.metadata
-    preprocess = dict(meta.get("preprocess") or {})
-    if args.img_size:
-        preprocess.update(crop=args.img_size, resize=args.resize or round(args.img_size / 0.875))
-    dataset = _dataset_for(args.data, args.split, preprocess, args.cache_dir)
-    class_names = meta.get("class_names")
-    _align_classes(dataset, class_names, model.num_classes)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.amp == "fp16" and device.type != "cuda":
-        raise RepVGGError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+        raise RepVGGError(f"{_label(opts)} has no classifier to evaluate")
+    device = resolve_device(opts.device)
+    check_amp(opts.amp, device)
+    preprocess = preprocess_settings(ckpt.metadata.get("preprocess"))
+    if opts.img_size:
+        preprocess.update(crop=opts.img_size, resize=opts.resize or round(opts.img_size / 0.875))
+    dataset = _dataset_for(opts.data, opts.split, preprocess, opts.cache_dir)
+    _align_classes(dataset, ckpt.metadata.get("class_names"), model.num_classes)
     model = model.to(device)
-    if args.channels_last:
+    if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate,
+    return model, ckpt, dataset, device
+
+
+def run_eval(opts: EvalOptions) -> dict[str, Any]:
+    """``repvgg eval``: load any checkpoint, evaluate it on the folder, print (and optionally save) the results."""
+    model, ckpt, dataset, device = _prepare(opts)
+    loader = DataLoader(dataset, batch_size=opts.batch_size, num_workers=opts.workers, collate_fn=collate,
                         pin_memory=device.type == "cuda")
-    result = evaluate(model, loader, device, model.num_classes,
-                      autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
-                      channels_last=args.channels_last, bad_images=args.bad_images, report=tqdm.write,
-                      confusion=bool(args.per_class or args.confusion), progress=True)
+    result = evaluate(model, loader, device, model.num_classes, autocast=lambda: autocast(device, opts.amp),
+                      channels_last=opts.channels_last, bad_images=opts.bad_images, report=tqdm.write,
+                      confusion=bool(opts.per_class or opts.confusion), progress=True)
+    if not result.n:
+        raise RepVGGError(f"no readable images in {dataset.root} ({result.skipped} unreadable); nothing written")
+    if not math.isfinite(result.loss_sum):
+        raise RepVGGError(f"{_label(opts)}: model outputs are not finite (NaN or inf) on {dataset.root}; "
+                          f"nothing written")
+    meta = ckpt.metadata
+    class_names = meta.get("class_names")
     form = "deploy" if ckpt.deploy else "training-time"
-    print(f"{args.checkpoint} ({ckpt.format}, {form}, {model.config.official_name}) on {dataset.root}")
+    arch = model.config.official_name if hasattr(model, "config") else meta.get("architecture", "unknown")
+    print(f"{_label(opts)} ({ckpt.format}, {form}, {arch}) on {dataset.root}")
     print(f"  images {result.n}  top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  loss {result.loss:.4f}  "
           f"{result.images_per_s:.1f} images/s" + (f"  ({result.skipped} unreadable skipped)" if result.skipped
                                                    else ""))
     names = list(class_names or dataset.classes)
-    summary = dict(checkpoint=str(args.checkpoint), format=ckpt.format, form=form, data=str(dataset.root),
+    summary = dict(checkpoint=_label(opts), format=ckpt.format, form=form, data=str(dataset.root),
                    **result.as_dict())
-    if args.per_class:
+    if opts.per_class:
         present = sorted({names.index(c) if class_names else i for i, c in enumerate(dataset.classes)})
-        accuracy = result.per_class()
-        summary["per_class_top1"] = {names[i]: accuracy[i] for i in present}
-        width = max(len(names[i]) for i in present)
-        for i in present:
-            print(f"  {names[i]:<{width}} {accuracy[i]:6.2f}%  ({int(result.confusion[i].sum())} images)")
-    if args.confusion:
+        summary.update(_per_class_report(result, names, present))
+    if opts.confusion:
         from .plot import plot_confusion
 
-        plot_confusion(result.confusion, names, args.confusion)
-        print(f"  confusion matrix -> {args.confusion}")
-    if args.json:
+        plot_confusion(result.confusion, names, opts.confusion)
+        print(f"  confusion matrix -> {opts.confusion}")
+    if opts.json:
         from ..files import atomic_write
 
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+        atomic_write(opts.json, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     return summary
+
+
+def _label(opts: EvalOptions) -> str:
+    return str(opts.checkpoint) if opts.checkpoint else f"pretrained {opts.pretrained}"
+
+
+def _per_class_report(result: EvalResult, names: Sequence[str], present: Sequence[int]) -> dict[str, Any]:
+    """Print recall, precision and F1 of each class present in the set; return them for the JSON summary
+    (``per_class_top1`` is the recall; an undefined precision is null)."""
+    metrics = result.per_class_metrics()
+    width = max(len(names[i]) for i in present)
+    print(f"  {'class':<{width}}  recall  precision      F1  images")
+    rows = {}
+    for i in present:
+        recall, precision, f1 = (metrics[k][i] for k in ("recall", "precision", "f1"))
+        images = int(result.confusion[i].sum())
+        print(f"  {names[i]:<{width}} {recall:6.2f}%    {precision:6.2f}% {f1:6.2f}%  {images:6d}")
+        rows[names[i]] = {k: None if math.isnan(v) else v for k, v in
+                          (("recall", recall), ("precision", precision), ("f1", f1))} | {"images": images}
+    return {"per_class_top1": {n: r["recall"] for n, r in rows.items()}, "per_class": rows}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``repvgg eval`` options."""
     p.add_argument("--data", required=True, help="folder with val/ or test/ class folders (or archives of them), "
                    "or a class-folder root itself")
-    p.add_argument("--checkpoint", required=True, help="training-time or deploy checkpoint: this library's, "
-                   "official or timm")
+    p.add_argument("--pretrained", metavar="WEIGHTS", help="instead of --checkpoint: published weights by model "
+                   "name (repvgg_a0), a Hugging Face Hub id, or a file")
+    p.add_argument("--checkpoint", help="training-time or deploy checkpoint (this library's, official, timm or "
+                   "mmpretrain), or an exported .onnx/.xml/TorchScript file")
     p.add_argument("--model", help="architecture, for files without metadata")
     p.add_argument("--split", help="sub-folder to evaluate (default val, then test)")
-    p.add_argument("--img-size", type=int, help="override the checkpoint's crop size")
-    p.add_argument("--resize", type=int, help="shorter side before the crop (with --img-size; default size/0.875)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--img-size", type=positive_int, help="override the checkpoint's crop size")
+    p.add_argument("--resize", type=positive_int,
+                   help="shorter side before the crop (with --img-size; default size/0.875)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--workers", type=nonneg_int, default=4)
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--bad-images", choices=["skip", "error"], default="skip")
     p.add_argument("--cache-dir", help="where archives are unpacked")
     p.add_argument("--per-class", action="store_true", help="print the accuracy of every class")
-    p.add_argument("--confusion", metavar="PNG", help="draw the confusion matrix to this file")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--confusion", metavar="PNG", type=output_file, help="draw the confusion matrix to this file")
+    p.add_argument("--json", metavar="FILE", type=output_file, help="also write the results as JSON")

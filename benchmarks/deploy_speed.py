@@ -1,0 +1,65 @@
+"""Deployment speed against its acceptance targets: runs ``repvgg bench``'s measurement, prints its table, checks the
+targets below at the largest batch size and writes the report (with the verdicts) as JSON plus a chart.
+
+    .venv/bin/python benchmarks/deploy_speed.py [--batch-sizes 1 16] [--rounds 5] [--no-memory]
+
+Exits with status 1 when a target is not met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from repvgg.cliargs import output_file, positive_int
+from repvgg.deploy.benchmark import BASELINES, BENCH_ENGINES, format_table, plot_report, run_benchmark
+from repvgg.files import atomic_write
+
+# summary ratio -> the least value accepted
+TARGETS = {
+    "deploy_vs_train": 2.0,  # fastest deploy engine vs the training-time model (torch)
+    "deploy_vs_resnet18": 2.0,  # fastest deploy engine vs ResNet-18 (torch)
+    "default_vs_fastest": 0.95,  # the default engine (repvgg.fastest_engine) vs the fastest one
+}
+
+
+def check_targets(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each target with its measured ratio and whether it is met (ratios that were not measured are left out)."""
+    return {key: {"value": summary[key], "target": least, "met": summary[key] >= least}
+            for key, least in TARGETS.items() if summary.get(key) is not None}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="repvgg_a0")
+    parser.add_argument("--img-size", type=positive_int, nargs=2, default=[224, 224], metavar=("H", "W"))
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 16])
+    parser.add_argument("--rounds", type=positive_int, default=5)
+    parser.add_argument("--images-per-round", type=positive_int, default=8)
+    parser.add_argument("--engines", nargs="+", choices=list(BENCH_ENGINES), default=list(BENCH_ENGINES))
+    parser.add_argument("--baselines", nargs="*", default=list(BASELINES))
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--json", type=output_file, default="benchmarks/results/bench_a0.json")
+    parser.add_argument("--plot", type=output_file, default="benchmarks/results/bench_a0.png", help="'' for none")
+    args = parser.parse_args()
+    report = run_benchmark(args.model, tuple(args.img_size), args.batch_sizes, args.rounds, args.images_per_round,
+                           args.engines, args.baselines, memory=not args.no_memory,
+                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(format_table(report))
+    report["targets"] = check_targets(report["summary"])
+    for key, t in report["targets"].items():
+        print(f"{key}: {t['value']:.2f}x, target >= {t['target']}x: {'met' if t['met'] else 'NOT met'}")
+    atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+    print(f"results -> {args.json}")
+    if args.plot:
+        plot_report(report, args.plot)
+        print(f"chart -> {args.plot}")
+    return 0 if all(t["met"] for t in report["targets"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

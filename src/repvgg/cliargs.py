@@ -1,0 +1,86 @@
+"""argparse ``type=`` functions shared by every sub-command: numbers and output paths checked where they are parsed,
+so bad values end as ``repvgg <command>: error: argument --x: ...`` (exit 2) before any work starts."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from .errors import RepVGGError
+from .files import check_output_path
+
+__all__ = ["positive_int", "nonneg_int", "finite_float", "positive_float", "nonneg_float", "prob_float",
+           "output_file"]
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (sizes, counts)."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    """An integer >= 0 (worker processes, number of classes where 0 means none)."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """Any finite number (NaN and infinities refused)."""
+    return _float(text)
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (learning rates, time budgets)."""
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def nonneg_float(text: str) -> float:
+    """A finite number >= 0 (tolerances, weight decay, alphas where 0 means off)."""
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
+def prob_float(text: str) -> float:
+    """A finite number in [0, 1] (probabilities, smoothing, decay factors)."""
+    value = _float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text!r}")
+    return value
+
+
+def output_file(text: str) -> str:
+    """A file path that can be written: not a folder, and no part of its folder path a regular file ('' passes,
+    for options where it means "none")."""
+    if text:
+        try:
+            check_output_path(text)
+        except RepVGGError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return text

@@ -1,0 +1,94 @@
+"""Which inference engine is fastest where it runs: a short interleaved timing of a small deploy RepVGG on every
+installed engine, at batch 1 and a small batch, measured once and cached per CPU (model and instruction-set flags),
+torch thread count and engine versions in ``engine_probe.json`` under the user cache folder
+(``$REPVGG_CACHE_DIR``, else ``~/.cache/repvgg``). No fixed order is right on every CPU: ONNX Runtime can win at
+batch 1 where OpenVINO wins on batches."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from importlib import metadata as dist_metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..files import atomic_write
+from ..hardware import cpu_info, measure_throughput
+
+__all__ = ["PROBE_FILE", "PROBE_BATCH_SIZES", "Speeds", "probe_path", "machine_key", "measure_engines",
+           "engine_speeds"]
+
+PROBE_FILE = "engine_probe.json"
+PROBE_BATCH_SIZES = (1, 8)
+Speeds = dict[int, dict[str, float]]  # batch size -> engine -> images/s
+
+
+def probe_path() -> Path:
+    """``$REPVGG_CACHE_DIR/engine_probe.json``, else ``~/.cache/repvgg/engine_probe.json``."""
+    return Path(os.environ.get("REPVGG_CACHE_DIR") or Path.home() / ".cache" / "repvgg") / PROBE_FILE
+
+
+def _version(engine: str) -> str:
+    try:
+        return dist_metadata.version(engine)
+    except dist_metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def machine_key(engines: Sequence[str], threads: int | None = None) -> tuple[str, dict[str, Any]]:
+    """(short key, what it stands for): CPU model and flags, torch threads (default: the current number), and each
+    engine's version."""
+    cpu = cpu_info()
+    machine = {"cpu": cpu["model"], "features": cpu["features"], "threads": threads or torch.get_num_threads(),
+               "engines": {e: _version(e) for e in sorted(engines)}}
+    return hashlib.sha256(json.dumps(machine, sort_keys=True).encode()).hexdigest()[:16], machine
+
+
+def measure_engines(engines: Sequence[str], img_size: tuple[int, int] = (64, 64),
+                    batch_sizes: Sequence[int] = PROBE_BATCH_SIZES, rounds: int = 5) -> Speeds:
+    """Images/s of a RepVGG-A0 deploy model (random weights, small input) on each engine, timed side by side."""
+    from ..models.architectures import create_model
+    from .engines import create_engine
+
+    model = create_model("repvgg_a0", num_classes=10, deploy=True).eval()
+    speeds: Speeds = {}
+    for batch in batch_sizes:
+        x = np.random.default_rng(0).standard_normal((batch, 3, *img_size), dtype=np.float32)
+        runners = {e: create_engine(model, e, img_size, batch_size=batch) for e in engines}
+        timed = measure_throughput({e: (lambda run=run, x=x: run(x)) for e, run in runners.items()}, batch, rounds,
+                                   iters_per_round=2, warmup=1)
+        speeds[batch] = {e: t["images_per_s"] for e, t in timed.items()}
+    return speeds
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def engine_speeds(engines: Sequence[str], measure: Callable[[Sequence[str]], Speeds] = measure_engines,
+                  path: str | os.PathLike | None = None) -> Speeds:
+    """The engines' speeds on this machine: cached when measured before with the same CPU, threads and engine
+    versions, else measured now with ``measure`` and cached (written atomically)."""
+    path = Path(path) if path else probe_path()
+    key, machine = machine_key(engines)
+    cache = _read(path)
+    entry = cache.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("images_per_s"), dict):
+        return {int(b): dict(v) for b, v in entry["images_per_s"].items()}
+    speeds = measure(engines)
+    cache[key] = {"machine": machine, "images_per_s": {str(b): v for b, v in speeds.items()},
+                  "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    with contextlib.suppress(OSError):  # a read-only cache folder costs a probe per run, nothing else
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(cache, indent=2) + "\n"))
+    return speeds

@@ -1,0 +1,132 @@
+"""Training recipes: named hyper-parameter presets, the paper's weight-decay rules, the official custom L2, and the
+learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import RepVGGError
+from ..models.blocks import RepVGGBlock
+from .data import IMAGENET_PREPROCESS, AutoAugment, TrainCrop
+
+__all__ = ["Recipe", "RECIPES", "recipe_with", "recipe_differences", "param_groups", "custom_l2_penalty",
+           "WarmupCosine", "preprocess_of"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every hyper-parameter of a training recipe; ``lr`` is for a global batch of 256 and scales linearly."""
+
+    name: str
+    epochs: int
+    batch_size: int = 256
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    img_size: int = 224
+    eval_resize: int = 256
+    crop: TrainCrop = "random_resized"
+    auto_augment: AutoAugment = "none"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    ema_decay: float = 0.0
+    custom_l2: bool = False
+    strides: tuple[int, ...] = (2, 2, 2, 2, 2)
+
+    def scaled_lr(self, global_batch: int) -> float:
+        """The peak learning rate for ``global_batch`` images per step."""
+        return self.lr * global_batch / 256
+
+
+RECIPES: dict[str, Recipe] = {
+    # RepVGG paper, ImageNet: 120 epochs, SGD 0.9, batch 256, lr 0.1 cosine, wd 1e-4, crop+flip only.
+    "paper": Recipe("paper", epochs=120),
+    # The stronger recipe of the RepVGG repo / RepVGGplus: warm-up, smoothing, mixup/cutmix, AutoAugment, EMA.
+    "strong": Recipe("strong", epochs=300, warmup_epochs=5, label_smoothing=0.1, mixup=0.2, cutmix=1.0,
+                     auto_augment="auto", ema_decay=0.9998),
+    # CIFAR-size images: pad-4 crop + flip; stride-1 stem and stage1 keep 32x32 inputs at 32/16/8/4 pixels
+    # through stages 1-4 (ResNet's CIFAR layout).
+    "cifar": Recipe("cifar", epochs=15, batch_size=256, lr=0.2, nesterov=True, weight_decay=5e-4, img_size=32,
+                    eval_resize=32, crop="pad", warmup_epochs=2, label_smoothing=0.1, strides=(1, 1, 2, 2, 2)),
+}
+
+
+def recipe_with(name: str, **overrides: Any) -> Recipe:
+    """A named recipe with the given fields replaced (``None`` values are ignored)."""
+    if name not in RECIPES:
+        raise RepVGGError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "strides" in overrides:
+        overrides["strides"] = tuple(overrides["strides"])
+    return replace(RECIPES[name], **overrides)
+
+
+def param_groups(model: nn.Module, weight_decay: float, custom_l2: bool = False) -> list[dict[str, Any]]:
+    """SGD parameter groups with the official decay rules: no decay on biases or BN weights, except the identity
+    branch's BN weight; with ``custom_l2`` the 3x3/1x1 kernels leave plain decay for :func:`custom_l2_penalty`."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        branch_kernel = name.endswith(("rbr_dense.conv.weight", "rbr_1x1.conv.weight"))
+        if name.endswith("rbr_identity.weight") or (p.ndim > 1 and not (custom_l2 and branch_kernel)):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def custom_l2_penalty(model: nn.Module) -> Tensor:
+    """The official "custom L2": for every block, the squared 3x3 kernel outside its centre plus the squared
+    equivalent centre (3x3 centre and 1x1 scaled by their BN), normalized by those BN scales."""
+    total = torch.zeros(())
+    for m in model.modules():
+        if not isinstance(m, RepVGGBlock) or m.deploy:
+            continue
+        k3, k1 = m.rbr_dense.conv.weight, m.rbr_1x1.conv.weight
+        t3 = (m.rbr_dense.bn.weight / (m.rbr_dense.bn.running_var + m.rbr_dense.bn.eps).sqrt()).detach()
+        t1 = (m.rbr_1x1.bn.weight / (m.rbr_1x1.bn.running_var + m.rbr_1x1.bn.eps).sqrt()).detach()
+        t3, t1 = t3.reshape(-1, 1, 1, 1), t1.reshape(-1, 1, 1, 1)
+        centre = k3[:, :, 1:2, 1:2]
+        ring = (k3 ** 2).sum() - (centre ** 2).sum()
+        eq = centre * t3 + k1 * t1
+        total = total.to(k3.device) + ring + (eq ** 2 / (t3 ** 2 + t1 ** 2)).sum()
+    return total
+
+
+class WarmupCosine:
+    """LR factor per optimizer step: linear warm-up, then cosine to zero at ``total_steps`` (picklable state)."""
+
+    def __init__(self, warmup_steps: int, total_steps: int) -> None:
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - self.warmup_steps) / span)))
+
+
+def preprocess_of(recipe: Recipe) -> dict[str, Any]:
+    """The evaluation preprocessing a recipe implies, as stored in checkpoint metadata."""
+    return {**IMAGENET_PREPROCESS, "resize": recipe.eval_resize, "crop": recipe.img_size}
+
+
+def recipe_differences(stored: dict[str, Any], recipe: Recipe, ignore: tuple[str, ...] = ("epochs",)) -> list[str]:
+    """``field: stored -> now`` for each recipe value that differs from a checkpoint's ``stored`` recipe."""
+    now = asdict(recipe)
+    out = []
+    for key, value in now.items():
+        old = stored.get(key)
+        old = tuple(old) if isinstance(old, list) else old
+        if key not in ignore and old != value:
+            out.append(f"{key}: {old!r} -> {value!r}")
+    return out

@@ -1,0 +1,46 @@
+"""Which samples a rank sees, in what order, and with what augmentation randomness.
+
+Augmentation draws come from a generator seeded by (run seed, epoch, sample index), not from a data-loading
+worker's stream, so a run resumed mid-epoch sees exactly the images an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, DistributedSampler, Sampler
+
+__all__ = ["ShardSampler", "SeededSamples"]
+
+
+class ShardSampler(Sampler[int]):
+    """A rank's shard of a shuffled epoch (``DistributedSampler``), skipping the samples a resumed run already used."""
+
+    def __init__(self, sampler: DistributedSampler, skip: int = 0) -> None:
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self.sampler)[self.skip:])
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
+
+
+class SeededSamples(Dataset):
+    """``dataset[i]`` with torch's RNG seeded from (seed, epoch, i) for the duration of the call."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 100_000_007 + index) % 2**63)
+            return self.dataset[index]

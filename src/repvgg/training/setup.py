@@ -1,0 +1,266 @@
+"""Setting a training run up: data, the model (from scratch or pretrained, with frozen stages), the speed probe's
+choice of precision, memory format and threads, optimizer and schedule, and with ``--resume`` the saved state."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from ..errors import RepVGGError
+from ..hardware import matmul_gflops
+from ..models.architectures import RepVGG, create_model
+from ..models.checkpoints import model_metadata
+from ..models.profile import count_macs
+from .data import ImageFolder, eval_transform, resolve_split, train_transform
+from .device import check_amp
+from .distributed import Dist, init_distributed
+from .loop import Run, TrainStep
+from .metrics import MetricsLog
+from .options import TrainOptions, describe
+from .recipes import Recipe, WarmupCosine, param_groups, preprocess_of, recipe_differences
+from .rundir import RunDir
+from .sampling import SeededSamples
+from .speed import StepMode, candidate_modes, probe_modes, training_flops_per_image
+from .state import Progress, RunState, read_state
+
+__all__ = ["setup_run", "load_datasets", "freeze_stages", "start_weights"]
+
+
+def load_datasets(opts: TrainOptions) -> tuple[ImageFolder, ImageFolder, list[str]]:
+    """The train and val/test ImageFolders under ``opts.data`` with the recipe's transforms."""
+    if not opts.data:
+        raise RepVGGError("--data is required: a folder with train/ and val/ (or test/) class folders")
+    r = opts.recipe
+    train_dir = resolve_split(opts.data, ("train",), opts.cache_dir)
+    val_dir = resolve_split(opts.data, ("val", "test"), opts.cache_dir)
+    train_set = ImageFolder(train_dir, train_transform(r.img_size, r.crop, r.auto_augment))
+    val_set = ImageFolder(val_dir, eval_transform(preprocess_of(r)))
+    if val_set.classes != train_set.classes:
+        raise RepVGGError(f"class folders differ between {train_dir} ({len(train_set.classes)} classes) and "
+                          f"{val_dir} ({len(val_set.classes)} classes)")
+    return train_set, val_set, list(train_set.classes)
+
+
+def setup_run(opts: TrainOptions, train_set: Dataset | None = None, val_set: Dataset | None = None,
+              class_names: Sequence[str] | None = None, preprocess: dict[str, Any] | None = None) -> Run:
+    """Everything a run needs, resumed from its saved state when asked; holds the run directory's lock."""
+    d, device = init_distributed(opts.device)
+    r = opts.recipe
+    check_amp(opts.amp or "none", device)
+    if opts.sync_bn and d.world > 1 and device.type != "cuda":
+        raise RepVGGError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU)")
+    if r.batch_size % d.world:
+        raise RepVGGError(f"global batch size {r.batch_size} is not divisible by the {d.world} processes")
+    if train_set is None or val_set is None:
+        train_set, val_set, class_names = load_datasets(opts)
+    names = list(class_names or [])
+    if len(names) < 2:
+        raise RepVGGError(f"need at least 2 classes to train, found {len(names)}")
+    if len(train_set) // r.batch_size < 1:
+        raise RepVGGError(f"{len(train_set)} training images are fewer than one batch of {r.batch_size}; "
+                          f"lower --batch-size")
+    log = opts.log if d.main else (lambda s: None)
+    _warn_small_images(train_set, r, log)
+    saved = _saved_state(opts, device, log)
+    torch.manual_seed(opts.seed + d.rank)
+    random.seed(opts.seed + d.rank)
+    raw = create_model(opts.model, num_classes=len(names), strides=r.strides)
+    if opts.pretrained and saved is None:
+        start_weights(raw, opts.pretrained, log)
+    frozen = freeze_stages(raw, opts.freeze_stages)
+    raw = raw.to(device)
+    rundir = _open_rundir(opts, d, log)  # after every check: a run that cannot start leaves nothing behind
+    mode = _choose_mode(opts, raw, r.batch_size // d.world, device, d, log)
+    run = _assemble(opts, d, device, raw, mode, train_set, val_set, names, rundir,
+                    preprocess or preprocess_of(r))
+    run.frozen, run.loss_sum = frozen, run.loss_sum.to(device)
+    run.flops_per_image = training_flops_per_image(count_macs(raw, (r.img_size, r.img_size), raw.stage0.in_channels))
+    run.matmul_gflops = matmul_gflops()
+    if saved is not None:
+        _resume(run, *saved)
+    log(f"training {opts.model} on {len(train_set)} images ({len(names)} classes), validating on {len(val_set)}; "
+        f"{d.world} process(es) on {device}; step: {mode.label}")
+    log(describe(opts, {"global_batch": r.batch_size, "per_process_batch": run.per_rank,
+                        "peak_lr": r.scaled_lr(r.batch_size), "steps_per_epoch": run.steps_per_epoch,
+                        "planned_epochs": run.progress.total_epochs}))
+    run.metrics = MetricsLog(rundir.path, opts.tensorboard) if d.main else None
+    return run
+
+
+def _open_rundir(opts: TrainOptions, d: Dist, log: Any) -> RunDir:
+    """Create and lock the run directory (rank 0), clearing temporaries that killed writes left behind."""
+    rundir = RunDir(opts.out_dir)
+    if d.main:
+        rundir.create()
+        rundir.lock()
+        for tmp in rundir.remove_stale_temporaries():
+            log(f"removed {tmp.name}, left by an interrupted checkpoint write")
+    d.barrier()
+    return rundir
+
+
+def _warn_small_images(train_set: Dataset, recipe: Recipe, log: Any) -> None:
+    """Say so when the recipe's crop is far larger than the images (e.g. the paper's 224 crops of 32-pixel images)."""
+    samples = getattr(train_set, "samples", None)
+    if not samples:
+        return
+    try:
+        with Image.open(samples[0][0]) as image:
+            side = min(image.size)
+    except OSError:
+        return
+    if recipe.img_size >= 2 * side:
+        log(f"warning: the {recipe.name!r} recipe crops {recipe.img_size}x{recipe.img_size} from {side}-pixel "
+            f"images, upsampling them {recipe.img_size / side:.0f}x; for small images use --recipe cifar "
+            f"(or --img-size {side})")
+
+
+def start_weights(model: RepVGG, spec: str, log: Any = print) -> None:
+    """Load pretrained weights into ``model``: a file, a Hub id, or "true" for the model's published ImageNet
+    weights; a classifier for another class count is replaced by the model's new one."""
+    from ..models.pretrained import load_pretrained
+
+    loaded = load_pretrained(model, True if spec.lower() == "true" else spec)
+    head = loaded.checkpoint.state_dict.get("linear.weight")
+    note = "" if loaded.classifier_loaded or head is None else \
+        f"; replaced its {head.shape[0]}-class classifier by a new {model.num_classes}-class one"
+    if loaded.new_identity_branches:
+        note += f"; new identity branches (strides differ): {', '.join(loaded.new_identity_branches)}"
+    log(f"started from {spec}{note}")
+
+
+def freeze_stages(model: RepVGG, n: int) -> list[nn.Module]:
+    """Fix stage0..stage(n-1): no gradients, and BatchNorm statistics kept (the loop keeps them in eval mode)."""
+    if not 0 <= n <= len(model.stages):
+        raise RepVGGError(f"--freeze-stages must be between 0 and {len(model.stages)}, got {n}")
+    frozen = model.stages[:n]
+    for module in frozen:
+        module.requires_grad_(False)
+    return frozen
+
+
+def _choose_mode(opts: TrainOptions, raw: RepVGG, per_rank: int, device: torch.device, d: Dist, log: Any
+                 ) -> StepMode:
+    """The fastest step mode among those left open, measured side by side on this machine; warns when a mode
+    the user asked for is slower than float32. Without a probe: float32, NCHW, torch's threads, unless given."""
+    modes = candidate_modes(device, opts.amp, opts.channels_last, opts.threads)
+    fixed = StepMode(opts.amp or "none", bool(opts.channels_last), opts.threads or torch.get_num_threads())
+    if not opts.probe or d.world > 1 or len(modes) == 1:
+        chosen = fixed
+    else:
+        size = opts.recipe.img_size
+        images = torch.randn(min(per_rank, 128), raw.stage0.in_channels, size, size, device=device)
+        targets = torch.randint(0, max(raw.num_classes, 1), (len(images),), device=device)
+        speeds = probe_modes(raw, modes, images, targets)
+        chosen = max(speeds, key=speeds.get)
+        fp32 = max(v for m, v in speeds.items() if m.amp == "none")
+        log("speed probe (training images/s, side by side): " +
+            ", ".join(f"{m.label} {v:.0f}" for m, v in sorted(speeds.items(), key=lambda kv: -kv[1])))
+        if opts.amp not in (None, "none") and speeds[chosen] < fp32:
+            log(f"warning: --amp {opts.amp} measured slower than float32 here ({speeds[chosen]:.0f} vs {fp32:.0f} "
+                f"images/s); --amp none would train faster")
+    torch.set_num_threads(chosen.threads)
+    return chosen
+
+
+def _optimizer(raw: RepVGG, recipe: Recipe, backbone_lr_scale: float) -> torch.optim.SGD:
+    """SGD over the paper's decay groups; everything but the classifier at ``backbone_lr_scale`` of the lr."""
+    lr = recipe.scaled_lr(recipe.batch_size)
+    head = {id(p) for p in raw.linear.parameters()}
+    groups = []
+    for group in param_groups(raw, recipe.weight_decay, recipe.custom_l2):
+        for is_head in (False, True):
+            params = [p for p in group["params"] if (id(p) in head) == is_head]
+            if params:
+                groups.append({**group, "params": params, "lr": lr * (1.0 if is_head else backbone_lr_scale)})
+    return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov and recipe.momentum > 0)
+
+
+def _assemble(opts: TrainOptions, d: Dist, device: torch.device, raw: RepVGG, mode: StepMode, train_set: Dataset,
+              val_set: Dataset, names: list[str], rundir: RunDir, preprocess: dict[str, Any]) -> Run:
+    """The model wrapper, optimizer, schedule, step, EMA, mixing and state of a new run."""
+    r = opts.recipe
+    if opts.grad_checkpointing:
+        raw.set_grad_checkpointing(True)
+    if opts.sync_bn and d.world > 1:
+        raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+    if mode.channels_last:
+        raw = raw.to(memory_format=torch.channels_last)
+    model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None) \
+        if d.world > 1 else raw
+    steps = len(train_set) // r.batch_size
+    optimizer = _optimizer(raw, r, opts.backbone_lr_scale)
+    schedule = WarmupCosine(round(r.warmup_epochs * steps), r.epochs * steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    step_fn = TrainStep(model, raw, optimizer, nn.CrossEntropyLoss(label_smoothing=r.label_smoothing), device,
+                        mode.amp, mode.channels_last, r.weight_decay if r.custom_l2 else 0.0, scheduler)
+    ema = AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(r.ema_decay), use_buffers=True) \
+        if r.ema_decay else None
+    mixers = ([v2.MixUp(alpha=r.mixup, num_classes=len(names))] if r.mixup else []) + (
+        [v2.CutMix(alpha=r.cutmix, num_classes=len(names))] if r.cutmix else [])
+    meta = dict(class_names=names, preprocess=preprocess, recipe=r.name)
+    state = RunState(raw, optimizer, scheduler, step_fn.scaler, ema, Progress(total_epochs=r.epochs),
+                     {**model_metadata(raw), **meta, "recipe_values": asdict(r), "model_name": opts.model})
+    return Run(opts, d, device, raw, model, state, schedule, step_fn, v2.RandomChoice(mixers) if mixers else None,
+               SeededSamples(train_set, opts.seed), val_set, len(names), rundir, r.batch_size // d.world, steps, meta)
+
+
+def _saved_state(opts: TrainOptions, device: torch.device, log: Any) -> tuple[dict[str, Any], Path] | None:
+    """With ``--resume``: the training state to continue (None for a new run: ``auto`` finding no checkpoint)."""
+    if not opts.resume:
+        return None
+    path = Path(opts.out_dir) / "last.pt" if opts.resume == "auto" else Path(opts.resume)
+    if opts.resume == "auto" and not path.is_file():
+        log(f"no checkpoint at {path}; starting a new run")
+        return None
+    return read_state(path, device), path
+
+
+def _resume(run: Run, state: dict[str, Any], path: Path) -> None:
+    """Check the saved run is this one, restore it, and apply a changed epoch count."""
+    opts = run.opts
+    _check_same_run(run, state["repvgg"], path)
+    run.state.load_state_dict(state, restore_rng=run.d.main)
+    p = run.progress
+    if not run.d.main:
+        torch.manual_seed(opts.seed + run.d.rank + 1000 * (p.epoch + 1) + p.step)
+    planned = state["repvgg"]["recipe_values"]["epochs"]
+    if opts.recipe.epochs != planned:
+        if opts.recipe.epochs < p.epoch:
+            raise RepVGGError(f"--epochs {opts.recipe.epochs} is fewer than the {p.epoch} epochs {path} has done")
+        run.log(f"--epochs {opts.recipe.epochs} replaces the checkpoint's plan of {p.total_epochs}: the cosine "
+                f"schedule is stretched to end at epoch {opts.recipe.epochs} and continues from step "
+                f"{p.epoch * run.steps_per_epoch + p.step} on that curve")
+        p.total_epochs = opts.recipe.epochs
+        run.state.metadata["recipe_values"] = asdict(opts.recipe)
+    run.schedule.total_steps = p.total_epochs * run.steps_per_epoch
+    run.elapsed_before = p.elapsed_s
+    run.log(f"resumed from {path} at epoch {p.epoch + 1}, step {p.step}")
+
+
+def _check_same_run(run: Run, saved: dict[str, Any], path: Path) -> None:
+    """Refuse to continue a checkpoint with another model, class count, strides or recipe, naming what differs."""
+    mine = run.state.metadata
+    differences = [f"{key}: {saved.get(key)!r} -> {mine[key]!r}" for key in ("model_name", "architecture",
+                   "num_classes", "strides") if _norm(saved.get(key)) != _norm(mine[key])]
+    if saved.get("recipe") != mine["recipe"]:
+        differences.append(f"recipe: {saved.get('recipe')!r} -> {mine['recipe']!r}")
+    differences += recipe_differences(saved.get("recipe_values", {}), run.opts.recipe)
+    if differences:
+        raise RepVGGError(f"{path} was trained with other settings than this run's ({'; '.join(differences)}); "
+                          f"resume with the same flags, or start a new run with another --out")
+
+
+def _norm(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value

@@ -1,0 +1,62 @@
+"""The default engine is the fastest one where it runs: a one-time probe, cached per CPU, thread count and engine
+versions. Tests inject the timings (a cache file, or the measuring function); none depends on a real timing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from repvgg.deploy.engines import available_engines, fastest_engine
+from repvgg.deploy.probe import PROBE_FILE, engine_speeds, machine_key, measure_engines
+
+
+def seed_probe(cache: Path, speeds: dict[str, dict[str, float]]) -> None:
+    key, machine = machine_key(available_engines())
+    (cache / PROBE_FILE).write_text(json.dumps({key: {"machine": machine, "images_per_s": speeds}}))
+
+
+def test_default_engine_follows_the_measured_speeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not {"onnxruntime", "openvino"} <= set(available_engines()):
+        pytest.skip("needs onnxruntime and openvino")
+    monkeypatch.setenv("REPVGG_CACHE_DIR", str(tmp_path))
+    # as once measured on a 2-core machine: ONNX Runtime ahead at batch 1, OpenVINO ahead on batches
+    seed_probe(tmp_path, {"1": {"onnxruntime": 48.9, "openvino": 45.4, "torch": 9.0},
+                          "8": {"onnxruntime": 49.4, "openvino": 52.0, "torch": 12.0}})
+    assert fastest_engine() == "onnxruntime" and fastest_engine(batch_size=16) == "openvino"
+    assert fastest_engine(["torch", "openvino"]) == "openvino" and fastest_engine(["torch"]) == "torch"
+    seed_probe(tmp_path, {"1": {"onnxruntime": 1.0, "openvino": 2.0, "torch": 3.0},
+                          "8": {"onnxruntime": 1.0, "openvino": 2.0, "torch": 3.0}})
+    assert fastest_engine() == "torch" and fastest_engine(batch_size=4) == "torch"
+
+
+def test_probe_runs_once_per_machine_and_engine_set(tmp_path: Path) -> None:
+    calls: list[list[str]] = []
+
+    def measure(engines):
+        calls.append(list(engines))
+        return {1: {e: float(i + 1) for i, e in enumerate(engines)}, 8: {e: 1.0 for e in engines}}
+
+    path = tmp_path / "sub" / PROBE_FILE
+    first = engine_speeds(["torch", "onnxruntime"], measure, path)
+    assert first == engine_speeds(["torch", "onnxruntime"], measure, path) and len(calls) == 1
+    entry = next(iter(json.loads(path.read_text()).values()))
+    assert entry["machine"]["engines"].keys() == {"torch", "onnxruntime"} and entry["machine"]["cpu"]
+    engine_speeds(["torch"], measure, path)  # another engine set: measured, kept beside the first
+    assert len(calls) == 2 and len(json.loads(path.read_text())) == 2
+    path.write_text("{cut short")
+    engine_speeds(["torch"], measure, path)
+    assert len(calls) == 3 and len(json.loads(path.read_text())) == 1
+    assert [p.name for p in path.parent.iterdir()] == [PROBE_FILE]  # written atomically, no temporaries left
+
+
+def test_machine_key_names_threads_and_engines() -> None:
+    one, machine = machine_key(["torch"], threads=1)
+    assert machine["threads"] == 1 and machine["engines"]["torch"] != "unknown"
+    assert one != machine_key(["torch"], threads=2)[0] and one != machine_key(["torch", "openvino"], threads=1)[0]
+
+
+def test_the_real_probe_measures_each_engine() -> None:
+    speeds = measure_engines(["torch"], img_size=(32, 32), batch_sizes=(1, 2), rounds=1)
+    assert set(speeds) == {1, 2} and all(speeds[b]["torch"] > 0 for b in speeds)
