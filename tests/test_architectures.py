@@ -50,6 +50,54 @@ def test_conversion_is_exact_and_plain(name: str) -> None:
         assert math.floor(expected_deploy / 1e4) / 100 == PAPER_DEPLOY_PARAMS_M[name]
 
 
+def _assert_exact(model: nn.Module) -> nn.Module:
+    """float32 within 1e-5 and float64 within 1e-10 of the output scale (batch 1, non-square input)."""
+    x = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        deploy = reparameterize(model)
+        assert relative_difference(model(x), deploy(x)) < 1e-5
+        model.double()
+        assert relative_difference(model(x.double()), reparameterize(model)(x.double())) < 1e-10
+    return deploy
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_qarepvgg_block_converts_exactly_in_every_architecture(name: str) -> None:
+    model = trained_looking(create_model(name, num_classes=10, strides=(2, 2, 2, 2, 1), block="qarepvgg"))
+    assert all(b.kind == "qarepvgg" and hasattr(b, "bn") for b in model.modules() if isinstance(b, RepVGGBlock))
+    deploy = _assert_exact(model)
+    assert all(b.deploy for b in deploy.modules() if isinstance(b, RepVGGBlock))
+
+
+@pytest.mark.parametrize("name", ["repvgg_a0", "repvgg_b1g4"])
+@pytest.mark.parametrize("branches", ["3x3", "3x3+1x1", "3x3+identity"])
+def test_branch_variants_convert_exactly(name: str, branches: str) -> None:
+    model = trained_looking(create_model(name, num_classes=10, strides=(2, 2, 2, 2, 1), branches=branches))
+    blocks = [b for b in model.modules() if isinstance(b, RepVGGBlock)]
+    assert any(b.rbr_1x1 is not None for b in blocks) == ("1x1" in branches)
+    assert any(b.rbr_identity is not None for b in blocks) == ("identity" in branches)
+    deploy = _assert_exact(model)
+    full = reparameterize(create_model(name, num_classes=10, strides=(2, 2, 2, 2, 1)))
+    assert count_params(deploy) == count_params(full)  # every variant deploys to the same plain network
+
+
+def test_block_options_are_rejected_clearly_and_kept_in_checkpoints(tmp_path) -> None:
+    from repvgg import model_from_checkpoint, save_checkpoint
+
+    with pytest.raises(RepVGGError, match="branches must be one of"):
+        create_model("repvgg_a0", branches="1x1")
+    with pytest.raises(RepVGGError, match="block one of"):
+        create_model("repvgg_a0", block="acnet")
+    model = create_model("repvgg_a0", num_classes=3, block="qarepvgg", branches="3x3+identity")
+    save_checkpoint(model, tmp_path / "qa.pth")
+    loaded, ckpt = model_from_checkpoint(tmp_path / "qa.pth")
+    assert ckpt.metadata["block"] == "qarepvgg" and ckpt.metadata["branches"] == "3x3+identity"
+    assert (loaded.block, loaded.branches) == ("qarepvgg", "3x3+identity")
+    save_checkpoint(reparameterize(model), tmp_path / "qa_deploy.pth")
+    deploy, ckpt = model_from_checkpoint(tmp_path / "qa_deploy.pth")
+    assert ckpt.deploy and ckpt.metadata["block"] == "qarepvgg" and deploy.stage1[0].deploy
+
+
 def test_widths_groups_and_se_follow_the_paper() -> None:
     assert get_config("RepVGG-A0").stage_channels == (48, 48, 96, 192, 1280)
     assert get_config("repvgg-b3").stage_channels == (64, 192, 384, 768, 2560)

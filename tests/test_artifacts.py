@@ -13,9 +13,10 @@ from conftest import trained_looking
 from imagefolders import make_dataset
 from repvgg import __version__, create_model, save_checkpoint
 from repvgg.cli import main
-from repvgg.deploy.artifacts import artifact_format, open_artifact, read_artifact_metadata
-from repvgg.deploy.engines import predict
-from repvgg.deploy.export import onnx_bytes
+from repvgg.deploy.artifacts import artifact_format, read_artifact_metadata
+from repvgg.deploy.formats import onnx_bytes
+from repvgg.deploy.predict import predict
+from repvgg.deploy.sources import open_artifact
 from repvgg.optional import is_installed
 
 CLASSES = ["class0", "class1", "class2"]

@@ -19,13 +19,15 @@ def test_digits_datasets() -> None:
     assert image.shape == (3, 8, 8) and image.dtype == torch.float32 and 0 <= target < 10
     assert test.images.min() >= -1 and test.images.max() <= 1
     assert torch.bincount(test.targets).min() >= 35  # stratified
+    train5, test5, classes5 = digits_datasets(classes=5)  # the demo's pre-training subset
+    assert classes5 == ["0", "1", "2", "3", "4"] and int(train5.targets.max()) == 4 and len(test5) < len(test)
 
 
 def test_interrupted_demo_does_not_point_into_its_deleted_folder(monkeypatch, capsys) -> None:
     """Training saves on Ctrl-C and names the file; the demo's folder is gone by then, so the demo says so instead."""
     folders = []
 
-    def interrupted(out_dir: str, epochs: int, log) -> None:
+    def interrupted(out_dir: str, epochs: int, log, **options) -> None:
         folders.append(out_dir)
         log(f"interrupted; saved epoch 1 step 3 to {out_dir}/last.pt (continue with --resume)")
         raise KeyboardInterrupt
@@ -34,5 +36,5 @@ def test_interrupted_demo_does_not_point_into_its_deleted_folder(monkeypatch, ca
     with pytest.raises(KeyboardInterrupt):
         demo.run_demo(demo.DemoOptions(epochs=1))
     out = capsys.readouterr().out
-    assert folders and folders[0] not in out and not Path(folders[0]).exists()
+    assert folders and str(folders[0]) not in out and not Path(folders[0]).exists()
     assert "demo interrupted: it keeps no files" in out

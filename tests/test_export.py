@@ -12,7 +12,8 @@ import torch
 from conftest import trained_looking
 from repvgg import RepVGG, RepVGGConfig, RepVGGError, create_model, save_checkpoint
 from repvgg.cli import main
-from repvgg.deploy.export import export_model, onnx_bytes
+from repvgg.deploy.export import export_model
+from repvgg.deploy.formats import onnx_bytes
 from repvgg.optional import is_installed
 
 RUNTIME = {"onnx": "onnxruntime", "torchscript": "torch", "openvino": "openvino"}

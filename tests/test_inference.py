@@ -15,7 +15,9 @@ import repvgg
 from conftest import trained_looking
 from repvgg import create_model, save_checkpoint
 from repvgg.cli import main
-from repvgg.deploy.engines import ENGINES, available_engines, class_names_for, create_engine, fastest_engine, predict
+from repvgg.deploy.engines import ENGINES, available_engines, class_names_for, create_engine
+from repvgg.deploy.predict import predict
+from repvgg.deploy.probe import fastest_engine
 
 CLASSES = ["ant", "bee", "cat", "dog", "eel", "fox"]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from repvgg.deploy.engines import available_engines, fastest_engine
-from repvgg.deploy.probe import PROBE_FILE, engine_speeds, machine_key, measure_engines
+from repvgg.deploy.engines import available_engines
+from repvgg.deploy.probe import PROBE_FILE, engine_speeds, fastest_engine, machine_key, measure_engines
 
 
 def seed_probe(cache: Path, speeds: dict[str, dict[str, float]]) -> None:

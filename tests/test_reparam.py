@@ -12,6 +12,7 @@ from torch import nn
 
 from conftest import trained_looking
 from repvgg import RepVGGBlock, create_model, reparameterize
+from repvgg.models.blocks import BLOCK_KINDS, BRANCHES
 from repvgg.models.reparam import fuse_bn, identity_kernel, is_deploy, pad_to_3x3, relative_difference
 
 
@@ -46,9 +47,15 @@ def test_pad_to_3x3_centres_the_1x1_weight() -> None:
     (16, 16, 1, 4, "pre"),
     (16, 32, 2, 4, "post"),
 ])
-def test_block_conversion_is_exact(in_ch: int, out_ch: int, stride: int, groups: int, se: str | None) -> None:
-    block = trained_looking(RepVGGBlock(in_ch, out_ch, stride, groups, se=se, se_reduction=4))
-    assert (block.rbr_identity is not None) == (in_ch == out_ch and stride == 1)
+@pytest.mark.parametrize("kind", BLOCK_KINDS)
+@pytest.mark.parametrize("branches", BRANCHES)
+def test_block_conversion_is_exact(in_ch: int, out_ch: int, stride: int, groups: int, se: str | None,
+                                   branches: str, kind: str) -> None:
+    block = trained_looking(RepVGGBlock(in_ch, out_ch, stride, groups, se=se, se_reduction=4, branches=branches,
+                                        kind=kind))
+    has_identity = in_ch == out_ch and stride == 1 and branches in ("full", "3x3+identity")
+    assert (block.rbr_identity is not None) == has_identity
+    assert (block.rbr_1x1 is not None) == (branches in ("full", "3x3+1x1"))
     x = torch.randn(1, in_ch, 11, 7)
     for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-12)):
         ref_block = copy.deepcopy(block).to(dtype)
@@ -97,9 +104,31 @@ def test_reparameterize_any_module_without_touching_the_original() -> None:
     assert reparameterize(net, inplace=True) is net and is_deploy(net)
 
 
+def test_qarepvgg_block_is_bn_after_the_sum_of_conv_branches() -> None:
+    """QARepVGG: 3x3 conv+BN, a bare 1x1 conv, a bare identity, one BN over their sum, then ReLU."""
+    block = trained_looking(RepVGGBlock(8, 8, kind="qarepvgg"))
+    assert isinstance(block.rbr_1x1, nn.Conv2d) and isinstance(block.rbr_identity, nn.Identity)
+    assert isinstance(block.bn, nn.BatchNorm2d)
+    x = torch.randn(2, 8, 6, 6)
+    expected = torch.relu(block.bn(block.rbr_dense(x) + block.rbr_1x1(x) + x))
+    assert torch.equal(block(x), expected)
+    fused = reparameterize(block)
+    assert not hasattr(fused, "bn") and relative_difference(expected, fused(x)) < 1e-5
+
+
+def test_fuse_bn_folds_into_a_conv_with_bias() -> None:
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=True).double()
+    bn = trained_looking(nn.BatchNorm2d(6).double())
+    x = torch.randn(2, 4, 9, 7, dtype=torch.float64)
+    kernel, bias = fuse_bn(conv.weight, bn, conv.bias)
+    assert torch.allclose(F.conv2d(x, kernel, bias, padding=1), bn(conv(x)), atol=1e-12)
+
+
 @pytest.mark.parametrize(("options", "message"), [({"se": "bogus"}, "se must be None, 'pre' or 'post'"),
                                                   ({"stride": 3}, "stride must be 1 or 2"),
-                                                  ({"stride": 0}, "stride must be 1 or 2")])
+                                                  ({"stride": 0}, "stride must be 1 or 2"),
+                                                  ({"branches": "1x1"}, "branches must be one of"),
+                                                  ({"kind": "acnet"}, "kind must be one of")])
 def test_block_rejects_unknown_se_and_strides(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         RepVGGBlock(8, 8, **options)

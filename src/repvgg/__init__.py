@@ -5,7 +5,7 @@ from typing import Any
 
 from ._version import __version__
 from .errors import RepVGGError
-from .models.architectures import RepVGG, RepVGGConfig, create_model, list_models
+from .models.architectures import RepVGG, RepVGGConfig, list_models
 from .models.blocks import RepVGGBlock, SqueezeExcite
 from .models.checkpoints import (
     describe_checkpoint,
@@ -15,6 +15,7 @@ from .models.checkpoints import (
     save_checkpoint,
 )
 from .models.convert import ConvertResult, convert_checkpoint
+from .models.factory import create_model
 from .models.reparam import relative_difference, reparameterize
 
 __all__ = [
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 # Deployment API, imported on first use: it pulls in torchvision transforms and the optional runtimes.
-_LAZY = {"create_engine": "deploy.engines", "fastest_engine": "deploy.engines", "predict": "deploy.engines",
+_LAZY = {"create_engine": "deploy.engines", "fastest_engine": "deploy.probe", "predict": "deploy.predict",
          "export_model": "deploy.export"}
 
 

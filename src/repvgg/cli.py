@@ -34,8 +34,9 @@ def _cmd_list(args: argparse.Namespace) -> None:
         top1 = "-" if published.top1 is None else f"{published.top1:.2f}{'*' if published.test_size != 224 else ''}"
         print(f"{name:<18}{cfg.official_name:<18}{stats.train_params / 1e6:>13.2f}M"
               f"{stats.deploy_params / 1e6:>14.2f}M{stats.macs / 1e9:>11.2f}{top1:>9}  {published.weights}")
-    print("top-1: published ImageNet accuracy (* tested at 320x320); weights: hub = create_model(name, "
-          "pretrained=True) / --pretrained NAME fetches them, release file = download the official file, pass its path")
+    print("top-1: published ImageNet top-1 (* tested at 320x320)\n"
+          "weights: hub = fetched by name (pretrained=True, --pretrained NAME); release file = download the "
+          "official file, pass its path")
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
@@ -114,8 +115,10 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from .deploy.artifacts import artifact_format, open_artifact
-    from .deploy.engines import fastest_engine, predict
+    from .deploy.artifacts import artifact_format
+    from .deploy.predict import predict
+    from .deploy.probe import fastest_engine
+    from .deploy.sources import open_artifact
 
     images = [args.checkpoint, *args.images] if args.pretrained else args.images
     if not args.pretrained and artifact_format(args.checkpoint):

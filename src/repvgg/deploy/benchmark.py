@@ -94,7 +94,7 @@ def _torchvision_models() -> Any:
 
 def _build_model(network: str, form: str) -> nn.Module:
     """The network with random weights (speed and memory do not depend on their values)."""
-    from ..models.architectures import create_model
+    from ..models.factory import create_model
 
     if form == "baseline":
         return getattr(_torchvision_models(), network)(weights=None).eval()
@@ -109,7 +109,7 @@ def _model_key(config: BenchConfig) -> tuple[str, str]:
 def _build_runner(config: BenchConfig, batch_size: int, onnx_path: str | None,
                   model: nn.Module | None = None) -> Callable[[np.ndarray], np.ndarray]:
     from .engines import OnnxRuntimeEngine, OpenVINOEngine, TorchEngine
-    from .export import to_openvino
+    from .formats import to_openvino
 
     if config.engine == "onnxruntime":
         return OnnxRuntimeEngine(onnx_path)
@@ -235,8 +235,8 @@ def run_benchmark(model: str = "repvgg_a0", img_size: tuple[int, int] = (224, 22
     Engines whose runtime is missing are skipped and listed under ``skipped``.
     """
     from ..models.architectures import canonical_name
-    from .engines import fastest_engine
-    from .export import onnx_bytes
+    from .formats import onnx_bytes
+    from .probe import fastest_engine
 
     log = log or (lambda _msg: None)
     if rounds < 1 or images_per_round < 1 or not batch_sizes or min(batch_sizes) < 1:

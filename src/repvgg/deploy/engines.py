@@ -1,4 +1,4 @@
-"""Inference engines behind one call (float32 NCHW array in, logits out), the default engine, and top-k prediction.
+"""Inference engines behind one call (float32 NCHW array in, logits out).
 
 Engine settings are the ones ``repvgg bench`` found fastest on CPU: PyTorch eager in channels-last under
 inference mode; ONNX Runtime with every graph optimization, one intra-op thread per torch thread and no
@@ -6,8 +6,7 @@ busy-waiting between operators (faster when other processes share the cores); Op
 float32 (its default on CPUs with bf16 support is bfloat16), the LATENCY hint for single images and, for
 batches, THROUGHPUT streams that each take a slice of the batch.
 
-The default engine is the one measured fastest on the machine at hand (:func:`fastest_engine`, a short probe
-cached per CPU and engine versions; see :mod:`repvgg.deploy.probe`).
+Which engine is fastest on the machine at hand is measured by :mod:`repvgg.deploy.probe`.
 """
 
 from __future__ import annotations
@@ -15,24 +14,20 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from ..errors import RepVGGError
 from ..optional import is_installed, require
-from .artifacts import Artifact
-from .export import onnx_bytes, to_openvino
-from .probe import PROBE_BATCH_SIZES, engine_speeds
+from .formats import onnx_bytes, to_openvino
 
-__all__ = ["ENGINES", "Engine", "TorchEngine", "OnnxRuntimeEngine", "OpenVINOEngine",
-           "available_engines", "fastest_engine", "create_engine", "load_artifact", "input_size", "class_names_for",
-           "predict"]
+__all__ = ["ENGINES", "Engine", "TorchEngine", "OnnxRuntimeEngine", "OpenVINOEngine", "available_engines",
+           "create_engine", "load_artifact", "input_size", "class_names_for"]
 
 ENGINES = ("torch", "onnxruntime", "openvino")
 
@@ -42,18 +37,6 @@ Engine = Callable[[np.ndarray], np.ndarray]
 def available_engines() -> list[str]:
     """The engines whose runtime is installed (``torch`` always is)."""
     return [e for e in ENGINES if is_installed(e)]
-
-
-def fastest_engine(installed: Iterable[str] | None = None, batch_size: int = 1) -> str:
-    """The fastest of ``installed`` (default: every installed engine) for ``batch_size`` images at a time, as a
-    one-time probe of every installed engine measured it on this CPU (cached; see :mod:`repvgg.deploy.probe`)."""
-    wanted = set(available_engines() if installed is None else installed)
-    names = [e for e in ENGINES if e in wanted]
-    if len(names) <= 1:
-        return names[0] if names else "torch"
-    speeds = engine_speeds(available_engines())
-    table = speeds.get(PROBE_BATCH_SIZES[0] if batch_size == 1 else max(speeds), {})
-    return max(names, key=lambda e: table.get(e, 0.0))
 
 
 def _threads(threads: int | None) -> int:
@@ -119,10 +102,9 @@ class OpenVINOEngine:
         return np.concatenate(self.outputs)
 
 
-def create_engine(model: nn.Module, engine: str | None = None, img_size: tuple[int, int] = (224, 224),
-                  batch_size: int = 1, threads: int | None = None) -> Engine:
-    """Run ``model`` (deploy form, eval mode) on ``engine`` (default: :func:`fastest_engine`)."""
-    engine = engine or fastest_engine(batch_size=batch_size)
+def create_engine(model: nn.Module, engine: str, img_size: tuple[int, int] = (224, 224), batch_size: int = 1,
+                  threads: int | None = None) -> Engine:
+    """Run ``model`` (deploy form, eval mode) on ``engine`` (:func:`repvgg.fastest_engine` names the fastest)."""
     if engine not in ENGINES:
         raise RepVGGError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
     if engine == "torch":
@@ -164,43 +146,3 @@ def class_names_for(metadata: dict[str, Any], num_classes: int) -> list[str]:
     return [str(n) for n in names]
 
 
-def _load_image(path: str | os.PathLike) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except (FileNotFoundError, IsADirectoryError):
-        raise RepVGGError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise RepVGGError(f"cannot read image {path}: {e}") from None
-
-
-def predict(model: nn.Module | Artifact, images: Sequence[str | os.PathLike | Image.Image],
-            engine: str | None = None, metadata: dict[str, Any] | None = None,
-            topk: int = 5) -> list[list[tuple[str, float]]]:
-    """Top-``topk`` (class name, probability) per image, with the checkpoint's preprocessing and class names
-    from ``metadata`` (``preprocess``, ``class_names``; ImageNet preprocessing and class indices when absent).
-
-    ``model`` is a deploy model run on ``engine``, or an exported file opened with
-    :func:`~repvgg.deploy.artifacts.open_artifact` (its own metadata is the default)."""
-    from ..training.data import eval_transform
-
-    if not images:
-        raise RepVGGError("no images given")
-    if topk < 1:
-        raise RepVGGError(f"top-k must be at least 1, got {topk}")
-    if getattr(model, "num_classes", None) == 0:
-        raise RepVGGError("the model has no classifier (no linear.* weights): there are no classes to predict")
-    metadata = metadata or (model.metadata if isinstance(model, Artifact) else {})
-    transform = eval_transform(metadata.get("preprocess"))
-    batch = torch.stack([transform(im if isinstance(im, Image.Image) else _load_image(im)) for im in images])
-    run = model.run if isinstance(model, Artifact) else create_engine(model, engine, tuple(batch.shape[-2:]),
-                                                                      batch_size=len(batch))
-    logits = torch.from_numpy(np.ascontiguousarray(run(batch.numpy())))
-    if not bool(logits.isfinite().all()):
-        raise RepVGGError("model outputs are not finite (NaN or inf): the weights are broken")
-    probs = torch.softmax(logits, dim=1)
-    names = class_names_for(metadata, probs.shape[1])
-    values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
-    return [[(names[i], p) for p, i in zip(vs, ix, strict=True)] for vs, ix in zip(values.tolist(), indices.tolist(),
-                                                                                 strict=True)]

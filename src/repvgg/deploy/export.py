@@ -1,13 +1,9 @@
-"""Export the deploy model to ONNX, TorchScript or OpenVINO IR, verified against PyTorch through each runtime.
-
-ONNX uses PyTorch's TorchScript-based exporter (``dynamo=False``): it runs offline in well under a second and
-emits a plain graph (Conv, Relu, GlobalAveragePool, Flatten, Gemm). OpenVINO IR is converted from that ONNX
-graph and saved with float32 weights.
-"""
+"""Export the deploy model to ONNX, TorchScript or OpenVINO IR (see :mod:`.formats`), with its metadata, verified
+against PyTorch through each runtime before it is written. OpenVINO IR is converted from the ONNX graph and saved
+with float32 weights."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -28,13 +24,12 @@ from ..models.checkpoints import Checkpoint, model_from_checkpoint
 from ..models.reparam import relative_difference, reparameterize
 from ..optional import require
 from .artifacts import METADATA_KEY, TORCHSCRIPT_EXTRA, artifact_metadata, with_onnx_metadata
+from .engines import load_artifact
+from .formats import input_channels, onnx_bytes, to_openvino, to_torchscript
 
-__all__ = ["FORMATS", "ExportResult", "load_deploy_model", "input_channels", "onnx_bytes", "to_torchscript",
-           "to_openvino", "export_model"]
+__all__ = ["FORMATS", "ExportResult", "load_deploy_model", "export_model"]
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "openvino": ".xml"}
-ONNX_OPSET = 17
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
 @dataclass
@@ -55,52 +50,6 @@ def load_deploy_model(source: str | os.PathLike | Checkpoint, model_name: str | 
     return (model if ckpt.deploy else reparameterize(model)).eval(), ckpt
 
 
-def input_channels(model: nn.Module) -> int:
-    """Channels the model expects: RepVGG's stem input, else the first conv's input channels, else 3."""
-    stem = getattr(model, "stage0", None)
-    if stem is not None and hasattr(stem, "in_channels"):
-        return stem.in_channels
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return conv.in_channels if conv is not None else 3
-
-
-def onnx_bytes(model: nn.Module, img_size: tuple[int, int] = (224, 224), dynamic_batch: bool = True,
-               batch_size: int = 1) -> bytes:
-    """The model as an ONNX graph (opset 17) with input ``input`` and output ``logits``."""
-    x = torch.zeros(batch_size, input_channels(model), *img_size)
-    buffer = io.BytesIO()
-    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter announces its successor
-        torch.onnx.export(model.eval(), (x,), buffer, dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes)
-    return buffer.getvalue()
-
-
-def to_torchscript(model: nn.Module, img_size: tuple[int, int] = (224, 224)) -> torch.jit.ScriptModule:
-    """Trace and freeze the model (weights become constants; any batch size works). Numerics-changing passes
-    and trace re-checking are off: :func:`export_model` verifies the saved artifact instead."""
-    x = torch.zeros(1, input_channels(model), *img_size)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in favour of torch.export
-        return torch.jit.freeze(torch.jit.trace(model.eval(), x, check_trace=False), optimize_numerics=False)
-
-
-def to_openvino(onnx: bytes | str | os.PathLike, batch_size: int | None = 1) -> Any:
-    """An ``openvino.Model`` converted from ONNX; ``batch_size=None`` leaves the batch dimension dynamic."""
-    ov = require("openvino")
-    with tempfile.TemporaryDirectory() as tmp:
-        if isinstance(onnx, bytes):
-            path = Path(tmp) / "model.onnx"
-            path.write_bytes(onnx)
-            onnx = path
-        model = ov.convert_model(str(onnx))
-    shape = model.input(0).get_partial_shape()
-    shape[0] = ov.Dimension(batch_size) if batch_size else ov.Dimension()
-    model.reshape({model.input(0): shape})
-    return model
-
-
 def export_model(model: nn.Module, out: str | os.PathLike, fmt: str, img_size: tuple[int, int] = (224, 224),
                  dynamic_batch: bool = False, tolerance: float = 1e-4, seed: int = 0,
                  metadata: Mapping[str, Any] | None = None) -> ExportResult:
@@ -109,7 +58,6 @@ def export_model(model: nn.Module, out: str | os.PathLike, fmt: str, img_size: t
 
     The file carries the checkpoint ``metadata`` (class names, preprocessing) with the architecture and library
     version: ONNX ``metadata_props``, OpenVINO ``rt_info`` or a TorchScript extra file, each under ``repvgg``."""
-    from .engines import load_artifact
 
     if fmt not in FORMATS:
         raise RepVGGError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")

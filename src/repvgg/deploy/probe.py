@@ -11,7 +11,7 @@ import datetime
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata as dist_metadata
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,10 @@ import torch
 
 from ..files import atomic_write
 from ..hardware import cpu_info, measure_throughput
+from .engines import ENGINES, available_engines, create_engine
 
 __all__ = ["PROBE_FILE", "PROBE_BATCH_SIZES", "Speeds", "probe_path", "machine_key", "measure_engines",
-           "engine_speeds"]
+           "engine_speeds", "fastest_engine"]
 
 PROBE_FILE = "engine_probe.json"
 PROBE_BATCH_SIZES = (1, 8)
@@ -54,10 +55,9 @@ def machine_key(engines: Sequence[str], threads: int | None = None) -> tuple[str
 def measure_engines(engines: Sequence[str], img_size: tuple[int, int] = (64, 64),
                     batch_sizes: Sequence[int] = PROBE_BATCH_SIZES, rounds: int = 5) -> Speeds:
     """Images/s of a RepVGG-A0 deploy model (random weights, small input) on each engine, timed side by side."""
-    from ..models.architectures import create_model
-    from .engines import create_engine
+    from ..models.architectures import build_model
 
-    model = create_model("repvgg_a0", num_classes=10, deploy=True).eval()
+    model = build_model("repvgg_a0", num_classes=10, deploy=True).eval()
     speeds: Speeds = {}
     for batch in batch_sizes:
         x = np.random.default_rng(0).standard_normal((batch, 3, *img_size), dtype=np.float32)
@@ -78,7 +78,7 @@ def _read(path: Path) -> dict[str, Any]:
 
 def engine_speeds(engines: Sequence[str], measure: Callable[[Sequence[str]], Speeds] = measure_engines,
                   path: str | os.PathLike | None = None) -> Speeds:
-    """The engines' speeds on this machine: cached when measured before with the same CPU, threads and engine
+    """The engines' speeds on the machine at hand: cached when measured before with the same CPU, threads and engine
     versions, else measured now with ``measure`` and cached (written atomically)."""
     path = Path(path) if path else probe_path()
     key, machine = machine_key(engines)
@@ -92,3 +92,15 @@ def engine_speeds(engines: Sequence[str], measure: Callable[[Sequence[str]], Spe
     with contextlib.suppress(OSError):  # a read-only cache folder costs a probe per run, nothing else
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(cache, indent=2) + "\n"))
     return speeds
+
+
+def fastest_engine(installed: Iterable[str] | None = None, batch_size: int = 1) -> str:
+    """The fastest of ``installed`` (default: every installed engine) for ``batch_size`` images at a time, as a
+    one-time probe of every installed engine measured it on this CPU (cached)."""
+    wanted = set(available_engines() if installed is None else installed)
+    names = [e for e in ENGINES if e in wanted]
+    if len(names) <= 1:
+        return names[0] if names else "torch"
+    speeds = engine_speeds(available_engines())
+    table = speeds.get(PROBE_BATCH_SIZES[0] if batch_size == 1 else max(speeds), {})
+    return max(names, key=lambda e: table.get(e, 0.0))

@@ -12,9 +12,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import RepVGGError
-from .blocks import RepVGGBlock, SEPosition
+from .blocks import BLOCK_KINDS, BRANCHES, BlockKind, Branches, RepVGGBlock, SEPosition
 
-__all__ = ["RepVGGConfig", "BlockShape", "RepVGG", "AuxHead", "MODEL_CONFIGS", "list_models", "create_model",
+__all__ = ["RepVGGConfig", "BlockShape", "RepVGG", "AuxHead", "MODEL_CONFIGS", "list_models", "build_model",
            "get_config", "canonical_name"]
 
 STAGE_BASE_WIDTHS = (64, 128, 256, 512)
@@ -149,14 +149,22 @@ class RepVGG(nn.Module):
             no head is built.
         deploy: build the plain 3x3-conv form directly.
         aux_weight: weight of each auxiliary loss (RepVGGplus); used by :meth:`loss`.
+        branches: the training-time branches every block keeps (``"full"``, ``"3x3"``, ``"3x3+1x1"``,
+            ``"3x3+identity"``: the paper's ablation).
+        block: ``"repvgg"``, or ``"qarepvgg"`` for the quantization-friendly block (see :class:`RepVGGBlock`).
     """
 
     def __init__(self, config: RepVGGConfig, num_classes: int = 1000, in_chans: int = 3,
                  strides: Sequence[int] = (2, 2, 2, 2, 2), out_indices: Sequence[int] | None = None,
-                 deploy: bool = False, aux_weight: float = 0.1) -> None:
+                 deploy: bool = False, aux_weight: float = 0.1, branches: Branches = "full",
+                 block: BlockKind = "repvgg") -> None:
         super().__init__()
         if len(strides) != 5 or any(s not in (1, 2) for s in strides):
             raise RepVGGError(f"strides must be five values of 1 or 2 (stage0..stage4), got {tuple(strides)}")
+        if branches not in BRANCHES or block not in BLOCK_KINDS:
+            raise RepVGGError(f"branches must be one of {', '.join(BRANCHES)} and block one of "
+                              f"{', '.join(BLOCK_KINDS)}; got branches={branches!r}, block={block!r}")
+        self.branches, self.block = branches, block
         if out_indices is not None and (not out_indices or any(i not in range(5) for i in out_indices)):
             raise RepVGGError(f"out_indices must be stage numbers in 0..4, got {tuple(out_indices)}")
         self.config = config
@@ -166,7 +174,7 @@ class RepVGG(nn.Module):
         self.grad_checkpointing = False
         self.aux_weight = aux_weight
         channels = config.stage_channels
-        block = dict(se=config.se, se_reduction=config.se_reduction, deploy=deploy)
+        block = dict(se=config.se, se_reduction=config.se_reduction, deploy=deploy, branches=branches, kind=block)
         shapes = config.block_shapes(in_chans, strides)
         self.stage0 = RepVGGBlock(*shapes[0][1:], **block)
         for i in range(1, 5):
@@ -267,34 +275,17 @@ class RepVGG(nn.Module):
         self.deploy = True
 
 
-def create_model(name: str, num_classes: int = 1000, deploy: bool = False, pretrained: bool | str = False,
-                 **options) -> RepVGG:
-    """Build a registered architecture by name (``repvgg_a0`` or the official ``RepVGG-A0``).
+def build_model(name: str, num_classes: int = 1000, deploy: bool = False, **options) -> RepVGG:
+    """Build a registered architecture by name (``repvgg_a0`` or the official ``RepVGG-A0``), randomly
+    initialized; :func:`repvgg.create_model` adds published or local weights on top.
 
-    ``pretrained``: True loads the published ImageNet weights (Hugging Face Hub, cached), or give a Hub id or a
-    checkpoint path (see :func:`repvgg.models.pretrained.load_pretrained`); a model for other classes keeps
-    its own new classifier. ``options`` are passed to :class:`RepVGG` (``in_chans``, ``strides``, ``out_indices``,
-    ``aux_weight``); ``groups`` overrides the config's grouped-conv setting.
+    ``options`` are passed to :class:`RepVGG` (``in_chans``, ``strides``, ``out_indices``, ``aux_weight``,
+    ``branches``, ``block``); ``groups`` overrides the config's grouped-conv setting.
     """
     config = get_config(name)
     if "groups" in options:
         config = replace(config, groups=int(options.pop("groups")))
-    ckpt = None
-    if pretrained:
-        from .pretrained import read_pretrained
-
-        ckpt = read_pretrained(pretrained, canonical_name(name))
-        if ckpt.deploy and not deploy:
-            raise RepVGGError(f"pretrained weights {pretrained} are re-parameterized; create the model with "
-                              "deploy=True")
     try:
-        model = RepVGG(config, num_classes=num_classes, deploy=deploy if ckpt is None else ckpt.deploy, **options)
+        return RepVGG(config, num_classes=num_classes, deploy=deploy, **options)
     except TypeError as e:
         raise RepVGGError(f"invalid option for create_model: {e}") from None
-    if ckpt is not None:
-        from .pretrained import load_pretrained
-
-        load_pretrained(model, ckpt)
-        if deploy:
-            model.switch_to_deploy()
-    return model

@@ -13,9 +13,14 @@ from torch import Tensor, nn
 
 from .reparam import fuse_bn, identity_kernel, sum_branches
 
-__all__ = ["ConvBN", "SqueezeExcite", "RepVGGBlock", "SEPosition"]
+__all__ = ["ConvBN", "SqueezeExcite", "RepVGGBlock", "SEPosition", "Branches", "BRANCHES", "BlockKind",
+           "BLOCK_KINDS"]
 
 SEPosition = Literal["pre", "post"]
+Branches = Literal["full", "3x3", "3x3+1x1", "3x3+identity"]
+BRANCHES: tuple[str, ...] = ("full", "3x3", "3x3+1x1", "3x3+identity")
+BlockKind = Literal["repvgg", "qarepvgg"]
+BLOCK_KINDS: tuple[str, ...] = ("repvgg", "qarepvgg")
 
 
 class ConvBN(nn.Sequential):
@@ -49,21 +54,24 @@ class SqueezeExcite(nn.Module):
 class RepVGGBlock(nn.Module):
     """``ReLU(BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x))``, optionally with SE before or after the ReLU.
 
-    The identity branch exists only when ``in_channels == out_channels`` and ``stride == 1``.
-    ``deploy=True`` builds the single fused 3x3 conv directly; ``switch_to_deploy()`` converts in place.
+    The identity branch exists only when ``in_channels == out_channels`` and ``stride == 1``. ``branches`` keeps
+    a subset of the training-time branches (the paper's ablation: ``"3x3"``, ``"3x3+1x1"``, ``"3x3+identity"``,
+    ``"full"``). ``kind="qarepvgg"`` is the quantization-friendly block of QARepVGG (Chu et al., 2022): no BN on
+    the 1x1 and identity branches, one BN after their sum, ``ReLU(BN(BN(conv3x3(x)) + conv1x1(x) + x))``.
+    Every variant converts exactly to one 3x3 conv. ``deploy=True`` builds that conv directly;
+    ``switch_to_deploy()`` converts in place.
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1,
-                 se: SEPosition | None = None, se_reduction: int = 16, deploy: bool = False) -> None:
+                 se: SEPosition | None = None, se_reduction: int = 16, deploy: bool = False,
+                 branches: Branches = "full", kind: BlockKind = "repvgg") -> None:
         super().__init__()
-        if se not in (None, "pre", "post"):
-            raise ValueError(f"se must be None, 'pre' or 'post', got {se!r}")
-        if stride not in (1, 2):
-            raise ValueError(f"stride must be 1 or 2, got {stride!r}")
+        _check_block_options(se, stride, branches, kind)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.stride, self.groups = stride, groups
+        self.branches, self.kind = branches, kind
         self.deploy = deploy
         se_module = SqueezeExcite(out_channels, out_channels // se_reduction) if se else nn.Identity()
         self.se = se_module if se == "pre" else nn.Identity()
@@ -71,31 +79,48 @@ class RepVGGBlock(nn.Module):
         self.nonlinearity = nn.ReLU()
         if deploy:
             self.rbr_reparam = nn.Conv2d(in_channels, out_channels, 3, stride, 1, groups=groups, bias=True)
-        else:
-            self.rbr_dense = ConvBN(in_channels, out_channels, 3, stride, 1, groups)
-            self.rbr_1x1 = ConvBN(in_channels, out_channels, 1, stride, 0, groups)
-            has_identity = in_channels == out_channels and stride == 1
-            self.rbr_identity = nn.BatchNorm2d(in_channels) if has_identity else None
+            return
+        self.rbr_dense = ConvBN(in_channels, out_channels, 3, stride, 1, groups)
+        self.rbr_1x1: nn.Module | None = None
+        self.rbr_identity: nn.Module | None = None
+        if branches in ("full", "3x3+1x1"):
+            self.rbr_1x1 = ConvBN(in_channels, out_channels, 1, stride, 0, groups) if kind == "repvgg" else \
+                nn.Conv2d(in_channels, out_channels, 1, stride, 0, groups=groups, bias=False)
+        if branches in ("full", "3x3+identity") and in_channels == out_channels and stride == 1:
+            self.rbr_identity = nn.BatchNorm2d(in_channels) if kind == "repvgg" else nn.Identity()
+        if kind == "qarepvgg":
+            self.bn = nn.BatchNorm2d(out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.deploy:
             out = self.rbr_reparam(x)
         else:
-            out = self.rbr_dense(x) + self.rbr_1x1(x)
+            out = self.rbr_dense(x)
+            if self.rbr_1x1 is not None:
+                out = out + self.rbr_1x1(x)
             if self.rbr_identity is not None:
                 out = out + self.rbr_identity(x)
+            if self.kind == "qarepvgg":
+                out = self.bn(out)
         return self.post_se(self.nonlinearity(self.se(out)))
 
     def equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
         """The (3x3 kernel, bias) of the single conv equal to all branches in eval mode; differentiable."""
         if self.deploy:
             return self.rbr_reparam.weight, self.rbr_reparam.bias
-        branches = [self.rbr_dense.fused(), self.rbr_1x1.fused()]
+        weight = self.rbr_dense.conv.weight
+        zero = weight.new_zeros(self.out_channels)
+        branches = [self.rbr_dense.fused()]
+        if isinstance(self.rbr_1x1, ConvBN):
+            branches.append(self.rbr_1x1.fused())
+        elif self.rbr_1x1 is not None:
+            branches.append((self.rbr_1x1.weight, zero))
         if self.rbr_identity is not None:
-            weight = self.rbr_dense.conv.weight
             eye = identity_kernel(self.in_channels, self.groups, dtype=weight.dtype, device=weight.device)
-            branches.append(fuse_bn(eye, self.rbr_identity))
-        return sum_branches(branches)
+            branches.append(fuse_bn(eye, self.rbr_identity) if isinstance(self.rbr_identity, nn.BatchNorm2d)
+                            else (eye, zero))
+        kernel, bias = sum_branches(branches)
+        return fuse_bn(kernel, self.bn, bias) if self.kind == "qarepvgg" else (kernel, bias)
 
     def switch_to_deploy(self) -> None:
         """Replace the branches by one 3x3 conv with bias, in place. Idempotent."""
@@ -109,4 +134,17 @@ class RepVGGBlock(nn.Module):
         self.rbr_reparam.bias = nn.Parameter(bias.detach().clone())
         self.rbr_reparam.train(conv.training)
         del self.rbr_dense, self.rbr_1x1, self.rbr_identity
+        if self.kind == "qarepvgg":
+            del self.bn
         self.deploy = True
+
+
+def _check_block_options(se: object, stride: object, branches: object, kind: object) -> None:
+    if se not in (None, "pre", "post"):
+        raise ValueError(f"se must be None, 'pre' or 'post', got {se!r}")
+    if stride not in (1, 2):
+        raise ValueError(f"stride must be 1 or 2, got {stride!r}")
+    if branches not in BRANCHES:
+        raise ValueError(f"branches must be one of {', '.join(map(repr, BRANCHES))}, got {branches!r}")
+    if kind not in BLOCK_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, BLOCK_KINDS))}, got {kind!r}")

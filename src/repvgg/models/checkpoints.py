@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .._version import __version__
 from ..errors import RepVGGError
 from ..files import atomic_write
-from .architectures import MODEL_CONFIGS, RepVGG, canonical_name, create_model
+from .architectures import MODEL_CONFIGS, RepVGG, build_model, canonical_name
 from .reparam import is_deploy
 
 __all__ = ["Checkpoint", "read_checkpoint", "load_checkpoint", "save_checkpoint", "model_metadata",
@@ -238,7 +238,7 @@ def model_metadata(model: nn.Module) -> dict[str, Any]:
         return {}
     return dict(architecture=canonical_name(model.config.official_name), num_classes=model.num_classes,
                 in_chans=model.stage0.in_channels, strides=list(model.strides), groups=model.config.groups,
-                deploy=is_deploy(model))
+                branches=model.branches, block=model.block, deploy=is_deploy(model))
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> None:
@@ -307,12 +307,12 @@ def model_from_checkpoint(source: str | os.PathLike | Mapping[str, Any] | Checkp
         raise RepVGGError(f"checkpoint holds {meta['architecture']}, not {canonical_name(model_name)}")
     linear = ckpt.state_dict.get("linear.weight")
     num_classes = meta.get("num_classes", linear.shape[0] if linear is not None else 0)
-    build = {k: meta[k] for k in ("in_chans", "strides", "groups") if k in meta}
+    build = {k: meta[k] for k in ("in_chans", "strides", "groups", "branches", "block") if k in meta}
     stem = ckpt.state_dict.get("stage0.rbr_dense.conv.weight", ckpt.state_dict.get("stage0.rbr_reparam.weight"))
     if "in_chans" not in build and stem is not None:
         build["in_chans"] = stem.shape[1]
     build.update(options)
-    model = create_model(name, num_classes=num_classes, deploy=ckpt.deploy, **build)
+    model = build_model(name, num_classes=num_classes, deploy=ckpt.deploy, **build)
     load_checkpoint(model, ckpt.state_dict)
     return model.eval(), ckpt
 

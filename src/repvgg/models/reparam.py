@@ -24,14 +24,16 @@ __all__ = [
 ]
 
 
-def fuse_bn(kernel: Tensor | None, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """Fold eval-mode BatchNorm into the preceding conv: W' = W*g/s, b' = beta - mean*g/s, s = sqrt(var+eps).
+def fuse_bn(kernel: Tensor | None, bn: nn.BatchNorm2d, conv_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Fold eval-mode BatchNorm into the preceding conv: W' = W*g/s, b' = beta + (b - mean)*g/s, s = sqrt(var+eps),
+    with b the conv's bias (0 when ``conv_bias`` is None).
 
     ``kernel`` may be None for a BN-only branch, whose kernel must then be supplied by the caller.
     """
     std = (bn.running_var + bn.eps).sqrt()
     scale = bn.weight / std
-    bias = bn.bias - bn.running_mean * scale
+    mean = bn.running_mean if conv_bias is None else bn.running_mean - conv_bias
+    bias = bn.bias - mean * scale
     if kernel is None:
         return scale, bias
     return kernel * scale.reshape(-1, 1, 1, 1), bias

@@ -16,7 +16,7 @@ AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.floa
 
 
 def resolve_device(name: str | None = None) -> torch.device:
-    """``name`` (``cpu``, ``cuda``, ``cuda:1``) checked against what this machine has; default: CUDA when present."""
+    """``name`` (``cpu``, ``cuda``, ``cuda:1``) checked against the devices present; default: CUDA when present."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -25,7 +25,7 @@ def resolve_device(name: str | None = None) -> torch.device:
         raise RepVGGError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RepVGGError(f"--device {name}: no CUDA GPU is available on this machine; use --device cpu")
+            raise RepVGGError(f"--device {name}: no CUDA GPU is available; use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise RepVGGError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
     elif device.type != "cpu":

@@ -199,7 +199,7 @@ class EvalOptions:
 
 def _prepare(opts: EvalOptions) -> tuple[nn.Module, Checkpoint, ImageFolder, torch.device]:
     """The model on its device, the checkpoint, and the folder to evaluate (classes aligned to the checkpoint's)."""
-    from ..deploy.artifacts import load_model_source
+    from ..deploy.sources import load_model_source
 
     if bool(opts.checkpoint) == bool(opts.pretrained):
         raise RepVGGError("give --checkpoint or --pretrained (one of the two)")

@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from ..cliargs import nonneg_float, nonneg_int, positive_float, positive_int, prob_float
+from ..models.blocks import BLOCK_KINDS, BRANCHES, BlockKind, Branches
 from .data import BadImagePolicy
 from .device import AmpMode
 from .recipes import RECIPES, Recipe, recipe_with
@@ -48,6 +49,8 @@ class TrainOptions:
     out_dir: str
     model: str = "repvgg_a0"
     recipe: Recipe = field(default_factory=lambda: RECIPES["paper"])
+    block: BlockKind = "repvgg"  # or "qarepvgg", the quantization-friendly block
+    branches: Branches = "full"  # the training-time branches each block keeps (the paper's ablation)
     pretrained: str | None = None  # weights to start from: a file, a hub id, or "true" for the published ones
     freeze_stages: int = 0  # stage0..stage(N-1) keep their pretrained weights and BN statistics
     backbone_lr_scale: float = 1.0  # learning rate of everything but the classifier, relative to --lr
@@ -136,6 +139,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="folder with train/ and val/ (or test/) class folders, or .tar/.tar.gz archives "
                    "of them (required unless --print-config)")
     p.add_argument("--model", default="repvgg_a0", help="architecture (see `repvgg list`)")
+    p.add_argument("--block", choices=BLOCK_KINDS, default="repvgg",
+                   help="training-time block: RepVGG's, or QARepVGG's quantization-friendly one")
+    p.add_argument("--branches", choices=BRANCHES, default="full",
+                   help="the branches each block trains with (the paper's ablation); all convert to one 3x3 conv")
     p.add_argument("--recipe", default="paper", choices=list(RECIPES), help="named preset; flags below override it")
     p.add_argument("--out", help="run directory (default runs/<model>-<recipe>)")
     p.add_argument("--print-config", action="store_true", help="print the recipe's values and options, then exit")
@@ -155,7 +162,8 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
     """TrainOptions from parsed ``repvgg train`` arguments."""
     overrides = {f.name: getattr(args, f.name, None) for f in fields(Recipe) if f.name != "name"}
     return TrainOptions(data=args.data, out_dir=args.out or f"runs/{args.model}-{args.recipe}", model=args.model,
-                        recipe=recipe_with(args.recipe, **overrides), pretrained=args.pretrained,
+                        recipe=recipe_with(args.recipe, **overrides), block=args.block, branches=args.branches,
+                        pretrained=args.pretrained,
                         freeze_stages=args.freeze_stages, backbone_lr_scale=args.backbone_lr_scale,
                         workers=args.workers, amp=None if args.amp == "auto" else args.amp,
                         channels_last=args.channels_last, threads=args.threads, probe=args.probe,

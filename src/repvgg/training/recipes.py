@@ -86,19 +86,22 @@ def param_groups(model: nn.Module, weight_decay: float, custom_l2: bool = False)
 
 def custom_l2_penalty(model: nn.Module) -> Tensor:
     """The official "custom L2": for every block, the squared 3x3 kernel outside its centre plus the squared
-    equivalent centre (3x3 centre and 1x1 scaled by their BN), normalized by those BN scales."""
+    equivalent centre (3x3 centre and 1x1 scaled by their BN), normalized by those BN scales (a block without a
+    1x1 branch contributes its plain squared 3x3 kernel)."""
     total = torch.zeros(())
     for m in model.modules():
         if not isinstance(m, RepVGGBlock) or m.deploy:
             continue
-        k3, k1 = m.rbr_dense.conv.weight, m.rbr_1x1.conv.weight
-        t3 = (m.rbr_dense.bn.weight / (m.rbr_dense.bn.running_var + m.rbr_dense.bn.eps).sqrt()).detach()
-        t1 = (m.rbr_1x1.bn.weight / (m.rbr_1x1.bn.running_var + m.rbr_1x1.bn.eps).sqrt()).detach()
-        t3, t1 = t3.reshape(-1, 1, 1, 1), t1.reshape(-1, 1, 1, 1)
+        k3, bn3 = m.rbr_dense.conv.weight, m.rbr_dense.bn
+        t3 = (bn3.weight / (bn3.running_var + bn3.eps).sqrt()).detach().reshape(-1, 1, 1, 1)
         centre = k3[:, :, 1:2, 1:2]
         ring = (k3 ** 2).sum() - (centre ** 2).sum()
-        eq = centre * t3 + k1 * t1
-        total = total.to(k3.device) + ring + (eq ** 2 / (t3 ** 2 + t1 ** 2)).sum()
+        eq, norm = centre * t3, t3 ** 2
+        if m.rbr_1x1 is not None:
+            bn1 = m.rbr_1x1.bn
+            t1 = (bn1.weight / (bn1.running_var + bn1.eps).sqrt()).detach().reshape(-1, 1, 1, 1)
+            eq, norm = eq + m.rbr_1x1.conv.weight * t1, norm + t1 ** 2
+        total = total.to(k3.device) + ring + (eq ** 2 / norm).sum()
     return total
 
 

@@ -19,8 +19,9 @@ from torchvision.transforms import v2
 
 from ..errors import RepVGGError
 from ..hardware import matmul_gflops
-from ..models.architectures import RepVGG, create_model
+from ..models.architectures import RepVGG
 from ..models.checkpoints import model_metadata
+from ..models.factory import create_model
 from ..models.profile import count_macs
 from .data import ImageFolder, eval_transform, resolve_split, train_transform
 from .device import check_amp
@@ -75,7 +76,10 @@ def setup_run(opts: TrainOptions, train_set: Dataset | None = None, val_set: Dat
     saved = _saved_state(opts, device, log)
     torch.manual_seed(opts.seed + d.rank)
     random.seed(opts.seed + d.rank)
-    raw = create_model(opts.model, num_classes=len(names), strides=r.strides)
+    if r.custom_l2 and opts.block != "repvgg":
+        raise RepVGGError("--custom-l2 regularizes RepVGG's BN-scaled branches; QARepVGG trains without it")
+    raw = create_model(opts.model, num_classes=len(names), strides=r.strides, branches=opts.branches,
+                       block=opts.block)
     if opts.pretrained and saved is None:
         start_weights(raw, opts.pretrained, log)
     frozen = freeze_stages(raw, opts.freeze_stages)
@@ -152,7 +156,7 @@ def freeze_stages(model: RepVGG, n: int) -> list[nn.Module]:
 
 def _choose_mode(opts: TrainOptions, raw: RepVGG, per_rank: int, device: torch.device, d: Dist, log: Any
                  ) -> StepMode:
-    """The fastest step mode among those left open, measured side by side on this machine; warns when a mode
+    """The fastest step mode among those left open, measured side by side on the machine at hand; warns when a mode
     the user asked for is slower than float32. Without a probe: float32, NCHW, torch's threads, unless given."""
     modes = candidate_modes(device, opts.amp, opts.channels_last, opts.threads)
     fixed = StepMode(opts.amp or "none", bool(opts.channels_last), opts.threads or torch.get_num_threads())
@@ -253,7 +257,7 @@ def _check_same_run(run: Run, saved: dict[str, Any], path: Path) -> None:
     """Refuse to continue a checkpoint with another model, class count, strides or recipe, naming what differs."""
     mine = run.state.metadata
     differences = [f"{key}: {saved.get(key)!r} -> {mine[key]!r}" for key in ("model_name", "architecture",
-                   "num_classes", "strides") if _norm(saved.get(key)) != _norm(mine[key])]
+                   "num_classes", "strides", "block", "branches") if _norm(saved.get(key)) != _norm(mine[key])]
     if saved.get("recipe") != mine["recipe"]:
         differences.append(f"recipe: {saved.get('recipe')!r} -> {mine['recipe']!r}")
     differences += recipe_differences(saved.get("recipe_values", {}), run.opts.recipe)
