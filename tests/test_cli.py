@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import trained_looking
@@ -81,3 +82,16 @@ def test_convert_and_describe_as_library_calls(tmp_path) -> None:
     info = describe_checkpoint(tmp_path / "deploy.pth")
     assert info["form"] == "deploy (re-parameterized)" and info["classes"] == 3
     assert info["class_names"] == ["a", "b", "c"] and info["source_format"] == "repvgg"
+
+
+def test_every_option_of_every_command_has_help_and_shows_its_default(capsys) -> None:
+    from repvgg.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name, parser in commands.items():
+        assert all(action.help for action in parser._actions), name
+    for argv, shown in ((["train", "--help"], "(default: paper)"), (["eval", "--help"], "(default: 64)"),
+                        (["bench", "--help"], "(default: bench.json)")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert shown in capsys.readouterr().out, argv

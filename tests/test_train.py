@@ -129,16 +129,6 @@ def test_recipes_are_printed_presets(capsys: pytest.CaptureFixture) -> None:
     assert re.search(r"recipe\.strides +\(1, 1, 2, 2, 2\)", printed)
 
 
-def test_train_help_shows_defaults_and_every_option_has_help(capsys: pytest.CaptureFixture) -> None:
-    from repvgg.cli import build_parser
-
-    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
-    assert all(action.help for action in train_parser._actions)
-    with pytest.raises(SystemExit):
-        main(["train", "--help"])
-    assert "(default: paper)" in capsys.readouterr().out
-
-
 def test_short_training_run_end_to_end(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"
     assert main(["train", "--data", str(data), "--out", str(out), "--epochs", "2", "--lr", "0.4",

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .cliargs import nonneg_float, nonneg_int, output_file, positive_int
@@ -169,7 +169,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser("info", help="tell what a checkpoint file holds")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="checkpoint file of any supported layout")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("convert", help="re-parameterize a training-time checkpoint into a deploy checkpoint")
@@ -192,13 +192,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     from .deploy.benchmark import BASELINES, BENCH_ENGINES
 
     p = sub.add_parser("bench", help="speed and memory of train/deploy forms on each engine vs ResNets, side by side")
-    p.add_argument("--model", default="repvgg_a0")
-    p.add_argument("--img-size", type=positive_int, nargs=2, default=[224, 224], metavar=("H", "W"))
-    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 16])
+    p.add_argument("--model", default="repvgg_a0", help="architecture to time (see `repvgg list`)")
+    p.add_argument("--img-size", type=positive_int, nargs=2, default=[224, 224], metavar=("H", "W"),
+                   help="input height and width")
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 16], help="batch sizes to time")
     p.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds; speeds are medians over them")
     p.add_argument("--images-per-round", type=positive_int, default=8,
                    help="images timed per configuration and batch size")
-    p.add_argument("--engines", nargs="+", choices=list(BENCH_ENGINES), default=list(BENCH_ENGINES))
+    p.add_argument("--engines", nargs="+", choices=list(BENCH_ENGINES), default=list(BENCH_ENGINES),
+                   help="engines to time the deploy model on")
     p.add_argument("--baselines", nargs="*", default=list(BASELINES), help="torchvision ResNets (random weights)")
     p.add_argument("--no-train", action="store_true", help="leave out the training-time model")
     p.add_argument("--no-memory", action="store_true", help="skip the per-configuration peak-memory subprocesses")
@@ -207,16 +209,23 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A sub-command's parser: its --help shows every option's default."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``repvgg`` parser; given the sub-command about to run, only its own heavy options are defined."""
     parser = argparse.ArgumentParser(prog="repvgg", description=__doc__)
     parser.add_argument("--version", action="version", version=f"repvgg {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
 
     _add_model_commands(sub)
 
-    p = sub.add_parser("train", help="train on image folders (one process, or many with torchrun)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("train", help="train on image folders (one process, or many with torchrun)")
     if _defines(command, "train"):
         from .training import options
 
@@ -241,7 +250,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export the deploy model to ONNX, TorchScript or OpenVINO, verified")
     p.add_argument("checkpoint", nargs="?", help="any checkpoint (training-time ones are re-parameterized first)")
     p.add_argument("--pretrained", metavar="WEIGHTS", help=PRETRAINED_HELP + "; instead of CHECKPOINT")
-    p.add_argument("--format", required=True, choices=list(FORMATS))
+    p.add_argument("--format", required=True, choices=list(FORMATS), help="file format to write")
     p.add_argument("--out", required=True, type=output_file,
                    help="output file (.onnx, .pt, or .xml with a .bin beside it)")
     p.add_argument("--img-size", type=positive_int, nargs=2, metavar=("H", "W"),
@@ -255,7 +264,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="top-5 classes of images, with the checkpoint's class names and preprocessing")
     p.add_argument("checkpoint", help="checkpoint, or exported .onnx/.xml/TorchScript file (with --pretrained: the "
                    "first image)")
-    p.add_argument("images", nargs="*", metavar="IMAGE")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files to classify")
     p.add_argument("--pretrained", metavar="WEIGHTS", help=PRETRAINED_HELP + "; instead of CHECKPOINT")
     p.add_argument("--engine", choices=list(ENGINES), help="default: the fastest one here (probed once, cached)")
     p.add_argument("--top", type=positive_int, default=5, help="classes shown per image")

@@ -291,12 +291,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--img-size", type=positive_int, help="override the checkpoint's crop size")
     p.add_argument("--resize", type=positive_int,
                    help="shorter side before the crop (with --img-size; default size/0.875)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--workers", type=nonneg_int, default=4)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
+    p.add_argument("--workers", type=nonneg_int, default=4, help="data-loading processes")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--bad-images", choices=["skip", "error"], default="skip")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast precision")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    p.add_argument("--bad-images", choices=["skip", "error"], default="skip",
+                   help="unreadable images: report and skip, or stop")
     p.add_argument("--cache-dir", help="where archives are unpacked")
     p.add_argument("--per-class", action="store_true", help="print the accuracy of every class")
     p.add_argument("--confusion", metavar="PNG", type=output_file, help="draw the confusion matrix to this file")
