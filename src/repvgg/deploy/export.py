@@ -21,11 +21,12 @@ from torch import nn
 from ..errors import RepVGGError
 from ..files import atomic_write, check_output_path
 from ..models.checkpoints import Checkpoint, model_from_checkpoint
+from ..models.profile import input_channels
 from ..models.reparam import relative_difference, reparameterize
 from ..optional import require
 from .artifacts import METADATA_KEY, TORCHSCRIPT_EXTRA, artifact_metadata, with_onnx_metadata
 from .engines import load_artifact
-from .formats import input_channels, onnx_bytes, to_openvino, to_torchscript
+from .formats import onnx_bytes, to_openvino, to_torchscript
 
 __all__ = ["FORMATS", "ExportResult", "load_deploy_model", "export_model"]
 

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models.profile import input_channels
 from ..optional import require
 
-__all__ = ["ONNX_OPSET", "INPUT_NAME", "OUTPUT_NAME", "input_channels", "onnx_bytes", "to_torchscript",
+__all__ = ["ONNX_OPSET", "INPUT_NAME", "OUTPUT_NAME", "onnx_bytes", "to_torchscript",
            "to_openvino"]
 
 
@@ -24,15 +25,6 @@ ONNX_OPSET = 17
 
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-
-
-def input_channels(model: nn.Module) -> int:
-    """Channels the model expects: RepVGG's stem input, else the first conv's input channels, else 3."""
-    stem = getattr(model, "stage0", None)
-    if stem is not None and hasattr(stem, "in_channels"):
-        return stem.in_channels
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return conv.in_channels if conv is not None else 3
 
 
 def onnx_bytes(model: nn.Module, img_size: tuple[int, int] = (224, 224), dynamic_batch: bool = True,

@@ -11,7 +11,7 @@ from torch import nn
 
 from .architectures import RepVGGConfig, get_config
 
-__all__ = ["count_params", "count_macs", "ArchitectureStats", "architecture_stats"]
+__all__ = ["count_params", "count_macs", "input_channels", "ArchitectureStats", "architecture_stats"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -84,3 +84,12 @@ def architecture_stats(config: RepVGGConfig | str, num_classes: int = 1000, img_
     aux = sum(9 * channels[s] ** 2 + 2 * channels[s] + (channels[s] + 1) * num_classes
               for s, _ in config.aux_taps().values()) if config.aux_heads and num_classes else 0
     return ArchitectureStats(train + head + aux, deploy + head, macs + shapes[-1].out_channels * num_classes)
+
+
+def input_channels(model: nn.Module) -> int:
+    """Channels the model expects: RepVGG's stem input, else the first conv's input channels, else 3."""
+    stem = getattr(model, "stage0", None)
+    if stem is not None and hasattr(stem, "in_channels"):
+        return stem.in_channels
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else 3

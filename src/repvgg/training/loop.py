@@ -52,7 +52,7 @@ class TrainStep:
     """One optimizer step in the run's precision and memory format: :meth:`loss` (forward), then :meth:`update`
     (backward, optimizer, learning-rate schedule)."""
 
-    def __init__(self, model: nn.Module, raw: RepVGG, optimizer: torch.optim.Optimizer, criterion: nn.Module,
+    def __init__(self, model: nn.Module, raw: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
                  device: torch.device, amp: AmpMode = "none", channels_last: bool = False, l2_weight: float = 0.0,
                  scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
         check_amp(amp, device)
@@ -69,7 +69,9 @@ class TrainStep:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with self.autocast():
-            loss = self.raw.loss(self.model(images), targets, self.criterion)
+            output = self.model(images)
+            loss = self.raw.loss(output, targets, self.criterion) if isinstance(self.raw, RepVGG) else \
+                self.criterion(output, targets)
         if self.l2_weight:
             loss = loss + 0.5 * self.l2_weight * custom_l2_penalty(self.raw)
         return loss
@@ -118,7 +120,7 @@ class Run:
     opts: TrainOptions
     d: Dist
     device: torch.device
-    raw: RepVGG
+    raw: nn.Module  # the network trained: a RepVGG, or any classifier from ``TrainOptions.model_factory``
     model: nn.Module  # ``raw``, or its DistributedDataParallel wrapper
     state: RunState
     schedule: WarmupCosine
@@ -338,7 +340,8 @@ def finish(run: Run) -> dict[str, Any]:
     final weights when there is one), write summary.json, and return the summary."""
     p, d = run.progress, run.d
     final = plain_bn(copy.deepcopy(run.state.ema.module if run.state.ema is not None else run.raw)).eval()
-    final.set_grad_checkpointing(False)
+    if isinstance(final, RepVGG):
+        final.set_grad_checkpointing(False)
     if not all(bool(t.isfinite().all()) for t in final.state_dict().values() if t.is_floating_point()):
         raise RepVGGError("the trained weights hold NaN or infinite values; nothing final was written")
     deploy = reparameterize(final)

@@ -49,6 +49,7 @@ class TrainOptions:
     out_dir: str
     model: str = "repvgg_a0"
     recipe: Recipe = field(default_factory=lambda: RECIPES["paper"])
+    model_factory: Callable[[int], nn.Module] | None = None  # any classifier for a class count (``model`` names it)
     block: BlockKind = "repvgg"  # or "qarepvgg", the quantization-friendly block
     branches: Branches = "full"  # the training-time branches each block keeps (the paper's ablation)
     pretrained: str | None = None  # weights to start from: a file, a hub id, or "true" for the published ones
@@ -77,7 +78,8 @@ def describe(opts: TrainOptions, extra: dict[str, Any] | None = None) -> str:
     """Every recipe value and option of a run, one per line."""
     rows: dict[str, Any] = {f"recipe.{f.name}": getattr(opts.recipe, f.name) for f in fields(opts.recipe)}
     rows["recipe.lr"] = f"{opts.recipe.lr} (for a global batch of 256; scaled linearly with the batch)"
-    rows.update({f.name: getattr(opts, f.name) for f in fields(opts) if f.name not in ("recipe", "log", "callbacks")})
+    rows.update({f.name: getattr(opts, f.name) for f in fields(opts)
+                 if f.name not in ("recipe", "log", "callbacks", "model_factory")})
     rows.update(extra or {})
     width = max(map(len, rows))
     return "\n".join(f"  {k:<{width}} {v}" for k, v in rows.items())

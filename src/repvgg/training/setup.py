@@ -22,7 +22,7 @@ from ..hardware import matmul_gflops
 from ..models.architectures import RepVGG
 from ..models.checkpoints import model_metadata
 from ..models.factory import create_model
-from ..models.profile import count_macs
+from ..models.profile import count_macs, input_channels
 from .data import ImageFolder, eval_transform, resolve_split, train_transform
 from .device import check_amp
 from .distributed import Dist, init_distributed
@@ -78,18 +78,18 @@ def setup_run(opts: TrainOptions, train_set: Dataset | None = None, val_set: Dat
     random.seed(opts.seed + d.rank)
     if r.custom_l2 and opts.block != "repvgg":
         raise RepVGGError("--custom-l2 regularizes RepVGG's BN-scaled branches; QARepVGG trains without it")
-    raw = create_model(opts.model, num_classes=len(names), strides=r.strides, branches=opts.branches,
-                       block=opts.block)
+    raw = opts.model_factory(len(names)) if opts.model_factory else \
+        create_model(opts.model, num_classes=len(names), strides=r.strides, branches=opts.branches, block=opts.block)
     if opts.pretrained and saved is None:
         start_weights(raw, opts.pretrained, log)
     frozen = freeze_stages(raw, opts.freeze_stages)
     raw = raw.to(device)
     rundir = _open_rundir(opts, d, log)  # after every check: a run that cannot start leaves nothing behind
-    mode = _choose_mode(opts, raw, r.batch_size // d.world, device, d, log)
+    mode = _choose_mode(opts, raw, len(names), r.batch_size // d.world, device, d, log)
     run = _assemble(opts, d, device, raw, mode, train_set, val_set, names, rundir,
                     preprocess or preprocess_of(r))
     run.frozen, run.loss_sum = frozen, run.loss_sum.to(device)
-    run.flops_per_image = training_flops_per_image(count_macs(raw, (r.img_size, r.img_size), raw.stage0.in_channels))
+    run.flops_per_image = training_flops_per_image(count_macs(raw, (r.img_size, r.img_size), input_channels(raw)))
     run.matmul_gflops = matmul_gflops()
     if saved is not None:
         _resume(run, *saved)
@@ -144,8 +144,12 @@ def start_weights(model: RepVGG, spec: str, log: Any = print) -> None:
     log(f"started from {spec}{note}")
 
 
-def freeze_stages(model: RepVGG, n: int) -> list[nn.Module]:
+def freeze_stages(model: nn.Module, n: int) -> list[nn.Module]:
     """Fix stage0..stage(n-1): no gradients, and BatchNorm statistics kept (the loop keeps them in eval mode)."""
+    if n and not isinstance(model, RepVGG):
+        raise RepVGGError("--freeze-stages is available for RepVGG models")
+    if not n:
+        return []
     if not 0 <= n <= len(model.stages):
         raise RepVGGError(f"--freeze-stages must be between 0 and {len(model.stages)}, got {n}")
     frozen = model.stages[:n]
@@ -154,8 +158,8 @@ def freeze_stages(model: RepVGG, n: int) -> list[nn.Module]:
     return frozen
 
 
-def _choose_mode(opts: TrainOptions, raw: RepVGG, per_rank: int, device: torch.device, d: Dist, log: Any
-                 ) -> StepMode:
+def _choose_mode(opts: TrainOptions, raw: nn.Module, num_classes: int, per_rank: int, device: torch.device, d: Dist,
+                 log: Any) -> StepMode:
     """The fastest step mode among those left open, measured side by side on the machine at hand; warns when a mode
     the user asked for is slower than float32. Without a probe: float32, NCHW, torch's threads, unless given."""
     modes = candidate_modes(device, opts.amp, opts.channels_last, opts.threads)
@@ -164,8 +168,8 @@ def _choose_mode(opts: TrainOptions, raw: RepVGG, per_rank: int, device: torch.d
         chosen = fixed
     else:
         size = opts.recipe.img_size
-        images = torch.randn(min(per_rank, 128), raw.stage0.in_channels, size, size, device=device)
-        targets = torch.randint(0, max(raw.num_classes, 1), (len(images),), device=device)
+        images = torch.randn(min(per_rank, 128), input_channels(raw), size, size, device=device)
+        targets = torch.randint(0, num_classes, (len(images),), device=device)
         speeds = probe_modes(raw, modes, images, targets)
         chosen = max(speeds, key=speeds.get)
         fp32 = max(v for m, v in speeds.items() if m.amp == "none")
@@ -178,10 +182,11 @@ def _choose_mode(opts: TrainOptions, raw: RepVGG, per_rank: int, device: torch.d
     return chosen
 
 
-def _optimizer(raw: RepVGG, recipe: Recipe, backbone_lr_scale: float) -> torch.optim.SGD:
-    """SGD over the paper's decay groups; everything but the classifier at ``backbone_lr_scale`` of the lr."""
+def _optimizer(raw: nn.Module, recipe: Recipe, backbone_lr_scale: float) -> torch.optim.SGD:
+    """SGD over the paper's decay groups; everything but the classifier (the last Linear layer) at
+    ``backbone_lr_scale`` of the lr."""
     lr = recipe.scaled_lr(recipe.batch_size)
-    head = {id(p) for p in raw.linear.parameters()}
+    head = {id(p) for m in [m for m in raw.modules() if isinstance(m, nn.Linear)][-1:] for p in m.parameters()}
     groups = []
     for group in param_groups(raw, recipe.weight_decay, recipe.custom_l2):
         for is_head in (False, True):
@@ -191,11 +196,13 @@ def _optimizer(raw: RepVGG, recipe: Recipe, backbone_lr_scale: float) -> torch.o
     return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov and recipe.momentum > 0)
 
 
-def _assemble(opts: TrainOptions, d: Dist, device: torch.device, raw: RepVGG, mode: StepMode, train_set: Dataset,
+def _assemble(opts: TrainOptions, d: Dist, device: torch.device, raw: nn.Module, mode: StepMode, train_set: Dataset,
               val_set: Dataset, names: list[str], rundir: RunDir, preprocess: dict[str, Any]) -> Run:
     """The model wrapper, optimizer, schedule, step, EMA, mixing and state of a new run."""
     r = opts.recipe
     if opts.grad_checkpointing:
+        if not isinstance(raw, RepVGG):
+            raise RepVGGError("--grad-checkpointing is available for RepVGG models")
         raw.set_grad_checkpointing(True)
     if opts.sync_bn and d.world > 1:
         raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
@@ -256,8 +263,8 @@ def _resume(run: Run, state: dict[str, Any], path: Path) -> None:
 def _check_same_run(run: Run, saved: dict[str, Any], path: Path) -> None:
     """Refuse to continue a checkpoint with another model, class count, strides or recipe, naming what differs."""
     mine = run.state.metadata
-    differences = [f"{key}: {saved.get(key)!r} -> {mine[key]!r}" for key in ("model_name", "architecture",
-                   "num_classes", "strides", "block", "branches") if _norm(saved.get(key)) != _norm(mine[key])]
+    differences = [f"{key}: {saved.get(key)!r} -> {mine.get(key)!r}" for key in ("model_name", "architecture",
+                   "num_classes", "strides", "block", "branches") if _norm(saved.get(key)) != _norm(mine.get(key))]
     if saved.get("recipe") != mine["recipe"]:
         differences.append(f"recipe: {saved.get('recipe')!r} -> {mine['recipe']!r}")
     differences += recipe_differences(saved.get("recipe_values", {}), run.opts.recipe)

@@ -17,7 +17,7 @@ from torch import nn
 from ..hardware import measure_throughput
 from .device import AmpMode, autocast
 
-__all__ = ["StepMode", "candidate_modes", "probe_modes", "training_flops_per_image"]
+__all__ = ["StepMode", "candidate_modes", "probe_modes", "step_runner", "training_flops_per_image"]
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def probe_modes(model: nn.Module, modes: list[StepMode], images: torch.Tensor, t
     runners: dict[str, Callable[[], None]] = {}
     by_label: dict[str, StepMode] = {}
     for mode in modes:
-        runners[mode.label] = _step_runner(copy.deepcopy(model).train(), mode, images, targets)
+        runners[mode.label] = step_runner(copy.deepcopy(model).train(), mode, images, targets)
         by_label[mode.label] = mode
     try:
         speed = measure_throughput(runners, len(targets), rounds=rounds, iters_per_round=1, warmup=1,
@@ -67,8 +67,9 @@ def probe_modes(model: nn.Module, modes: list[StepMode], images: torch.Tensor, t
     return {by_label[label]: r["images_per_s"] for label, r in speed.items()}
 
 
-def _step_runner(model: nn.Module, mode: StepMode, images: torch.Tensor, targets: torch.Tensor
-                 ) -> Callable[[], None]:
+def step_runner(model: nn.Module, mode: StepMode, images: torch.Tensor, targets: torch.Tensor
+                ) -> Callable[[], None]:
+    """One SGD training step of ``model`` on a fixed batch in ``mode``, as a no-argument callable for timing."""
     if mode.channels_last:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
