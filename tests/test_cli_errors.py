@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,11 @@ def no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
+def no_nncf(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NNCF not installed, whether or not it is."""
+    monkeypatch.setitem(sys.modules, "nncf", None)
+
+
 def small_bomb_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     """PIL's decompression-bomb limit at 100 pixels: a 16x16 image is then over twice the limit."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
@@ -88,6 +94,11 @@ def train(f: Files, *extra: str) -> list[str]:
 def bench(*extra: str) -> list[str]:
     """``repvgg bench`` at its cheapest: torch only, no baselines, no memory probes, no chart."""
     return ["bench", "--engines", "torch", "--baselines", "--no-memory", "--plot", "", *extra]
+
+
+def quantize(f: Files, *extra: str, calib: str | None = None, out: str = "q.onnx") -> list[str]:
+    """``repvgg quantize`` of the training-time checkpoint, calibrated on the readable folder (or ``calib``)."""
+    return ["quantize", f.train, "--calib", calib or f.data, "--out", f"{f.out}/{out}", *extra]
 
 
 ROWS = [
@@ -200,6 +211,26 @@ ROWS = [
     Row("train --resume random bytes", lambda f: train(f, "--resume", f.afile), 2, "not a readable training state"),
     Row("train --resume a model file", lambda f: train(f, "--resume", f.train), 2, "needs a training state"),
     Row("train --pretrained missing", lambda f: train(f, "--pretrained", f"{f.root}/none.pth"), 2, "none.pth"),
+    # quantize: calibration data, engines, methods, extras
+    Row("quantize calibration folder missing", lambda f: quantize(f, calib=f"{f.root}/nothing"), 2,
+        "calibration data not found"),
+    Row("quantize calibration folder empty", lambda f: quantize(f, calib=f.out), 2, "not an image folder"),
+    Row("quantize only unreadable images", lambda f: quantize(f, calib=f.bad_data), 2,
+        "no readable calibration images"),
+    Row("quantize --engine tensorrt", lambda f: quantize(f, "--engine", "tensorrt"), 2,
+        "invalid choice: 'tensorrt'"),
+    Row("quantize --method mse", lambda f: quantize(f, "--method", "mse"), 2,
+        "unknown onnxruntime calibration method 'mse'"),
+    Row("quantize openvino method on onnxruntime", lambda f: quantize(f, "--method", "mixed"), 2,
+        "choose one of: minmax, percentile, entropy"),
+    Row("quantize --out suffix of the other engine", lambda f: quantize(f, "--engine", "openvino"), 2,
+        "openvino int8 output must end in .xml"),
+    Row("quantize without nncf", lambda f: quantize(f, out="q.xml"), 2,
+        "nncf is not installed; install it with: pip install 'repvgg[quantize]'", no_nncf),
+    Row("quantize --val missing", lambda f: quantize(f, "--val", f"{f.root}/nothing"), 2, "data not found"),
+    Row("quantize --calib-images 0", lambda f: quantize(f, "--calib-images", "0"), 2, "must be a positive integer"),
+    Row("quantize --out under a file", lambda f: [*quantize(f), "--out", f"{f.afile}/q.onnx"], 2,
+        "is a file, not a folder"),
 ]
 
 

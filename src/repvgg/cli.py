@@ -135,6 +135,20 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             print(f"  {prob:8.2%}  {name}")
 
 
+def _cmd_quantize(args: argparse.Namespace) -> None:
+    from dataclasses import fields
+
+    from .deploy.quantize import QuantizeOptions, run_quantize
+
+    result = run_quantize(QuantizeOptions(**{f.name: getattr(args, f.name) for f in fields(QuantizeOptions)}))
+    print(f"quantized {args.checkpoint} -> {', '.join(result.files)} (int8, {result.engine}, method "
+          f"{result.method}, {result.calib_images} calibration images); on them: top-1 agreement with float32 "
+          f"{result.agreement:.1%}, max difference {result.rel_diff:.2e} of the output scale")
+    if result.top1:
+        f32, i8 = result.top1["float32"], result.top1["int8"]
+        print(f"top-1 on {args.val}: float32 {f32:.2f}%  int8 {i8:.2f}%  ({i8 - f32:+.2f} points)")
+
+
 def _cmd_bench(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
@@ -144,7 +158,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
     report = run_benchmark(args.model, tuple(args.img_size), args.batch_sizes, args.rounds, args.images_per_round,
                            args.engines, args.baselines, train=not args.no_train, memory=not args.no_memory,
-                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                           log=lambda msg: print(msg, file=sys.stderr, flush=True), int8=args.int8)
     print(format_table(report))
     atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
     print(f"results -> {args.json}")
@@ -187,6 +201,28 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    """``quantize``: post-training int8 quantization with NNCF (OpenVINO) or onnxruntime.quantization."""
+    from .deploy.quantize import DEFAULT_CALIB_IMAGES, INT8_ENGINES, METHODS
+
+    p = sub.add_parser("quantize", help="post-training int8 quantization of the deploy model, calibrated on images")
+    p.add_argument("checkpoint", help="any checkpoint (training-time ones are re-parameterized first)")
+    p.add_argument("--calib", required=True, metavar="DIR", help="calibration images: a folder or archive "
+                   "(its train/ split, else val/ or test/, else the class folders themselves)")
+    p.add_argument("--out", required=True, type=output_file, help="output file: .xml (openvino, with a .bin beside "
+                   "it) or .onnx (onnxruntime); without either suffix, the engine's is appended")
+    p.add_argument("--engine", choices=list(INT8_ENGINES), help="default: the one --out's suffix names, else the "
+                   "faster int8 engine here (probed once, cached)")
+    p.add_argument("--method", help="activation calibration: " + "; ".join(
+        f"{e}: {', '.join(m)}" for e, m in METHODS.items()) + " (default: each engine's first)")
+    p.add_argument("--calib-images", type=positive_int, default=DEFAULT_CALIB_IMAGES,
+                   help="calibration images used at most")
+    p.add_argument("--val", metavar="DIR", help="also report float32 vs int8 top-1 on this folder")
+    p.add_argument("--model", help="architecture, when the file does not say")
+    p.add_argument("--cache-dir", help="where archives are unpacked")
+    p.set_defaults(func=_cmd_quantize)
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     """``bench``: measurements only (acceptance targets are checked by benchmarks/deploy_speed.py)."""
     from .deploy.benchmark import BASELINES, BENCH_ENGINES
@@ -204,6 +240,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baselines", nargs="*", default=list(BASELINES), help="torchvision ResNets (random weights)")
     p.add_argument("--no-train", action="store_true", help="leave out the training-time model")
     p.add_argument("--no-memory", action="store_true", help="skip the per-configuration peak-memory subprocesses")
+    p.add_argument("--int8", action="store_true", help="also the int8 model (post-training quantized, random "
+                   "calibration) on each ONNX-based engine, beside its float32 row")
     p.add_argument("--json", type=output_file, default="bench.json", help="results file")
     p.add_argument("--plot", type=output_file, default="bench.png", help="chart file ('' for none)")
     p.set_defaults(func=_cmd_bench)
@@ -271,6 +309,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--model", help="architecture, when the file does not say")
     p.set_defaults(func=_cmd_predict)
 
+    _add_quantize(sub)
     _add_bench(sub)
     return parser
 

@@ -9,7 +9,7 @@ from .errors import RepVGGError
 
 __all__ = ["EXTRAS", "require", "is_installed"]
 
-EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "openvino": "openvino", "matplotlib": "plot"}
+EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "openvino": "openvino", "matplotlib": "plot", "nncf": "quantize"}
 
 
 def require(module: str) -> ModuleType:

@@ -50,6 +50,8 @@ METHOD = {
               "two calls at every batch size",
     "gflops": "2 * MACs (convs + linears, count_macs) * images/s; fraction_of_matmul divides by the float32 "
               "matmul GFLOP/s measured once per round on all torch threads",
+    "int8": "form int8: the deploy model post-training quantized for its engine (repvgg.deploy.quantize, default "
+            "method, calibrated on random images), same float32 inputs",
 }
 
 
@@ -69,8 +71,10 @@ class BenchConfig:
 
 
 def default_configs(model: str = "repvgg_a0", engines: Sequence[str] = BENCH_ENGINES,
-                    baselines: Sequence[str] = BASELINES, train: bool = True) -> list[BenchConfig]:
-    """Training-time model (eager), deploy model on each of ``engines``, then each baseline (eager)."""
+                    baselines: Sequence[str] = BASELINES, train: bool = True,
+                    int8: Sequence[str] = ()) -> list[BenchConfig]:
+    """Training-time model (eager), deploy model on each of ``engines`` (followed by its int8 form on those in
+    ``int8``), then each baseline (eager)."""
     from ..models.architectures import canonical_name, get_config
 
     name, title = canonical_name(model), get_config(model).official_name
@@ -78,7 +82,10 @@ def default_configs(model: str = "repvgg_a0", engines: Sequence[str] = BENCH_ENG
     if unknown:
         raise RepVGGError(f"unknown bench engine {unknown[0]!r}; choose from: {', '.join(BENCH_ENGINES)}")
     configs = [BenchConfig(f"{title} train (torch)", name, "train", "torch")] if train else []
-    configs += [BenchConfig(f"{title} deploy ({e})", name, "deploy", e) for e in engines]
+    for e in engines:
+        configs.append(BenchConfig(f"{title} deploy ({e})", name, "deploy", e))
+        if e in int8:
+            configs.append(BenchConfig(f"{title} deploy int8 ({e})", name, "int8", e))
     for base in baselines:
         if not base.startswith("resnet") or not hasattr(_torchvision_models(), base):
             raise RepVGGError(f"unknown baseline {base!r}; use torchvision ResNets such as {', '.join(BASELINES)}")
@@ -111,12 +118,30 @@ def _build_runner(config: BenchConfig, batch_size: int, onnx_path: str | None,
     from .engines import OnnxRuntimeEngine, OpenVINOEngine, TorchEngine
     from .formats import to_openvino
 
+    if config.form == "int8":
+        from .quantize import int8_engine
+
+        return int8_engine(_int8_path(onnx_path, config.engine), config.engine, batch_size)
     if config.engine == "onnxruntime":
         return OnnxRuntimeEngine(onnx_path)
     if config.engine == "openvino":
         return OpenVINOEngine(to_openvino(onnx_path, batch_size=None), batch_size)
     model = model if model is not None else _build_model(*_model_key(config))
     return TorchEngine(model, channels_last=config.engine == "torch-channels-last")
+
+
+def _int8_path(onnx_path: str, engine: str) -> str:
+    """Where :func:`run_benchmark` writes ``engine``'s int8 model: beside the float32 ONNX file."""
+    return str(Path(onnx_path).with_name(f"int8_{engine}" + (".xml" if engine == "openvino" else ".onnx")))
+
+
+def _write_int8(model: nn.Module, engines: Sequence[str], onnx_path: str, img_size: tuple[int, int]) -> None:
+    """Quantize the deploy model for each engine, calibrated on random images (speed does not depend on values)."""
+    from .quantize import quantize_model, random_calibration, save_int8
+
+    for e in engines:
+        save_int8(quantize_model(model, e, random_calibration(img_size), img_size=img_size), e,
+                  _int8_path(onnx_path, e), {})
 
 
 def _status() -> dict[str, int]:
@@ -228,8 +253,9 @@ def _result_row(model: nn.Module, img_size: tuple[int, int], times: Mapping[int,
 def run_benchmark(model: str = "repvgg_a0", img_size: tuple[int, int] = (224, 224),
                   batch_sizes: Sequence[int] = (1, 16), rounds: int = 5, images_per_round: int = 8,
                   engines: Sequence[str] | None = None, baselines: Sequence[str] = BASELINES, train: bool = True,
-                  memory: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  memory: bool = True, log: Callable[[str], None] | None = None, int8: bool = False) -> dict[str, Any]:
     """Measure every configuration side by side; returns the JSON-ready report (see :func:`format_table`).
+    ``int8`` adds each ONNX-based engine's int8 model (post-training quantized) beside its float32 row.
 
     Each round runs, per configuration and batch size, ``max(1, images_per_round // batch)`` timed calls.
     Engines whose runtime is missing are skipped and listed under ``skipped``.
@@ -245,7 +271,9 @@ def run_benchmark(model: str = "repvgg_a0", img_size: tuple[int, int] = (224, 22
     wanted = list(BENCH_ENGINES if engines is None else engines)
     skipped = {e: f"pip install 'repvgg[{EXTRAS[e]}]'" for e in wanted
                if e in ("onnxruntime", "openvino") and not is_installed(e)}
-    configs = default_configs(model, [e for e in wanted if e not in skipped], baselines, train)
+    int8_engines, int8_skipped = _int8_engines(wanted, skipped) if int8 else ([], {})
+    skipped |= int8_skipped
+    configs = default_configs(model, [e for e in wanted if e not in skipped], baselines, train, int8_engines)
     threads = torch.get_num_threads()
     load_before = os.getloadavg()
     started = time.perf_counter()
@@ -256,6 +284,7 @@ def run_benchmark(model: str = "repvgg_a0", img_size: tuple[int, int] = (224, 22
         if any(c.onnx_based for c in configs):
             onnx_path = str(Path(tmp) / "deploy.onnx")
             Path(onnx_path).write_bytes(onnx_bytes(models[canonical_name(model), "deploy"], img_size))
+            _write_int8(models[canonical_name(model), "deploy"], int8_engines, onnx_path, img_size)
         runners = {(c.label, b): _build_runner(c, b, onnx_path, None if c.onnx_based else models[_model_key(c)])
                    for c in configs for b in batch_sizes}
         rng = np.random.default_rng(0)
@@ -283,15 +312,31 @@ def run_benchmark(model: str = "repvgg_a0", img_size: tuple[int, int] = (224, 22
         "matmul": {"size": MATMUL_SIZE, "gflops": machine_gflops, "per_round": matmul},
         "method": METHOD,
         "default_engine": fastest_engine(), "skipped": skipped,
+        **({"default_int8_engine": _fastest_int8(int8_engines)} if int8_engines else {}),
         "wall_s": time.perf_counter() - started, "results": results,
     }
     report["summary"] = summarize(report)
     return report
 
 
+def _int8_engines(wanted: Sequence[str], skipped: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The engines of ``wanted`` whose int8 model can be built here, and install hints for the others."""
+    from .quantize import INT8_ENGINES, int8_engines_installed
+
+    ready = [e for e in int8_engines_installed() if e in wanted]
+    return ready, {f"{e} int8": "pip install 'repvgg[quantize]'" for e in INT8_ENGINES
+                   if e in wanted and e not in skipped and e not in ready}
+
+
+def _fastest_int8(engines: Sequence[str]) -> str:
+    from .quantize import fastest_int8_engine
+
+    return fastest_int8_engine(engines)
+
+
 def summarize(report: Mapping[str, Any]) -> dict[str, Any]:
-    """Ratios at the largest batch: fastest deploy engine vs training-time model and ResNet-18, and how close the
-    default engine (:func:`repvgg.fastest_engine`) comes to the fastest one."""
+    """Ratios at the largest batch: fastest deploy engine vs training-time model and ResNet-18, how close the
+    default engine (:func:`repvgg.fastest_engine`) comes to the fastest one, and the fastest int8 row vs it."""
     batch = str(max(report["batch_sizes"]))
     results = report["results"]
 
@@ -306,11 +351,15 @@ def summarize(report: Mapping[str, Any]) -> dict[str, Any]:
     resnet18 = next((r for r in results if r["network"] == "resnet18"), None)
     default = {"torch": "torch-channels-last"}.get(report["default_engine"], report["default_engine"])
     default_row = next((r for r in deploy if r["engine"] == default), None)
+    int8 = [r for r in results if r["form"] == "int8"]
+    best_int8 = max(int8, key=speed) if int8 else None
     return {"batch_size": int(batch), "fastest_deploy": best["label"], "fastest_deploy_images_per_s": speed(best),
             "default_config": default_row["label"] if default_row else None,
             "deploy_vs_train": speed(best) / speed(train) if train else None,
             "deploy_vs_resnet18": speed(best) / speed(resnet18) if resnet18 else None,
-            "default_vs_fastest": speed(default_row) / speed(best) if default_row else None}
+            "default_vs_fastest": speed(default_row) / speed(best) if default_row else None,
+            "fastest_int8": best_int8["label"] if best_int8 else None,
+            "int8_vs_float32": speed(best_int8) / speed(best) if best_int8 else None}
 
 
 def format_table(report: Mapping[str, Any]) -> str:
@@ -340,6 +389,9 @@ def format_table(report: Mapping[str, Any]) -> str:
         lines.append(f"batch {s['batch_size']}: fastest deploy = {s['fastest_deploy']}; vs training-time model "
                      f"{ratio('deploy_vs_train')}; vs ResNet-18 {ratio('deploy_vs_resnet18')}; default engine "
                      f"{report['default_engine']} at {ratio('default_vs_fastest')} of the fastest")
+        if s.get("fastest_int8"):
+            lines.append(f"batch {s['batch_size']}: fastest int8 = {s['fastest_int8']} at {ratio('int8_vs_float32')} "
+                         f"the fastest float32 deploy; default int8 engine {report['default_int8_engine']}")
     for engine, hint in report.get("skipped", {}).items():
         lines.append(f"skipped {engine}: not installed ({hint})")
     return "\n".join(lines)

@@ -21,7 +21,7 @@ import torch
 
 from ..files import atomic_write
 from ..hardware import cpu_info, measure_throughput
-from .engines import ENGINES, available_engines, create_engine
+from .engines import ENGINES, Engine, available_engines, create_engine
 
 __all__ = ["PROBE_FILE", "PROBE_BATCH_SIZES", "Speeds", "probe_path", "machine_key", "measure_engines",
            "engine_speeds", "fastest_engine"]
@@ -43,25 +43,30 @@ def _version(engine: str) -> str:
         return "unknown"
 
 
-def machine_key(engines: Sequence[str], threads: int | None = None) -> tuple[str, dict[str, Any]]:
-    """(short key, what it stands for): CPU model and flags, torch threads (default: the current number), and each
-    engine's version."""
+def machine_key(engines: Sequence[str], threads: int | None = None, precision: str = "float32"
+                ) -> tuple[str, dict[str, Any]]:
+    """(short key, what it stands for): CPU model and flags, torch threads (default: the current number), each
+    engine's version, and the precision timed when it is not float32."""
     cpu = cpu_info()
     machine = {"cpu": cpu["model"], "features": cpu["features"], "threads": threads or torch.get_num_threads(),
                "engines": {e: _version(e) for e in sorted(engines)}}
+    if precision != "float32":
+        machine["precision"] = precision
     return hashlib.sha256(json.dumps(machine, sort_keys=True).encode()).hexdigest()[:16], machine
 
 
 def measure_engines(engines: Sequence[str], img_size: tuple[int, int] = (64, 64),
-                    batch_sizes: Sequence[int] = PROBE_BATCH_SIZES, rounds: int = 5) -> Speeds:
-    """Images/s of a RepVGG-A0 deploy model (random weights, small input) on each engine, timed side by side."""
+                    batch_sizes: Sequence[int] = PROBE_BATCH_SIZES, rounds: int = 5,
+                    build: Callable[[torch.nn.Module, str, tuple[int, int], int], Engine] = create_engine) -> Speeds:
+    """Images/s of a RepVGG-A0 deploy model (random weights, small input) on each engine, timed side by side;
+    ``build(model, engine, img_size, batch_size)`` makes each runner."""
     from ..models.architectures import build_model
 
     model = build_model("repvgg_a0", num_classes=10, deploy=True).eval()
     speeds: Speeds = {}
     for batch in batch_sizes:
         x = np.random.default_rng(0).standard_normal((batch, 3, *img_size), dtype=np.float32)
-        runners = {e: create_engine(model, e, img_size, batch_size=batch) for e in engines}
+        runners = {e: build(model, e, img_size, batch) for e in engines}
         timed = measure_throughput({e: (lambda run=run, x=x: run(x)) for e, run in runners.items()}, batch, rounds,
                                    iters_per_round=2, warmup=1)
         speeds[batch] = {e: t["images_per_s"] for e, t in timed.items()}
@@ -77,11 +82,11 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def engine_speeds(engines: Sequence[str], measure: Callable[[Sequence[str]], Speeds] = measure_engines,
-                  path: str | os.PathLike | None = None) -> Speeds:
-    """The engines' speeds on the machine at hand: cached when measured before with the same CPU, threads and engine
-    versions, else measured now with ``measure`` and cached (written atomically)."""
+                  path: str | os.PathLike | None = None, precision: str = "float32") -> Speeds:
+    """The engines' speeds on the machine at hand: cached when measured before with the same CPU, threads, engine
+    versions and precision, else measured now with ``measure`` and cached (written atomically)."""
     path = Path(path) if path else probe_path()
-    key, machine = machine_key(engines)
+    key, machine = machine_key(engines, precision=precision)
     cache = _read(path)
     entry = cache.get(key)
     if isinstance(entry, dict) and isinstance(entry.get("images_per_s"), dict):

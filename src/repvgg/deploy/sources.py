@@ -60,13 +60,16 @@ def open_artifact(path: str | os.PathLike, engine: str | None = None, batch_size
     if fmt is None:
         raise RepVGGError(f"not an exported model file (.onnx, .xml or TorchScript): {path}")
     engines = ARTIFACT_ENGINES[fmt]
+    metadata = read_artifact_metadata(path, fmt)
+    if engine is None and metadata.get("precision") == "int8":
+        engine = engines[0]  # an int8 ONNX file was quantized for ONNX Runtime, its QDQ format and kernels
     if engine is None:
         engine = fastest_engine([e for e in engines if is_installed(e)] or engines[:1], batch_size)
     if engine not in engines:
         raise RepVGGError(f"{path} is {fmt}: it runs on {' or '.join(engines)}, not {engine}")
     run = load_artifact(path, "openvino" if engine == "openvino" else fmt, batch_size)
     limit = _batch_limit(run)
-    return Artifact(_in_chunks(run, limit) if limit else run, fmt, engine, read_artifact_metadata(path, fmt), path)
+    return Artifact(_in_chunks(run, limit) if limit else run, fmt, engine, metadata, path)
 
 
 class ArtifactModel(nn.Module):
