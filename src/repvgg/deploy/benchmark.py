@@ -269,8 +269,7 @@ def run_benchmark(model: str = "repvgg_a0", img_size: tuple[int, int] = (224, 22
         raise RepVGGError("rounds, images per round and batch sizes must be positive")
     batch_sizes = sorted(set(batch_sizes))
     wanted = list(BENCH_ENGINES if engines is None else engines)
-    skipped = {e: f"pip install 'repvgg[{EXTRAS[e]}]'" for e in wanted
-               if e in ("onnxruntime", "openvino") and not is_installed(e)}
+    skipped = _missing_runtimes(wanted)
     int8_engines, int8_skipped = _int8_engines(wanted, skipped) if int8 else ([], {})
     skipped |= int8_skipped
     configs = default_configs(model, [e for e in wanted if e not in skipped], baselines, train, int8_engines)
@@ -299,24 +298,26 @@ def run_benchmark(model: str = "repvgg_a0", img_size: tuple[int, int] = (224, 22
             peak = _peak_memory(configs, img_size, batch_sizes, onnx_path, threads)
 
     machine_gflops = statistics.median(matmul)
-    results = []
-    for c in configs:
-        times = {b: samples[c.label, b] for b in batch_sizes}
-        results.append({**asdict(c), **_result_row(models[_model_key(c)], img_size, times, machine_gflops),
-                        "peak_rss_mib": peak.get(c.label)})
+    results = [{**asdict(c), **_result_row(models[_model_key(c)], img_size, {b: samples[c.label, b] for b in
+                                                                               batch_sizes}, machine_gflops),
+                "peak_rss_mib": peak.get(c.label)} for c in configs]
     report = {
         "tool": "repvgg bench", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "model": model, "img_size": list(img_size), "dtype": "float32", "batch_sizes": batch_sizes,
         "rounds": rounds, "images_per_round": images_per_round, "machine": _machine(),
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "matmul": {"size": MATMUL_SIZE, "gflops": machine_gflops, "per_round": matmul},
-        "method": METHOD,
-        "default_engine": fastest_engine(), "skipped": skipped,
+        "matmul": {"size": MATMUL_SIZE, "gflops": machine_gflops, "per_round": matmul}, "method": METHOD,
+        "default_engine": fastest_engine(batch_size=max(batch_sizes)), "skipped": skipped,
         **({"default_int8_engine": _fastest_int8(int8_engines)} if int8_engines else {}),
         "wall_s": time.perf_counter() - started, "results": results,
     }
-    report["summary"] = summarize(report)
-    return report
+    return {**report, "summary": summarize(report)}
+
+
+def _missing_runtimes(engines: Sequence[str]) -> dict[str, str]:
+    """The optional engines among ``engines`` that are not installed, each with the install command."""
+    return {e: f"pip install 'repvgg[{EXTRAS[e]}]'" for e in engines
+            if e in ("onnxruntime", "openvino") and not is_installed(e)}
 
 
 def _int8_engines(wanted: Sequence[str], skipped: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
