@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,14 +17,14 @@ import torch
 from torch import nn
 
 from ..errors import RepVGGError
-from ..files import atomic_write, check_output_path
+from ..files import atomic_write
 from ..models.checkpoints import Checkpoint, model_from_checkpoint
 from ..models.profile import input_channels
 from ..models.reparam import relative_difference, reparameterize
 from ..optional import require
 from .artifacts import METADATA_KEY, TORCHSCRIPT_EXTRA, artifact_metadata, with_onnx_metadata
 from .engines import load_artifact
-from .formats import onnx_bytes, to_openvino, to_torchscript
+from .formats import onnx_bytes, save_openvino, to_openvino, to_torchscript
 
 __all__ = ["FORMATS", "ExportResult", "load_deploy_model", "export_model"]
 
@@ -101,19 +99,9 @@ def export_model(model: nn.Module, out: str | os.PathLike, fmt: str, img_size: t
 def _export_openvino(model: nn.Module, out: Path, img_size: tuple[int, int], dynamic_batch: bool,
                      verify: Callable[[str], None], metadata: Mapping[str, Any]) -> list[str]:
     """Save IR (``.xml`` + ``.bin``) into a temporary folder beside ``out``, verify, then move both into place."""
-    ov = require("openvino")
+    require("openvino")
     if out.suffix != ".xml":
         raise RepVGGError(f"OpenVINO output must end in .xml (a .bin is written beside it), got {out}")
     ir = to_openvino(onnx_bytes(model, img_size, dynamic_batch), None if dynamic_batch else 1)
     ir.set_rt_info(json.dumps(metadata), [METADATA_KEY])
-    check_output_path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        ov.save_model(ir, str(tmp / out.name), compress_to_fp16=False)
-        verify(str(tmp / out.name))
-        os.replace(tmp / out.with_suffix(".bin").name, out.with_suffix(".bin"))
-        os.replace(tmp / out.name, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return [str(out), str(out.with_suffix(".bin"))]
+    return save_openvino(ir, out, verify)

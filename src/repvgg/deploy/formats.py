@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..files import check_output_path
 from ..models.profile import input_channels
 from ..optional import require
 
-__all__ = ["ONNX_OPSET", "INPUT_NAME", "OUTPUT_NAME", "onnx_bytes", "to_torchscript",
+__all__ = ["ONNX_OPSET", "INPUT_NAME", "OUTPUT_NAME", "save_openvino", "onnx_bytes", "to_torchscript",
            "to_openvino"]
 
 
@@ -62,3 +65,18 @@ def to_openvino(onnx: bytes | str | os.PathLike, batch_size: int | None = 1) -> 
     shape[0] = ov.Dimension(batch_size) if batch_size else ov.Dimension()
     model.reshape({model.input(0): shape})
     return model
+
+
+def save_openvino(ir: Any, out: Path, verify: Callable[[str], None]) -> list[str]:
+    """``out`` (.xml) and its .bin written into a temporary folder beside ``out``, verified, then moved into place."""
+    check_output_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        require("openvino").save_model(ir, str(tmp / out.name), compress_to_fp16=False)
+        verify(str(tmp / out.name))
+        os.replace(tmp / out.with_suffix(".bin").name, out.with_suffix(".bin"))
+        os.replace(tmp / out.name, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [str(out), str(out.with_suffix(".bin"))]

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from ..optional import is_installed, require
 from .artifacts import METADATA_KEY, artifact_metadata, with_onnx_metadata
 from .engines import Engine, OnnxRuntimeEngine, OpenVINOEngine, available_engines, input_size
 from .export import load_deploy_model
-from .formats import onnx_bytes, to_openvino
+from .formats import onnx_bytes, save_openvino, to_openvino
 from .probe import PROBE_BATCH_SIZES, Speeds, engine_speeds, measure_engines
 
 __all__ = ["INT8_ENGINES", "METHODS", "SUFFIXES", "DEFAULT_CALIB_IMAGES", "check_method", "calibration_batches",
@@ -164,21 +163,6 @@ def int8_engine(quantized: Any, engine: str, batch_size: int = 1) -> Engine:
     return OpenVINOEngine(quantized, batch_size)
 
 
-def _save_ir(ir: Any, out: Path, verify: Callable[[str], None]) -> list[str]:
-    """``out`` (.xml) and its .bin written into a temporary folder beside ``out``, verified, then moved into place."""
-    check_output_path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        require("openvino").save_model(ir, str(tmp / out.name), compress_to_fp16=False)
-        verify(str(tmp / out.name))
-        os.replace(tmp / out.with_suffix(".bin").name, out.with_suffix(".bin"))
-        os.replace(tmp / out.name, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return [str(out), str(out.with_suffix(".bin"))]
-
-
 def save_int8(quantized: Any, engine: str, out: str | os.PathLike, metadata: dict[str, Any],
               verify: Callable[[str], None] = lambda _path: None) -> list[str]:
     """Write the int8 model with ``metadata`` atomically (``verify`` sees the written file before it is moved into
@@ -191,7 +175,7 @@ def save_int8(quantized: Any, engine: str, out: str | os.PathLike, metadata: dic
         atomic_write(out, lambda tmp: (Path(tmp).write_bytes(data), verify(tmp)))
         return [str(out)]
     quantized.set_rt_info(json.dumps(metadata), [METADATA_KEY])
-    return _save_ir(quantized, out, verify)
+    return save_openvino(quantized, out, verify)
 
 
 def measure_int8_engines(engines: Sequence[str], img_size: tuple[int, int] = (224, 224),
