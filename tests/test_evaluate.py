@@ -85,3 +85,26 @@ def test_bad_input(data: Path, checkpoints: dict[str, Path], tmp_path: Path, cap
     assert main(["eval", "--data", str(data), "--checkpoint", str(tmp_path / "missing.pth")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert "not among the checkpoint's classes: dogs" in errors[0] and "not found" in errors[1]
+
+
+def test_flip_tta_averages_each_image_with_its_mirror(data: Path, checkpoints: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from repvgg import model_from_checkpoint
+    from repvgg.training.data import collate
+    from repvgg.training.evaluate import evaluate
+
+    model, ckpt = model_from_checkpoint(checkpoints["deploy"])
+    dataset = ImageFolder(Path(data) / "val", eval_transform(ckpt.metadata["preprocess"]))
+    loader = DataLoader(dataset, batch_size=len(dataset), collate_fn=collate)
+    images = next(iter(loader)).images
+    with torch.no_grad():
+        averaged = (model(images) + model(images.flip(3))) / 2
+    result = evaluate(model, loader, torch.device("cpu"), 3, flip=True)
+    targets = torch.tensor([t for _, t in dataset.samples])
+    assert result.correct1 == int((averaged.argmax(1) == targets).sum())
+    expected_loss = torch.nn.functional.cross_entropy(averaged, targets, reduction="sum").item()
+    assert abs(result.loss_sum - expected_loss) < 1e-3
+    tta = _eval(tmp_path, "--data", str(data), "--checkpoint", str(checkpoints["deploy"]), "--flip-tta")
+    assert tta["flip_tta"] is True and abs(tta["loss"] - expected_loss / len(targets)) < 1e-4

@@ -107,11 +107,18 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
+def _logits(model: nn.Module, images: Tensor) -> Tensor:
+    out = model(images)
+    return (out["main"] if isinstance(out, dict) else out).float()
+
+
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
              channels_last: bool = False, bad_images: BadImagePolicy = "skip",
-             report: Callable[[str], None] = print, confusion: bool = False, progress: bool = False) -> EvalResult:
-    """Run ``model`` (eval mode) over ``loader`` of :class:`~repvgg.training.data.Batch` and count hits."""
+             report: Callable[[str], None] = print, confusion: bool = False, progress: bool = False,
+             flip: bool = False) -> EvalResult:
+    """Run ``model`` (eval mode) over ``loader`` of :class:`~repvgg.training.data.Batch` and count hits;
+    ``flip`` averages the logits of each image and its mirror image (test-time augmentation)."""
     was_training = model.training
     model.eval()
     result = EvalResult(confusion=torch.zeros(num_classes, num_classes, dtype=torch.long) if confusion else None)
@@ -128,10 +135,9 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
         _sync(device)
         start = time.perf_counter()
         with autocast():
-            logits = model(images)
-        if isinstance(logits, dict):
-            logits = logits["main"]
-        logits = logits.float()
+            logits = _logits(model, images)
+            if flip:
+                logits = (logits + _logits(model, images.flip(3))) / 2
         _sync(device)
         result.model_time_s += time.perf_counter() - start
         result.loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
@@ -193,6 +199,7 @@ class EvalOptions:
     bad_images: BadImagePolicy = "skip"
     cache_dir: str | None = None
     per_class: bool = False
+    flip_tta: bool = False  # average each image's logits with its mirror image's
     confusion: str | None = None  # PNG file for the confusion matrix
     json: str | None = None  # JSON file for the results
 
@@ -226,7 +233,7 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
                         pin_memory=device.type == "cuda")
     result = evaluate(model, loader, device, model.num_classes, autocast=lambda: autocast(device, opts.amp),
                       channels_last=opts.channels_last, bad_images=opts.bad_images, report=tqdm.write,
-                      confusion=bool(opts.per_class or opts.confusion), progress=True)
+                      confusion=bool(opts.per_class or opts.confusion), progress=True, flip=opts.flip_tta)
     if not result.n:
         raise RepVGGError(f"no readable images in {dataset.root} ({result.skipped} unreadable); nothing written")
     if not math.isfinite(result.loss_sum):
@@ -236,13 +243,14 @@ def run_eval(opts: EvalOptions) -> dict[str, Any]:
     class_names = meta.get("class_names")
     form = "deploy" if ckpt.deploy else "training-time"
     arch = model.config.official_name if hasattr(model, "config") else meta.get("architecture", "unknown")
-    print(f"{_label(opts)} ({ckpt.format}, {form}, {arch}) on {dataset.root}")
+    print(f"{_label(opts)} ({ckpt.format}, {form}, {arch}) on {dataset.root}"
+          + (", flip test-time augmentation" if opts.flip_tta else ""))
     print(f"  images {result.n}  top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  loss {result.loss:.4f}  "
           f"{result.images_per_s:.1f} images/s" + (f"  ({result.skipped} unreadable skipped)" if result.skipped
                                                    else ""))
     names = list(class_names or dataset.classes)
     summary = dict(checkpoint=_label(opts), format=ckpt.format, form=form, data=str(dataset.root),
-                   **result.as_dict())
+                   flip_tta=opts.flip_tta, **result.as_dict())
     if opts.per_class:
         present = sorted({names.index(c) if class_names else i for i, c in enumerate(dataset.classes)})
         summary.update(_per_class_report(result, names, present))
@@ -300,5 +308,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="unreadable images: report and skip, or stop")
     p.add_argument("--cache-dir", help="where archives are unpacked")
     p.add_argument("--per-class", action="store_true", help="print the accuracy of every class")
+    p.add_argument("--flip-tta", action="store_true", help="test-time augmentation: average the logits of each "
+                   "image and its horizontal mirror (twice the compute)")
     p.add_argument("--confusion", metavar="PNG", type=output_file, help="draw the confusion matrix to this file")
     p.add_argument("--json", metavar="FILE", type=output_file, help="also write the results as JSON")
