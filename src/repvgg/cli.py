@@ -257,7 +257,8 @@ class _CommandParser(argparse.ArgumentParser):
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``repvgg`` parser; given the sub-command about to run, only its own heavy options are defined."""
-    parser = argparse.ArgumentParser(prog="repvgg", description=__doc__)
+    parser = argparse.ArgumentParser(prog="repvgg", description="RepVGG: train the multi-branch network, convert it "
+                                     "exactly into a plain stack of 3x3 convs, deploy it fast.")
     parser.add_argument("--version", action="version", version=f"repvgg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
 
