@@ -1,10 +1,10 @@
 """The paper's ablation at small scale: does each branch of the RepVGG block earn its place?
 
-Trains RepVGG with every branch variant (3x3 only, 3x3+1x1, 3x3+identity, the full block) and a ResNet-18 adapted to
-small images, with the same recipe, epochs and seeds on CIFAR-10, and measures for each: test top-1 of the
-training-time and deploy forms (mean and standard deviation over seeds), training images/s and peak memory of the
-training-time form, and deploy images/s (all models side by side, interleaved). Finished runs are reused and an
-interrupted one resumes where it stopped, so the command can simply be run again.
+Trains RepVGG with every branch variant (3x3 only, 3x3+1x1, 3x3+identity, the full block), the QARepVGG block and a
+ResNet-18 adapted to small images, with the same recipe, epochs and seeds on CIFAR-10, and measures for each: test
+top-1 of the training-time and deploy forms (mean and standard deviation over seeds), training images/s and peak
+memory of the training-time form, and deploy images/s (all models side by side, interleaved). Finished runs are reused
+and an interrupted one resumes where it stopped, so the command can simply be run again.
 
     python benchmarks/ablation.py --epochs 6 --seeds 0 1 2
 
@@ -41,6 +41,7 @@ from repvgg.training.train import train
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
 BASELINE = "resnet18"
+QAREPVGG = "qarepvgg"  # the full block in its quantization-friendly form (QARepVGG), for the quantization study
 PAPER_B0 = {"3x3": 72.39, "3x3+1x1": 73.15, "3x3+identity": 74.79, "full": 75.14}  # ImageNet top-1, 120 epochs
 
 
@@ -59,7 +60,14 @@ def build(variant: str, num_classes: int, args: argparse.Namespace) -> nn.Module
     """A fresh training-time model of one study entry."""
     if variant == BASELINE:
         return resnet18_small(num_classes, tuple(args.strides))
-    return create_model(args.model, num_classes=num_classes, strides=tuple(args.strides), branches=variant)
+    block, branches = _block_and_branches(variant)
+    return create_model(args.model, num_classes=num_classes, strides=tuple(args.strides), branches=branches,
+                        block=block)
+
+
+def _block_and_branches(variant: str) -> tuple[str, str]:
+    """The RepVGG block kind and branches of a study entry (not the baseline)."""
+    return ("qarepvgg", "full") if variant == QAREPVGG else ("repvgg", variant)
 
 
 # --- training ---------------------------------------------------------------------------------------------------
@@ -81,11 +89,13 @@ def train_all(args: argparse.Namespace, mode: StepMode) -> dict[str, list[dict[s
 
 def _options(args: argparse.Namespace, variant: str, seed: int, mode: StepMode) -> TrainOptions:
     baseline = variant == BASELINE
+    block, branches = ("repvgg", "full") if baseline else _block_and_branches(variant)
     return TrainOptions(
         data=args.data, out_dir=str(Path(args.run_root) / f"{variant}-seed{seed}"),
-        model="resnet18_small" if baseline else args.model, branches="full" if baseline else variant,
+        model="resnet18_small" if baseline else args.model, block=block, branches=branches,
         model_factory=(lambda n: resnet18_small(n, tuple(args.strides))) if baseline else None,
-        recipe=recipe_with("cifar", epochs=args.epochs, strides=tuple(args.strides), batch_size=args.batch_size),
+        recipe=recipe_with("cifar", epochs=args.epochs, strides=tuple(args.strides), batch_size=args.batch_size,
+                           warmup_epochs=args.warmup_epochs),
         seed=seed, resume="auto",
         workers=args.workers, amp=mode.amp, channels_last=mode.channels_last, threads=mode.threads, probe=False,
         tensorboard=False)
@@ -221,11 +231,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--strides", type=int, nargs=5, default=[1, 2, 2, 2, 2], help="stage0..stage4 strides")
     p.add_argument("--epochs", type=int, default=6, help="epochs per run (the same for every variant)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds; each variant trains once per seed")
-    p.add_argument("--variants", nargs="+", default=[*BRANCHES[1:], BRANCHES[0], BASELINE],
-                   choices=[*BRANCHES, BASELINE], help="what to train")
+    p.add_argument("--variants", nargs="+", default=[*BRANCHES[1:], BRANCHES[0], QAREPVGG, BASELINE],
+                   choices=[*BRANCHES, QAREPVGG, BASELINE], help="what to train")
     p.add_argument("--train-subset", type=int, help="train on this many images (a fixed random subset)")
     p.add_argument("--workers", type=int, default=1, help="data-loading processes")
     p.add_argument("--batch-size", type=int, help="training batch (default: the cifar recipe's)")
+    p.add_argument("--warmup-epochs", type=float, help="warm-up length (default: the cifar recipe's)")
     p.add_argument("--measure-batch", type=int, default=128, help="batch of the speed and memory measurements")
     p.add_argument("--img-size", type=int, default=32, help="image side of the speed and memory measurements")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the speed measurements")

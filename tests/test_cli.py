@@ -27,8 +27,9 @@ def test_list_prints_every_model_with_paper_counts(capsys) -> None:
 
 def test_list_builds_no_model_and_imports_no_torchvision() -> None:
     """Counts come from the configs, so the command costs little more than importing torch."""
-    code = ("import sys, time; from repvgg.cli import main; t = time.perf_counter(); main(['list']); "
-            "assert time.perf_counter() - t < 1.0; assert 'torchvision' not in sys.modules")
+    code = ("import sys; from repvgg.cli import main; from repvgg.models.architectures import RepVGG; "
+            "RepVGG.__init__ = lambda *a, **k: sys.exit('a model was built'); main(['list']); "
+            "assert 'torchvision' not in sys.modules")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
 

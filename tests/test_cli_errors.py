@@ -39,6 +39,7 @@ class Files:
     nan: str  # ``train`` with a NaN weight
     huge: str  # finite weights whose outputs overflow to inf
     headless: str  # official layout without ``linear.*``
+    fewer_classes: str  # training-time RepVGG-A0 with 2 classes
     image: str  # a 16x16 RGB PNG
     data: str  # val/class0..2 of readable PNGs
     bad_data: str  # val/class0..2 of unreadable files only
@@ -231,7 +232,22 @@ ROWS = [
     Row("quantize --calib-images 0", lambda f: quantize(f, "--calib-images", "0"), 2, "must be a positive integer"),
     Row("quantize --out under a file", lambda f: [*quantize(f), "--out", f"{f.afile}/q.onnx"], 2,
         "is a file, not a folder"),
+    # qat: what it fine-tunes, its data, engines
+    Row("qat of a deploy checkpoint", lambda f: qat(f, f.deploy), 2, "is a deploy checkpoint"),
+    Row("qat checkpoint missing", lambda f: qat(f, f"{f.root}/nothing.pth"), 2, "checkpoint not found"),
+    Row("qat data missing", lambda f: qat(f, f.train, data=f"{f.root}/nothing"), 2, "data not found"),
+    Row("qat data of other classes", lambda f: qat(f, f.fewer_classes), 2, "classes differ"),
+    Row("qat --engine tensorrt", lambda f: qat(f, f.train, "--engine", "tensorrt"), 2, "invalid choice"),
+    Row("qat --epochs 0", lambda f: qat(f, f.train, "--epochs", "0"), 2, "must be a positive integer"),
+    Row("qat --lr -1", lambda f: qat(f, f.train, "--lr", "-1"), 2, "must be a number > 0"),
+    Row("qat without nncf", lambda f: [*qat(f, f.train), "--out", f"{f.out}/q.xml"], 2,
+        "nncf is not installed; install it with: pip install 'repvgg[quantize]'", no_nncf),
 ]
+
+
+def qat(f: Files, checkpoint: str, *extra: str, data: str | None = None) -> list[str]:
+    """``repvgg qat`` of ``checkpoint`` on the readable folder (or ``data``), to an ONNX Runtime artifact."""
+    return ["qat", checkpoint, "--data", data or f.data, "--out", f"{f.out}/q.onnx", "--workers", "0", *extra]
 
 
 def _checkpoints(root: Path) -> None:
@@ -241,6 +257,7 @@ def _checkpoints(root: Path) -> None:
     classes = ["class0", "class1", "class2"]
     save_checkpoint(model, root / "train.pth", class_names=classes, preprocess=PREPROCESS)
     save_checkpoint(reparameterize(model), root / "deploy.pth", class_names=classes, preprocess=PREPROCESS)
+    save_checkpoint(create_model("repvgg_a0", num_classes=2), root / "fewer_classes.pth", preprocess=PREPROCESS)
     (root / "link.pth").symlink_to(root / "train.pth")
     for name, key, value in (("nan", "stage0.rbr_dense.conv.weight", float("nan")), ("huge", "linear.weight", 3e38)):
         broken = copy.deepcopy(model)
@@ -266,7 +283,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
         (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
     (root / "afile").write_text("a regular file")
     (root / "out").mkdir()
-    names = ("train", "deploy", "link", "nan", "huge", "headless")
+    names = ("train", "deploy", "link", "nan", "huge", "headless", "fewer_classes")
     return Files(root=root, **{n: str(root / f"{n}.pth") for n in names}, image=str(root / "image.png"),
                  data=str(root / "data"), bad_data=str(root / "bad_data"), afile=str(root / "afile"),
                  out=str(root / "out"))

@@ -93,7 +93,7 @@ def test_quantize_end_to_end(engine: str, trained: tuple[Path, Path], tmp_path: 
         model = ov.Core().read_model(str(out))
         assert "FakeQuantize" in {op.get_type_name() for op in model.get_ops()}
         assert any(op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8 for op in model.get_ops())
-    from repvgg.deploy.export import load_deploy_model
+    from repvgg.deploy.sources import load_deploy_model
 
     float_model, _ = load_deploy_model(ckpt)
     x = np.concatenate(calibration_batches(data, preprocess_settings(PREPROCESS), 36))
@@ -121,7 +121,7 @@ def test_int8_through_eval_and_predict(engine: str, trained: tuple[Path, Path], 
 def test_every_method(trained: tuple[Path, Path]) -> None:
     """Each engine's other calibration methods quantize too (the defaults run end to end above)."""
     ckpt, data = trained
-    from repvgg.deploy.export import load_deploy_model
+    from repvgg.deploy.sources import load_deploy_model
 
     model, _ = load_deploy_model(ckpt)
     batches = calibration_batches(data, preprocess_settings(PREPROCESS), 8)

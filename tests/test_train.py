@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import re
 import signal
@@ -68,13 +69,16 @@ CLASSES = ["a", "b", "c"]
 
 
 class StopAt(Callback):
-    """Sends this process SIGTERM after optimizer step ``step`` of ``epoch`` (0-based epoch, 1-based step)."""
+    """Sends this process SIGTERM after optimizer step ``step`` of ``epoch`` (0-based epoch, 1-based step); with
+    ``group``, its loading workers first, as ``kill -TERM -PGID`` or a job scheduler would."""
 
-    def __init__(self, epoch: int, step: int) -> None:
-        self.at = (epoch, step)
+    def __init__(self, epoch: int, step: int, group: bool = False) -> None:
+        self.at, self.group = (epoch, step), group
 
     def on_step_end(self, epoch: int, step: int) -> None:
         if (epoch, step) == self.at:
+            for worker in multiprocessing.active_children() if self.group else ():
+                os.kill(worker.pid, signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -216,6 +220,15 @@ def test_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path: Path, stop_at: tup
     for a, b in zip(rows["straight"], rows["split"], strict=True):
         assert math.isclose(a["train_loss"], b["train_loss"], rel_tol=1e-9) and b["train_images_per_s"] > 0
         assert a["val_top1"] == b["val_top1"]
+
+
+def test_sigterm_to_the_whole_process_group_still_saves_mid_epoch(tmp_path: Path) -> None:
+    """The loading workers get the signal too: they outlive it, so the run saves its step and resumes."""
+    with pytest.raises(KeyboardInterrupt):
+        train(_opts(tmp_path, workers=1, callbacks=[StopAt(0, 2, group=True)]), Noisy(), VAL, CLASSES)
+    progress = torch.load(tmp_path / "last.pt", weights_only=True)["progress"]
+    assert (progress["epoch"], progress["step"]) == (0, 2)
+    assert train(_opts(tmp_path, workers=1, resume="auto"), Noisy(), VAL, CLASSES)["epochs"] == TINY.epochs
 
 
 def test_resume_after_the_last_epoch_finishes_and_a_complete_run_says_so(tmp_path: Path) -> None:

@@ -6,16 +6,11 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._version import __version__
-from .cliargs import nonneg_float, nonneg_int, output_file, positive_int
+from .cliargs import nonneg_float, nonneg_int, output_file, positive_float, positive_int
 from .errors import RepVGGError
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from .models.checkpoints import Checkpoint
 
 EXIT_BAD_INPUT = 2
 PRETRAINED_HELP = ("published weights by model name (repvgg_a0: timm's, from the Hugging Face Hub, cached), "
@@ -88,23 +83,12 @@ def _cmd_plot(args: argparse.Namespace) -> None:
     print(f"curves -> {plot_run(args.run_dir, args.out)}")
 
 
-def _deploy_source(checkpoint: str | None, pretrained: str | None,
-                   model_name: str | None) -> tuple[nn.Module, Checkpoint, str]:
-    """(deploy model, its checkpoint, a label) from a checkpoint file or ``--pretrained`` weights, exactly one."""
-    from .deploy.export import load_deploy_model
-    from .models.pretrained import read_pretrained
-
-    if bool(checkpoint) == bool(pretrained):
-        raise RepVGGError("give a checkpoint file or --pretrained (one of the two)")
-    source = read_pretrained(pretrained, model_name) if pretrained else checkpoint
-    return *load_deploy_model(source, model_name), checkpoint or f"pretrained {pretrained}"
-
-
 def _cmd_export(args: argparse.Namespace) -> None:
     from .deploy.engines import input_size
     from .deploy.export import export_model
+    from .deploy.sources import deploy_model_source
 
-    model, ckpt, label = _deploy_source(args.checkpoint, args.pretrained, args.model)
+    model, ckpt, label = deploy_model_source(args.checkpoint, args.pretrained, args.model)
     img_size = tuple(args.img_size) if args.img_size else input_size(ckpt.metadata)
     result = export_model(model, args.out, args.format, img_size, args.dynamic_batch, args.tolerance,
                           metadata=ckpt.metadata)
@@ -118,14 +102,14 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from .deploy.artifacts import artifact_format
     from .deploy.predict import predict
     from .deploy.probe import fastest_engine
-    from .deploy.sources import open_artifact
+    from .deploy.sources import deploy_model_source, open_artifact
 
     images = [args.checkpoint, *args.images] if args.pretrained else args.images
     if not args.pretrained and artifact_format(args.checkpoint):
         model, metadata = open_artifact(args.checkpoint, args.engine, max(len(images), 1)), None
         engine = model.engine
     else:
-        model, ckpt, _ = _deploy_source(None if args.pretrained else args.checkpoint, args.pretrained, args.model)
+        model, ckpt, _ = deploy_model_source(None if args.pretrained else args.checkpoint, args.pretrained, args.model)
         engine, metadata = args.engine or fastest_engine(batch_size=max(len(images), 1)), ckpt.metadata
     results = predict(model, images, engine, metadata, args.top)
     print(f"engine: {engine}")
@@ -146,6 +130,22 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
           f"{result.agreement:.1%}, max difference {result.rel_diff:.2e} of the output scale")
     if result.top1:
         f32, i8 = result.top1["float32"], result.top1["int8"]
+        print(f"top-1 on {args.val}: float32 {f32:.2f}%  int8 {i8:.2f}%  ({i8 - f32:+.2f} points)")
+
+
+def _cmd_qat(args: argparse.Namespace) -> None:
+    from dataclasses import fields
+
+    from .deploy.qat import QATOptions, run_qat
+
+    result = run_qat(QATOptions(**{f.name: getattr(args, f.name) for f in fields(QATOptions)}))
+    s, q = result.summary, result.quantized
+    print(f"fine-tuned quantization-aware in {result.run_dir} ({s['epochs']} epochs): simulated int8 top-1 "
+          f"{s['train_top1']:.2f}%, float32 deploy top-1 {s['deploy_top1']:.2f}%")
+    print(f"wrote {', '.join(q.files)} (int8, {q.engine}, method {q.method}, {q.calib_images} calibration images); "
+          f"top-1 agreement with float32 on them {q.agreement:.1%}")
+    if q.top1:
+        f32, i8 = q.top1["float32"], q.top1["int8"]
         print(f"top-1 on {args.val}: float32 {f32:.2f}%  int8 {i8:.2f}%  ({i8 - f32:+.2f} points)")
 
 
@@ -221,6 +221,37 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="architecture, when the file does not say")
     p.add_argument("--cache-dir", help="where archives are unpacked")
     p.set_defaults(func=_cmd_quantize)
+
+
+def _add_qat(sub: argparse._SubParsersAction, command: str | None) -> None:
+    """``qat``: quantization-aware fine-tuning that ends in an int8 artifact (options defined only when needed:
+    they import the training side)."""
+    p = sub.add_parser("qat", help="quantization-aware fine-tuning of a trained model, then its int8 artifact")
+    p.set_defaults(func=_cmd_qat)
+    if not _defines(command, "qat"):
+        return
+    from .deploy.qat import QAT_LR_FRACTION, QATOptions
+    from .deploy.quantize import DEFAULT_CALIB_IMAGES, INT8_ENGINES
+
+    p.add_argument("checkpoint", help="a training-time checkpoint (its recipe, strides and block are reused)")
+    p.add_argument("--data", required=True, metavar="DIR", help="folder or archive with train/ and val/ (or test/); "
+                   "its train/ split also calibrates the int8 artifact")
+    p.add_argument("--out", required=True, type=output_file, help="int8 output file: .xml (openvino) or .onnx "
+                   "(onnxruntime); without either suffix, the engine's is appended")
+    p.add_argument("--run-dir", help="the fine-tuning run (resumed when run again); default: --out with suffix .qat")
+    p.add_argument("--epochs", type=positive_int, default=QATOptions.epochs, help="fine-tuning epochs")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate for a global batch of 256 (cosine to 0); "
+                   f"default: {QAT_LR_FRACTION:g} x the checkpoint recipe's")
+    p.add_argument("--batch-size", type=positive_int, help="default: the checkpoint recipe's")
+    p.add_argument("--engine", choices=list(INT8_ENGINES), help="default: the one --out's suffix names, else the "
+                   "faster int8 engine here (probed once, cached)")
+    p.add_argument("--calib-images", type=positive_int, default=DEFAULT_CALIB_IMAGES,
+                   help="calibration images used at most")
+    p.add_argument("--val", metavar="DIR", help="also report float32 vs int8 top-1 on this folder")
+    p.add_argument("--workers", type=nonneg_int, help="data-loading processes (default: the cores less one)")
+    p.add_argument("--threads", type=positive_int, help="PyTorch threads (default: probed)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--cache-dir", help="where archives are unpacked")
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -311,6 +342,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict)
 
     _add_quantize(sub)
+    _add_qat(sub, command)
     _add_bench(sub)
     return parser
 

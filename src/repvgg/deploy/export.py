@@ -18,15 +18,14 @@ from torch import nn
 
 from ..errors import RepVGGError
 from ..files import atomic_write
-from ..models.checkpoints import Checkpoint, model_from_checkpoint
 from ..models.profile import input_channels
-from ..models.reparam import relative_difference, reparameterize
+from ..models.reparam import relative_difference
 from ..optional import require
 from .artifacts import METADATA_KEY, TORCHSCRIPT_EXTRA, artifact_metadata, with_onnx_metadata
 from .engines import load_artifact
 from .formats import onnx_bytes, save_openvino, to_openvino, to_torchscript
 
-__all__ = ["FORMATS", "ExportResult", "load_deploy_model", "export_model"]
+__all__ = ["FORMATS", "ExportResult", "export_model"]
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "openvino": ".xml"}
 
@@ -40,13 +39,6 @@ class ExportResult:
     max_abs_diff: float
     rel_diff: float
     input_shape: tuple[int, ...]
-
-
-def load_deploy_model(source: str | os.PathLike | Checkpoint, model_name: str | None = None
-                      ) -> tuple[nn.Module, Checkpoint]:
-    """Load any supported checkpoint and return its deploy (re-parameterized) model in eval mode."""
-    model, ckpt = model_from_checkpoint(source, model_name)
-    return (model if ckpt.deploy else reparameterize(model)).eval(), ckpt
 
 
 def export_model(model: nn.Module, out: str | os.PathLike, fmt: str, img_size: tuple[int, int] = (224, 224),

@@ -27,19 +27,22 @@ from ..models.reparam import relative_difference
 from ..optional import is_installed, require
 from .artifacts import METADATA_KEY, artifact_metadata, with_onnx_metadata
 from .engines import Engine, OnnxRuntimeEngine, OpenVINOEngine, available_engines, input_size
-from .export import load_deploy_model
 from .formats import onnx_bytes, save_openvino, to_openvino
 from .probe import PROBE_BATCH_SIZES, Speeds, engine_speeds, measure_engines
+from .sources import load_deploy_model
 
 __all__ = ["INT8_ENGINES", "METHODS", "SUFFIXES", "DEFAULT_CALIB_IMAGES", "check_method", "calibration_batches",
            "random_calibration", "quantize_model", "int8_engine", "save_int8", "measure_int8_engines",
-           "int8_engines_installed", "fastest_int8_engine", "QuantizeOptions", "QuantizeResult", "run_quantize"]
+           "int8_engines_installed", "fastest_int8_engine", "QuantizeOptions", "QuantizeResult", "engine_and_out",
+           "run_quantize"]
 
 INT8_ENGINES = ("openvino", "onnxruntime")
 # first = default. openvino (NNCF): default = performance preset (symmetric activations) + fast bias correction;
 # mixed = mixed preset (asymmetric activations); minmax = plain min/max ranges, no bias correction.
 # onnxruntime: its CalibrationMethod MinMax / Percentile (99.999) / Entropy.
-METHODS = {"openvino": ("default", "mixed", "minmax"), "onnxruntime": ("minmax", "percentile", "entropy")}
+# naive (both): per-tensor weights and min/max activation ranges, no bias correction; the baseline that breaks RepVGG.
+METHODS = {"openvino": ("default", "mixed", "minmax", "naive"),
+           "onnxruntime": ("minmax", "percentile", "entropy", "naive")}
 SUFFIXES = {"openvino": ".xml", "onnxruntime": ".onnx"}
 TOOLS = {"openvino": "nncf", "onnxruntime": "onnxruntime"}
 DEFAULT_CALIB_IMAGES = 128
@@ -97,12 +100,14 @@ def _nncf_options(method: str) -> dict[str, Any]:
     nncf = require("nncf")
     if method == "mixed":
         return {"preset": nncf.QuantizationPreset.MIXED}
-    if method == "minmax":
-        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    if method in ("minmax", "naive"):
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
         from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
+        weights = QuantizationParameters(per_channel=False) if method == "naive" else None
         return {"advanced_parameters": AdvancedQuantizationParameters(
-            activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX, disable_bias_correction=True)}
+            activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX, disable_bias_correction=True,
+            weights_quantization_params=weights)}
     return {"preset": nncf.QuantizationPreset.PERFORMANCE}
 
 
@@ -125,7 +130,7 @@ def _quantize_onnxruntime(model: nn.Module, batches: Sequence[np.ndarray], metho
             return {"input": x} if (x := next(self.batches, None)) is not None else None
 
     calibrate = {"minmax": q.CalibrationMethod.MinMax, "percentile": q.CalibrationMethod.Percentile,
-                 "entropy": q.CalibrationMethod.Entropy}[method]
+                 "entropy": q.CalibrationMethod.Entropy, "naive": q.CalibrationMethod.MinMax}[method]
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # quantize_static warns on the root logger, on every call, to pre-process graphs
@@ -133,7 +138,7 @@ def _quantize_onnxruntime(model: nn.Module, batches: Sequence[np.ndarray], metho
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(onnx_bytes(model, img_size, dynamic_batch=True))
         try:
-            q.quantize_static(src, dst, Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
+            q.quantize_static(src, dst, Reader(), quant_format=q.QuantFormat.QDQ, per_channel=method != "naive",
                               reduce_range=_reduce_range(), activation_type=q.QuantType.QUInt8,
                               weight_type=q.QuantType.QInt8, calibrate_method=calibrate)
         finally:
@@ -235,7 +240,7 @@ class QuantizeResult:
     top1: dict[str, float] = field(default_factory=dict)  # float32 and int8 top-1 on --val
 
 
-def _engine_and_out(opts: QuantizeOptions) -> tuple[str, str, Path]:
+def engine_and_out(opts: QuantizeOptions) -> tuple[str, str, Path]:
     """(engine, method, output file): ``--engine``, else the one ``--out``'s suffix names (.xml openvino, .onnx
     onnxruntime), else the faster int8 engine here with its suffix appended; checked before any work."""
     if not Path(opts.calib).exists():
@@ -258,7 +263,7 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeResult:
     then int8."""
     from ..training.data import preprocess_settings
 
-    engine, method, out = _engine_and_out(opts)
+    engine, method, out = engine_and_out(opts)
     float_top1 = _top1(opts.val, opts.checkpoint, opts.model, opts.cache_dir) if opts.val else None
     model, ckpt = load_deploy_model(opts.checkpoint, opts.model)
     preprocess = preprocess_settings(ckpt.metadata.get("preprocess"))
@@ -268,8 +273,8 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeResult:
     n = sum(map(len, batches))
     meta = {**artifact_metadata(model, ckpt.metadata, img_size), "precision": "int8",
             "quantization": {"engine": engine, "tool": TOOLS[engine], "method": method, "calibration_images": n,
-                             "weights": "per-channel int8" + (", 7-bit range" if engine == "onnxruntime"
-                                                              and _reduce_range() else "")}}
+                             "weights": ("per-tensor" if method == "naive" else "per-channel") + " int8"
+                                        + (", 7-bit range" if engine == "onnxruntime" and _reduce_range() else "")}}
     result = QuantizeResult(engine, method, [], n)
     check = np.concatenate(batches)[:32]
     with torch.no_grad():

@@ -15,12 +15,14 @@ from torch import Tensor, nn
 from ..errors import RepVGGError
 from ..models.checkpoints import Checkpoint, model_from_checkpoint
 from ..models.pretrained import read_pretrained
+from ..models.reparam import reparameterize
 from ..optional import is_installed
 from .artifacts import ARTIFACT_ENGINES, artifact_format, read_artifact_metadata
 from .engines import input_size, load_artifact
 from .probe import fastest_engine
 
-__all__ = ["Artifact", "ArtifactModel", "open_artifact", "load_model_source"]
+__all__ = ["Artifact", "ArtifactModel", "open_artifact", "load_model_source", "load_deploy_model",
+           "deploy_model_source"]
 
 
 def _batch_limit(run: Any) -> int | None:
@@ -105,3 +107,19 @@ def load_model_source(checkpoint: str | os.PathLike | None, model_name: str | No
     if artifact_format(checkpoint) is not None:
         return _artifact_model(str(checkpoint), engine)
     return model_from_checkpoint(checkpoint, model_name)
+
+
+def load_deploy_model(source: str | os.PathLike | Checkpoint, model_name: str | None = None
+                      ) -> tuple[nn.Module, Checkpoint]:
+    """Load any supported checkpoint and return its deploy (re-parameterized) model in eval mode."""
+    model, ckpt = model_from_checkpoint(source, model_name)
+    return (model if ckpt.deploy else reparameterize(model)).eval(), ckpt
+
+
+def deploy_model_source(checkpoint: str | None, pretrained: str | None,
+                        model_name: str | None = None) -> tuple[nn.Module, Checkpoint, str]:
+    """(deploy model, its checkpoint, a label) from a checkpoint file or pretrained weights: exactly one of them."""
+    if bool(checkpoint) == bool(pretrained):
+        raise RepVGGError("give a checkpoint file or --pretrained (one of the two)")
+    source = read_pretrained(pretrained, model_name) if pretrained else checkpoint
+    return *load_deploy_model(source, model_name), checkpoint or f"pretrained {pretrained}"

@@ -157,7 +157,15 @@ class Run:
         """Batches of this process's share; a private generator keeps loading off the global RNG stream."""
         return DataLoader(dataset, batch_size=self.per_rank, sampler=sampler, num_workers=self.opts.workers,
                           collate_fn=collate, pin_memory=self.device.type == "cuda", drop_last=drop_last,
-                          generator=torch.Generator().manual_seed(self.opts.seed))
+                          generator=torch.Generator().manual_seed(self.opts.seed), worker_init_fn=shield_worker)
+
+
+def shield_worker(worker_id: int) -> None:
+    """DataLoader worker start: a Ctrl-C, or a SIGTERM sent to the whole process group, must not kill the workers
+    before the training process has saved; so they ignore SIGINT and their first SIGTERM (a second one, such as
+    the loader's own ``terminate()`` of a stuck worker at shutdown, still ends them)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: signal.signal(signal.SIGTERM, signal.SIG_DFL))
 
 
 def train_one_epoch(run: Run) -> None:
