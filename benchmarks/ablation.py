@@ -6,7 +6,7 @@ top-1 of the training-time and deploy forms (mean and standard deviation over se
 memory of the training-time form, and deploy images/s (all models side by side, interleaved). Finished runs are reused
 and an interrupted one resumes where it stopped, so the command can simply be run again.
 
-    python benchmarks/ablation.py --epochs 6 --seeds 0 1 2
+    python benchmarks/ablation.py  # --epochs 4 --seeds 0 1 2 --train-subset 20000 --batch-size 128 --warmup-epochs 0.5
 
 Writes ``benchmarks/results/ablation.{json,md,png}``.
 """
@@ -229,14 +229,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", default=str(DEFAULT_DATA), help="folder with train/ and test/ (or their archives)")
     p.add_argument("--model", default="repvgg_a0", help="RepVGG architecture every branch variant is built from")
     p.add_argument("--strides", type=int, nargs=5, default=[1, 2, 2, 2, 2], help="stage0..stage4 strides")
-    p.add_argument("--epochs", type=int, default=6, help="epochs per run (the same for every variant)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds; each variant trains once per seed")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per run (the same for every variant)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds; each variant trains once per seed")
     p.add_argument("--variants", nargs="+", default=[*BRANCHES[1:], BRANCHES[0], QAREPVGG, BASELINE],
                    choices=[*BRANCHES, QAREPVGG, BASELINE], help="what to train")
-    p.add_argument("--train-subset", type=int, help="train on this many images (a fixed random subset)")
+    p.add_argument("--train-subset", type=int, default=20000,
+                   help="train on this many images (a fixed random subset; 0: all)")
     p.add_argument("--workers", type=int, default=1, help="data-loading processes")
-    p.add_argument("--batch-size", type=int, help="training batch (default: the cifar recipe's)")
-    p.add_argument("--warmup-epochs", type=float, help="warm-up length (default: the cifar recipe's)")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch")
+    p.add_argument("--warmup-epochs", type=float, default=0.5, help="warm-up length")
     p.add_argument("--measure-batch", type=int, default=128, help="batch of the speed and memory measurements")
     p.add_argument("--img-size", type=int, default=32, help="image side of the speed and memory measurements")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the speed measurements")

@@ -84,3 +84,15 @@ def test_missing_run_names_the_ablation_command(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"no finished full run in .*full-seed0 .*python benchmarks/ablation.py "
                                          r"--epochs 4 --seeds 0 1 2 .*--run-root"):
         quantization.main(["--data", str(tmp_path), "--run-root", str(tmp_path / "runs")])
+
+
+def test_an_extra_run_must_be_a_finished_training_run(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    make_split(data, "train", 8)
+    for entry, block in (("full", "repvgg"), ("qarepvgg", "qarepvgg")):
+        make_run(tmp_path / "runs" / f"{entry}-seed0", block, data)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "model.pth").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"half is not a finished training run \(model_deploy.pth, summary.json"):
+        quantization.main(["--data", str(data), "--run-root", str(tmp_path / "runs"), "--extra-runs",
+                           str(tmp_path / "half")])
