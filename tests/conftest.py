@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,4 +56,21 @@ def _user_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def trained_looking(model: torch.nn.Module) -> torch.nn.Module:
     """Eval-mode model whose BatchNorms carry statistics and affine weights far from 0/1."""
     randomize_bn(model)
+    return model.eval()
+
+
+def fit_colours(model: torch.nn.Module, data: Path, preprocess: dict, steps: int) -> torch.nn.Module:
+    """``model`` trained ``steps`` Adam steps to name each image's dominant colour (the test folders' classes);
+    returned in eval mode."""
+    from repvgg.deploy.quantize import calibration_batches
+    from repvgg.training.data import preprocess_settings
+
+    x = torch.from_numpy(np.concatenate(calibration_batches(data, preprocess_settings(preprocess), 24)))
+    labels = x.mean((2, 3)).argmax(1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), labels).backward()
+        optimizer.step()
     return model.eval()

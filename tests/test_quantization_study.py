@@ -8,14 +8,12 @@ import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
+from conftest import fit_colours
 from imagefolders import REPO, make_split
 from repvgg import create_model, reparameterize, save_checkpoint
-from repvgg.deploy.quantize import calibration_batches, int8_engines_installed
-from repvgg.training.data import preprocess_settings
+from repvgg.deploy.quantize import int8_engines_installed
 
 spec = importlib.util.spec_from_file_location("quantization", REPO / "benchmarks" / "quantization.py")
 quantization = importlib.util.module_from_spec(spec)
@@ -30,17 +28,10 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
 def make_run(folder: Path, block: str, data: Path) -> None:
     """``model.pth``, ``model_deploy.pth`` and ``summary.json`` of RepVGG-A0 (strides 2 everywhere) trained a few
     steps on the three colours, as the ablation leaves them."""
-    model = create_model("repvgg_a0", num_classes=3, strides=(2, 2, 2, 2, 2), block=block)
-    x = torch.from_numpy(np.concatenate(calibration_batches(data, preprocess_settings(PREPROCESS), 24)))
-    labels = torch.tensor([int(np.argmax(img.mean((1, 2)))) for img in x.numpy()])  # the dominant colour
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(10):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), labels).backward()
-        optimizer.step()
+    model = fit_colours(create_model("repvgg_a0", num_classes=3, strides=(2, 2, 2, 2, 2), block=block), data,
+                        PREPROCESS, 10)
     meta = dict(class_names=CLASSES, preprocess=PREPROCESS, recipe="cifar", epochs=1)
-    save_checkpoint(model.eval(), folder / "model.pth", **meta)
+    save_checkpoint(model, folder / "model.pth", **meta)
     save_checkpoint(reparameterize(model), folder / "model_deploy.pth", **meta)
     (folder / "summary.json").write_text(json.dumps({"epochs": 1, "train_top1": 60.0, "deploy_top1": 60.0}))
 

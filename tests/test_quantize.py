@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import fit_colours
 from imagefolders import make_dataset
 from repvgg import create_model, save_checkpoint
 from repvgg.cli import main
@@ -52,17 +53,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(checkpoint, data folder): RepVGG-A0 with strides (2,2,2,2,2), trained a few steps on three colours."""
     root = tmp_path_factory.mktemp("quant")
     data = make_dataset(root / "data", train=8, val=4)
-    model = create_model("repvgg_a0", num_classes=3, strides=(2, 2, 2, 2, 2))
-    batches = calibration_batches(data, preprocess_settings(PREPROCESS), 24)
-    x = torch.from_numpy(np.concatenate(batches))
-    labels = torch.tensor([int(np.argmax(img.mean((1, 2)))) for img in x.numpy()])  # the dominant colour
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(15):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), labels).backward()
-        optimizer.step()
-    save_checkpoint(model.eval(), root / "a0.pth", class_names=CLASSES, preprocess=PREPROCESS)
+    model = fit_colours(create_model("repvgg_a0", num_classes=3, strides=(2, 2, 2, 2, 2)), data, PREPROCESS, 15)
+    save_checkpoint(model, root / "a0.pth", class_names=CLASSES, preprocess=PREPROCESS)
     return root / "a0.pth", data
 
 
