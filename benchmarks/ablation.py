@@ -211,6 +211,7 @@ def _plot(path: Path, table: dict[str, dict[str, Any]]) -> None:
     left.bar(names, [table[n]["deploy_top1_mean"] for n in names], yerr=[table[n]["deploy_top1_std"] for n in names],
              capsize=4, color="tab:blue")
     left.set(ylabel="test top-1 (%), deploy form", title="Accuracy per variant (mean ± std over seeds)")
+    left.tick_params(axis="x", labelrotation=20)
     low = min(table[n]["deploy_top1_mean"] - table[n]["deploy_top1_std"] for n in names)
     left.set_ylim(max(0.0, low - 2), None)
     for n in names:
