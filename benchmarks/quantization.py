@@ -366,7 +366,9 @@ def _plot(path: Path, models: dict[str, dict[str, Any]], engines: list[str]) -> 
     for col, m in enumerate(models.values()):
         _bars(axes[0][col], list(ROWS.values()),
               {e: [m["top1"][row].get(e, math.nan) for row in ROWS] for e in engines}, ".1f")
-        axes[0][col].set(ylabel="test top-1 (%)", title=f"{m['name']}: accuracy")
+        values = [v for row in m["top1"].values() for v in row.values()]
+        axes[0][col].set(ylabel="test top-1 (%)", title=f"{m['name']}: accuracy",
+                         ylim=(max(0.0, min(values) - 3), max(values) + 1.5))
         settings = [(size, batch) for size, by_batch in m["speed"].items() for batch in by_batch]
         runners = list(m["speed"][settings[0][0]][settings[0][1]]["images_per_s"])
         _bars(axes[1][col], [f"{s}x{s}, batch {b}" for s, b in settings],
