@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Subset
 
 from repvgg import create_model, model_from_checkpoint
 from repvgg.files import atomic_write
@@ -34,6 +33,7 @@ from repvgg.models.blocks import BRANCHES
 from repvgg.optional import require
 from repvgg.training.options import TrainOptions
 from repvgg.training.recipes import recipe_with
+from repvgg.training.sampling import fixed_subset
 from repvgg.training.setup import load_datasets
 from repvgg.training.speed import StepMode, candidate_modes, probe_modes, step_runner
 from repvgg.training.train import train
@@ -75,9 +75,7 @@ def _block_and_branches(variant: str) -> tuple[str, str]:
 def train_all(args: argparse.Namespace, mode: StepMode) -> dict[str, list[dict[str, Any]]]:
     """Train (or reuse, or resume) every variant with every seed; returns the summaries by variant."""
     train_set, val_set, classes = load_datasets(_options(args, "full", 0, mode))
-    if args.train_subset:
-        train_set = Subset(train_set, torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))
-                           [:args.train_subset].tolist())
+    train_set = fixed_subset(train_set, args.train_subset)
     summaries: dict[str, list[dict[str, Any]]] = {}
     for seed in args.seeds:
         for variant in args.variants:

@@ -50,6 +50,7 @@ from repvgg.models.checkpoints import Checkpoint, read_checkpoint
 from repvgg.optional import require
 from repvgg.training.data import ImageFolder, collate, eval_transform, preprocess_settings, resolve_split
 from repvgg.training.options import TrainOptions
+from repvgg.training.sampling import fixed_subset
 from repvgg.training.setup import load_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,9 +185,7 @@ def qat_datasets(args: argparse.Namespace, run: Run) -> tuple[Dataset, Dataset, 
     """The fine-tuning data as the ablation trained on it (the same fixed subset) and the evaluated test images."""
     recipe = qat_recipe(run.ckpt, args.qat_epochs, batch_size=args.batch_size)
     train_set, val_set, classes = load_datasets(TrainOptions(data=args.data, out_dir=str(run.path), recipe=recipe))
-    if args.train_subset:
-        train_set = Subset(train_set, torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))
-                           [:args.train_subset].tolist())
+    train_set = fixed_subset(train_set, args.train_subset)
     return train_set, Subset(val_set, spread(len(val_set), args.test_limit)), classes
 
 

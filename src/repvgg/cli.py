@@ -128,9 +128,14 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     print(f"quantized {args.checkpoint} -> {', '.join(result.files)} (int8, {result.engine}, method "
           f"{result.method}, {result.calib_images} calibration images); on them: top-1 agreement with float32 "
           f"{result.agreement:.1%}, max difference {result.rel_diff:.2e} of the output scale")
-    if result.top1:
-        f32, i8 = result.top1["float32"], result.top1["int8"]
-        print(f"top-1 on {args.val}: float32 {f32:.2f}%  int8 {i8:.2f}%  ({i8 - f32:+.2f} points)")
+    _print_val_top1(args.val, result.top1)
+
+
+def _print_val_top1(val: str | None, top1: dict[str, float]) -> None:
+    """The float32 vs int8 top-1 line of ``quantize``/``qat --val`` (nothing without ``--val``)."""
+    if top1:
+        print(f"top-1 on {val}: float32 {top1['float32']:.2f}%  int8 {top1['int8']:.2f}%  "
+              f"({top1['int8'] - top1['float32']:+.2f} points)")
 
 
 def _cmd_qat(args: argparse.Namespace) -> None:
@@ -144,9 +149,7 @@ def _cmd_qat(args: argparse.Namespace) -> None:
           f"{s['train_top1']:.2f}%, float32 deploy top-1 {s['deploy_top1']:.2f}%")
     print(f"wrote {', '.join(q.files)} (int8, {q.engine}, method {q.method}, {q.calib_images} calibration images); "
           f"top-1 agreement with float32 on them {q.agreement:.1%}")
-    if q.top1:
-        f32, i8 = q.top1["float32"], q.top1["int8"]
-        print(f"top-1 on {args.val}: float32 {f32:.2f}%  int8 {i8:.2f}%  ({i8 - f32:+.2f} points)")
+    _print_val_top1(args.val, q.top1)
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:

@@ -63,17 +63,16 @@ def qat_recipe(ckpt: Checkpoint, epochs: int, lr: float | None = None, batch_siz
     """The checkpoint's recipe (strides and image sizes as it was trained) turned into a short fine-tune: no
     warm-up, EMA, mixup or cutmix, and a small cosine learning rate."""
     meta = ckpt.metadata
-    base = recipe_with(meta.get("recipe") or "paper", strides=meta.get("strides"))
+    name = meta.get("recipe") or "paper"
     sizes = meta.get("preprocess") or {}
-    return recipe_with(base.name, strides=base.strides, epochs=epochs, lr=lr or base.lr * QAT_LR_FRACTION,
-                       batch_size=batch_size, warmup_epochs=0.0, ema_decay=0.0, mixup=0.0, cutmix=0.0,
-                       img_size=sizes.get("crop"), eval_resize=sizes.get("resize"))
+    return recipe_with(name, strides=meta.get("strides"), epochs=epochs,
+                       lr=lr or recipe_with(name).lr * QAT_LR_FRACTION, batch_size=batch_size, warmup_epochs=0.0,
+                       ema_decay=0.0, mixup=0.0, cutmix=0.0, img_size=sizes.get("crop"),
+                       eval_resize=sizes.get("resize"))
 
 
 def _training_checkpoint(path: str) -> Checkpoint:
     """The checkpoint to fine-tune, which must be a training-time (multi-branch) RepVGG."""
-    if not Path(path).is_file():
-        raise RepVGGError(f"checkpoint not found: {path}")
     ckpt = read_checkpoint(path)
     if ckpt.deploy:
         raise RepVGGError(f"{path} is a deploy checkpoint; quantization-aware training fine-tunes the training-time "

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler, Subset
 
-__all__ = ["ShardSampler", "SeededSamples"]
+__all__ = ["ShardSampler", "SeededSamples", "fixed_subset"]
 
 
 class ShardSampler(Sampler[int]):
@@ -44,3 +44,11 @@ class SeededSamples(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 100_000_007 + index) % 2**63)
             return self.dataset[index]
+
+
+def fixed_subset(dataset: Dataset, size: int | None, seed: int = 0) -> Dataset:
+    """``size`` samples of ``dataset`` (all of them when it has fewer), drawn at random once for ``seed``: the same
+    ones in the same order on every call, so studies can share a training budget; ``dataset`` itself without a size."""
+    if not size:
+        return dataset
+    return Subset(dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size].tolist())
