@@ -1,0 +1,40 @@
+"""The CIFAR-10 benchmark command on a tiny image folder: it trains, reports both forms, flip TTA, the per-epoch table
+and both target verdicts, and ``--report-only`` rebuilds the same report from the run without training."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from imagefolders import REPO, make_split
+
+spec = importlib.util.spec_from_file_location("cifar10_benchmark", REPO / "benchmarks" / "cifar10.py")
+cifar10 = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cifar10)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_cifar10_benchmark_on_a_tiny_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    make_split(tmp_path / "data", "train", 4, size=32)
+    make_split(tmp_path / "data", "test", 2, size=32, seed=1)
+    argv = ["--data", str(tmp_path / "data"), "--epochs", "1", "--batch-size", "4", "--workers", "0",
+            "--run-dir", str(tmp_path / "run"), "--results", str(tmp_path / "results")]
+    cifar10.main(argv)
+    result = json.loads((tmp_path / "results" / "cifar10_a0.json").read_text())
+    assert result["epochs"] == 1 and len(result["per_epoch"]) == 1
+    assert 0 <= result["reloaded_deploy_top1_flip_tta"] <= 100
+    assert result["target"]["met"] is (result["deploy_top1"] >= 90)
+    assert result["target"]["met_with_flip_tta"] is (result["reloaded_deploy_top1_flip_tta"] >= 90)
+    assert "--resume" not in result["command"] and "--report-only" not in result["command"]
+    assert result["probe"]["chosen"] in result["probe"]["images_per_s"]
+    md = (tmp_path / "results" / "cifar10_a0.md").read_text()
+    assert "| epoch | lr (end) |" in md and "with flip TTA" in md
+    assert (tmp_path / "results" / "cifar10_a0.png").stat().st_size > 1000
+    capsys.readouterr()
+    cifar10.main([*argv, "--report-only"])
+    assert "starting a new run" not in capsys.readouterr().out
+    again = json.loads((tmp_path / "results" / "cifar10_a0.json").read_text())
+    assert again["reloaded_deploy_top1"] == result["reloaded_deploy_top1"] and again["per_epoch"] == result["per_epoch"]
