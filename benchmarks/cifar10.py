@@ -108,6 +108,8 @@ def write_markdown(path: Path, r: dict[str, Any]) -> None:
         f"| {r['epochs']} | {r['training_time_s'] / 60:.1f} min | {r['train_images_per_s']:.0f} | "
         f"{r['train_top1']:.2f}% | {r['deploy_top1']:.2f}% | {r['reloaded_deploy_top1']:.2f}% | "
         f"{r['reloaded_deploy_top1_flip_tta']:.2f}% |", "",
+        f"The training-time and deploy columns are evaluated in the run's step mode ({p['chosen']}); the re-loaded "
+        "deploy file and its flip TTA in float32.", "",
         f"Target: deploy top-1 >= {TARGET_TOP1:.0f}% within {TARGET_EPOCHS} epochs: without TTA "
         f"**{met(r['target']['met'])}**; with flip TTA **{met(r['target']['met_with_flip_tta'])}**.", "",
         f"Speed probe (training images/s, batch {p['batch_size']}, interleaved rounds, medians): {speeds}. "

@@ -32,6 +32,7 @@ def test_cifar10_benchmark_on_a_tiny_folder(tmp_path: Path, capsys: pytest.Captu
     assert result["probe"]["chosen"] in result["probe"]["images_per_s"]
     md = (tmp_path / "results" / "cifar10_a0.md").read_text()
     assert "| epoch | lr (end) |" in md and "with flip TTA" in md
+    assert f"evaluated in the run's step mode ({result['probe']['chosen']})" in md
     assert (tmp_path / "results" / "cifar10_a0.png").stat().st_size > 1000
     capsys.readouterr()
     cifar10.main([*argv, "--report-only"])
