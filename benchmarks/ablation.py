@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from repvgg import create_model, model_from_checkpoint
+from repvgg.cliargs import HelpFormatter, nonneg_float, nonneg_int, positive_int
 from repvgg.files import atomic_write
 from repvgg.hardware import cpu_info, matmul_gflops, measure_throughput
 from repvgg.models.blocks import BRANCHES
@@ -223,31 +224,33 @@ def _plot(path: Path, table: dict[str, dict[str, Any]]) -> None:
 
 # --- main -------------------------------------------------------------------------------------------------------
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, every option with a help line and its default."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", default=str(DEFAULT_DATA), help="folder with train/ and test/ (or their archives)")
     p.add_argument("--model", default="repvgg_a0", help="RepVGG architecture every branch variant is built from")
-    p.add_argument("--strides", type=int, nargs=5, default=[1, 2, 2, 2, 2], help="stage0..stage4 strides")
-    p.add_argument("--epochs", type=int, default=4, help="epochs per run (the same for every variant)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds; each variant trains once per seed")
+    p.add_argument("--strides", type=positive_int, nargs=5, default=[1, 2, 2, 2, 2], help="stage0..stage4 strides")
+    p.add_argument("--epochs", type=positive_int, default=4, help="epochs per run (the same for every variant)")
+    p.add_argument("--seeds", type=nonneg_int, nargs="+", default=[0, 1, 2],
+                   help="seeds; each variant trains once per seed")
     p.add_argument("--variants", nargs="+", default=[*BRANCHES[1:], BRANCHES[0], QAREPVGG, BASELINE],
                    choices=[*BRANCHES, QAREPVGG, BASELINE], help="what to train")
-    p.add_argument("--train-subset", type=int, default=20000,
+    p.add_argument("--train-subset", type=nonneg_int, default=20000,
                    help="train on this many images (a fixed random subset; 0: all)")
-    p.add_argument("--workers", type=int, default=1, help="data-loading processes")
-    p.add_argument("--batch-size", type=int, default=128, help="training batch")
-    p.add_argument("--warmup-epochs", type=float, default=0.5, help="warm-up length")
-    p.add_argument("--measure-batch", type=int, default=128, help="batch of the speed and memory measurements")
-    p.add_argument("--img-size", type=int, default=32, help="image side of the speed and memory measurements")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the speed measurements")
+    p.add_argument("--workers", type=nonneg_int, default=1, help="data-loading processes")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="training batch")
+    p.add_argument("--warmup-epochs", type=nonneg_float, default=0.5, help="warm-up length")
+    p.add_argument("--measure-batch", type=positive_int, default=128, help="batch of the speed and memory measurements")
+    p.add_argument("--img-size", type=positive_int, default=32, help="image side of the speed and memory measurements")
+    p.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds of the speed measurements")
     p.add_argument("--run-root", default=str(ROOT / "runs" / "ablation"), help="one run folder per variant and seed")
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder for the report files")
     p.add_argument("--measure-memory", metavar="VARIANT", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse(argv)
+    args = build_parser().parse_args(argv)
     if args.measure_memory:
         _measure_memory(args)
         return

@@ -25,6 +25,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from repvgg import create_model, model_from_checkpoint
+from repvgg.cliargs import HelpFormatter, nonneg_int, positive_int
+from repvgg.errors import RepVGGError
 from repvgg.files import atomic_write
 from repvgg.hardware import cpu_info, matmul_gflops
 from repvgg.training.data import ImageFolder, collate, eval_transform
@@ -33,6 +35,7 @@ from repvgg.training.metrics import read_metrics
 from repvgg.training.options import TrainOptions
 from repvgg.training.plot import plot_run
 from repvgg.training.recipes import recipe_with
+from repvgg.training.rundir import RunDir
 from repvgg.training.setup import load_datasets
 from repvgg.training.speed import StepMode, candidate_modes, probe_modes
 from repvgg.training.train import train
@@ -40,6 +43,7 @@ from repvgg.training.train import train
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
 TARGET_TOP1, TARGET_EPOCHS = 90.0, 15
+PROBE_FILE = "speed_probe.json"
 
 
 def probe(opts: TrainOptions, images: torch.Tensor, targets: torch.Tensor,
@@ -122,32 +126,58 @@ def write_markdown(path: Path, r: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines)))
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_probe(opts: TrainOptions, train_set: ImageFolder, classes: int, run_dir: Path) -> dict[str, Any]:
+    """Probe the step modes on a real batch and keep the figures in the run directory, for ``--report-only``."""
+    first = next(iter(DataLoader(train_set, batch_size=128, shuffle=True, collate_fn=collate,
+                                 generator=torch.Generator().manual_seed(0))))
+    chosen, speeds = probe(opts, first.images, first.targets, classes)
+    result = dict(batch_size=len(first.targets), images_per_s=speeds, chosen=chosen.label,
+                  chosen_mode=asdict(chosen))
+    RunDir(run_dir).create()
+    atomic_write(run_dir / PROBE_FILE, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
+    return result
+
+
+def stored_probe(run_dir: Path) -> dict[str, Any]:
+    """The speed probe kept by the run's training invocation."""
+    path = run_dir / PROBE_FILE
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found: --report-only needs a run trained by this benchmark")
+    return json.loads(path.read_text())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, every option with a help line and its default."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", default=str(DEFAULT_DATA), help="folder with train.tar.gz/test.tar.gz or train/ test/")
-    p.add_argument("--epochs", type=int, default=TARGET_EPOCHS)
-    p.add_argument("--batch-size", type=int, help="images per step (default: the cifar recipe's)")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--run-dir", default=str(ROOT / "runs" / "cifar10_a0"))
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--epochs", type=positive_int, default=TARGET_EPOCHS, help="training epochs")
+    p.add_argument("--batch-size", type=positive_int, help="images per step (default: the cifar recipe's)")
+    p.add_argument("--workers", type=nonneg_int, default=1, help="data-loading worker processes")
+    p.add_argument("--run-dir", default=str(ROOT / "runs" / "cifar10_a0"),
+                   help="run directory: checkpoints, metrics and the speed probe")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder for the report files")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from --run-dir")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     args.recipe = recipe_with("cifar", epochs=args.epochs, batch_size=args.batch_size)
     opts = TrainOptions(data=args.data, out_dir=args.run_dir, model="repvgg_a0", recipe=args.recipe,
                         workers=args.workers, probe=False,
                         resume="auto" if args.resume else None)
     train_set, val_set, classes = load_datasets(opts)
-    first = next(iter(DataLoader(train_set, batch_size=128, shuffle=True, collate_fn=collate,
-                                 generator=torch.Generator().manual_seed(0))))
-    chosen, speeds = probe(opts, first.images, first.targets, len(classes))
-    opts.amp, opts.channels_last, opts.threads = chosen.amp, chosen.channels_last, chosen.threads
-    if not args.report_only:
+    if args.report_only:
+        probe_result = stored_probe(Path(args.run_dir))
+    else:
+        probe_result = run_probe(opts, train_set, len(classes), Path(args.run_dir))
+        chosen = StepMode(**probe_result["chosen_mode"])
+        opts.amp, opts.channels_last, opts.threads = chosen.amp, chosen.channels_last, chosen.threads
         t0 = time.monotonic()
         train(opts, train_set, val_set, classes)
         print(f"trained in {(time.monotonic() - t0) / 60:.1f} min", flush=True)
-    torch.set_num_threads(chosen.threads)
-    probe_result = dict(batch_size=len(first.targets), images_per_s=speeds, chosen=chosen.label)
+    torch.set_num_threads(probe_result["chosen_mode"]["threads"])
     result = report(Path(args.run_dir), Path(val_set.root), probe_result, args)
     out = Path(args.results)
     atomic_write(out / "cifar10_a0.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
@@ -159,4 +189,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RepVGGError as e:
+        sys.exit(f"error: {e}")

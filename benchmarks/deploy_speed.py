@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from repvgg.cliargs import output_file, positive_int
+from repvgg.cliargs import HelpFormatter, output_file, positive_int
 from repvgg.deploy.benchmark import BASELINES, BENCH_ENGINES, format_table, plot_report, run_benchmark
 from repvgg.files import atomic_write
 
@@ -33,19 +33,27 @@ def check_targets(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             for key, least in TARGETS.items() if summary.get(key) is not None}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="repvgg_a0")
-    parser.add_argument("--img-size", type=positive_int, nargs=2, default=[224, 224], metavar=("H", "W"))
-    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 16])
-    parser.add_argument("--rounds", type=positive_int, default=5)
-    parser.add_argument("--images-per-round", type=positive_int, default=8)
-    parser.add_argument("--engines", nargs="+", choices=list(BENCH_ENGINES), default=list(BENCH_ENGINES))
-    parser.add_argument("--baselines", nargs="*", default=list(BASELINES))
-    parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--json", type=output_file, default="benchmarks/results/bench_a0.json")
-    parser.add_argument("--plot", type=output_file, default="benchmarks/results/bench_a0.png", help="'' for none")
-    args = parser.parse_args()
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, every option with a help line and its default."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--model", default="repvgg_a0", help="architecture to convert and time")
+    parser.add_argument("--img-size", type=positive_int, nargs=2, default=[224, 224], metavar=("H", "W"),
+                        help="input height and width")
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 16], help="batch sizes to time")
+    parser.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds (medians are reported)")
+    parser.add_argument("--images-per-round", type=positive_int, default=8, help="images timed per round and batch")
+    parser.add_argument("--engines", nargs="+", choices=list(BENCH_ENGINES), default=list(BENCH_ENGINES),
+                        help="deploy engines to time")
+    parser.add_argument("--baselines", nargs="*", default=list(BASELINES), help="torchvision models timed alongside")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--json", type=output_file, default="benchmarks/results/bench_a0.json", help="results file")
+    parser.add_argument("--plot", type=output_file, default="benchmarks/results/bench_a0.png",
+                        help="chart file ('' for none)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     report = run_benchmark(args.model, tuple(args.img_size), args.batch_sizes, args.rounds, args.images_per_round,
                            args.engines, args.baselines, memory=not args.no_memory,
                            log=lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from repvgg import create_model, list_models, reparameterize
+from repvgg.cliargs import HelpFormatter, output_file, positive_int
 from repvgg.demo import randomize_bn
 from repvgg.files import atomic_write
 from repvgg.models.reparam import relative_difference
@@ -42,12 +43,19 @@ def worst_error(name: str, seeds: int) -> dict[str, float]:
     return worst
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list_models())
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--out", default="benchmarks/results/exactness.json")
-    args = parser.parse_args()
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, every option with a help line and its default."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list_models(),
+                        help="architectures to check (default: every one)")
+    parser.add_argument("--seeds", type=positive_int, default=2, help="random initializations per model")
+    parser.add_argument("--out", type=output_file, default="benchmarks/results/exactness.json",
+                        help="results file (models already in it are kept)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     report = {"shapes": [list(s) for s in SHAPES], "seeds": args.seeds, "torch": torch.__version__,
               "max_relative_error": {}}
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}

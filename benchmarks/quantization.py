@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from repvgg.cliargs import HelpFormatter, nonneg_int, positive_int
 from repvgg.deploy.engines import Engine, available_engines, create_engine, input_size
 from repvgg.deploy.qat import QAT_METHOD, QATOptions, qat_recipe, run_qat
 from repvgg.deploy.quantize import (
@@ -401,32 +402,34 @@ def study(args: argparse.Namespace, run: Run, test: tuple[np.ndarray, np.ndarray
     return result
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, every option with a help line and its default."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", default=str(DEFAULT_DATA), help="folder with train/ and test/ (or their archives)")
     p.add_argument("--run-root", default=str(DEFAULT_RUN_ROOT), help="the ablation's runs: <entry>-seed<seed>/")
-    p.add_argument("--seed", type=int, default=0, help="which ablation seed's models; also the QAT seed")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="which ablation seed's models; also the QAT seed")
     p.add_argument("--extra-runs", nargs="*", default=[], metavar="RUN_DIR",
                    help="more finished training runs on the same data to study alike (e.g. runs/cifar10_a0)")
-    p.add_argument("--calib-images", type=int, default=512, help="PTQ calibration images (from train/)")
+    p.add_argument("--calib-images", type=positive_int, default=512, help="PTQ calibration images (from train/)")
     p.add_argument("--methods", nargs="+", choices=sorted({m for ms in METHODS.values() for m in ms} - {NAIVE}),
                    help="PTQ calibration methods besides naive (default: every method of each engine; an engine "
                         "offering none of them uses its default)")
-    p.add_argument("--qat-epochs", type=int, default=1, help="quantization-aware fine-tuning epochs")
-    p.add_argument("--batch-size", type=int, default=128, help="QAT batch")
-    p.add_argument("--train-subset", type=int, default=20000,
+    p.add_argument("--qat-epochs", type=positive_int, default=1, help="quantization-aware fine-tuning epochs")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="QAT batch")
+    p.add_argument("--train-subset", type=nonneg_int, default=20000,
                    help="QAT on this many training images: the ablation's fixed random subset (0: all)")
-    p.add_argument("--test-limit", type=int, help="evaluate on this many test images, spread over the classes")
-    p.add_argument("--workers", type=int, default=1, help="data-loading processes")
-    p.add_argument("--threads", type=int, help="torch and engine threads (default: torch's)")
-    p.add_argument("--speed-sizes", type=int, nargs="+", default=[32, 224], help="image sides of the speed runs")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the speed measurements")
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
-    return p.parse_args(argv)
+    p.add_argument("--test-limit", type=positive_int, help="evaluate on this many test images, spread over the classes")
+    p.add_argument("--workers", type=nonneg_int, default=1, help="data-loading processes")
+    p.add_argument("--threads", type=positive_int, help="torch and engine threads (default: torch's)")
+    p.add_argument("--speed-sizes", type=positive_int, nargs="+", default=[32, 224],
+                   help="image sides of the speed runs")
+    p.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds of the speed measurements")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder for the report files")
+    return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse(argv)
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not int8_engines_installed():

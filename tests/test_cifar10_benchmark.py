@@ -1,5 +1,6 @@
 """The CIFAR-10 benchmark command on a tiny image folder: it trains, reports both forms, flip TTA, the per-epoch table
-and both target verdicts, and ``--report-only`` rebuilds the same report from the run without training."""
+and both target verdicts, and ``--report-only`` rebuilds the same report (the speed probe included) from the run
+without training."""
 
 from __future__ import annotations
 
@@ -39,3 +40,7 @@ def test_cifar10_benchmark_on_a_tiny_folder(tmp_path: Path, capsys: pytest.Captu
     assert "starting a new run" not in capsys.readouterr().out
     again = json.loads((tmp_path / "results" / "cifar10_a0.json").read_text())
     assert again["reloaded_deploy_top1"] == result["reloaded_deploy_top1"] and again["per_epoch"] == result["per_epoch"]
+    assert again["probe"] == result["probe"]  # the training invocation's probe, kept in the run, not a new one
+    (tmp_path / "run" / "speed_probe.json").unlink()
+    with pytest.raises(SystemExit, match=r"speed_probe\.json not found"):
+        cifar10.main([*argv, "--report-only"])

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._version import __version__
-from .cliargs import nonneg_float, nonneg_int, output_file, positive_float, positive_int
+from .cliargs import DefaultsFormatter, nonneg_float, nonneg_int, output_file, positive_float, positive_int
 from .errors import RepVGGError
 
 EXIT_BAD_INPUT = 2
@@ -285,7 +285,7 @@ class _CommandParser(argparse.ArgumentParser):
     """A sub-command's parser: its --help shows every option's default."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
         super().__init__(*args, **kwargs)
 
 

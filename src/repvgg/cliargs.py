@@ -1,5 +1,6 @@
-"""argparse ``type=`` functions shared by every sub-command: numbers and output paths checked where they are parsed,
-so bad values end as ``repvgg <command>: error: argument --x: ...`` (exit 2) before any work starts."""
+"""argparse helpers shared by every sub-command and benchmark: ``type=`` functions that check numbers and output
+paths where they are parsed, so bad values end as ``<prog>: error: argument --x: ...`` (exit 2) before any work
+starts, and the help formatter of the benchmark scripts."""
 
 from __future__ import annotations
 
@@ -9,8 +10,23 @@ import math
 from .errors import RepVGGError
 from .files import check_output_path
 
-__all__ = ["positive_int", "nonneg_int", "finite_float", "positive_float", "nonneg_float", "prob_float",
-           "output_file"]
+__all__ = ["DefaultsFormatter", "HelpFormatter", "positive_int", "nonneg_int", "finite_float", "positive_float",
+           "nonneg_float", "prob_float", "output_file"]
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default after its help, unless there is none to show (None, an off switch, an empty
+    list) or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        nothing = action.default is None or action.default is False or action.default == []
+        if nothing or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsFormatter):
+    """A script's formatter: its docstring (the usage examples) kept as written, and the options' defaults."""
 
 
 def _int(text: str) -> int:
