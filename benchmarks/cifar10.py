@@ -46,14 +46,28 @@ TARGET_TOP1, TARGET_EPOCHS = 90.0, 15
 PROBE_FILE = "speed_probe.json"
 
 
-def probe(opts: TrainOptions, images: torch.Tensor, targets: torch.Tensor,
-          classes: int) -> tuple[StepMode, dict[str, float]]:
-    """Training images/s of every step mode on real images, side by side; the fastest is used for the run."""
+def probe(opts: TrainOptions, train_set: ImageFolder, classes: int, run_dir: Path) -> dict[str, Any]:
+    """Training images/s of every step mode on a real batch, side by side (the fastest is used for the run), kept in
+    the run directory for ``--report-only``."""
+    first = next(iter(DataLoader(train_set, batch_size=128, shuffle=True, collate_fn=collate,
+                                 generator=torch.Generator().manual_seed(0))))
     model = create_model(opts.model, num_classes=classes, strides=opts.recipe.strides)
-    speeds = probe_modes(model, candidate_modes(torch.device("cpu"), None, None, None), images, targets)
+    speeds = probe_modes(model, candidate_modes(torch.device("cpu"), None, None, None), first.images, first.targets)
     chosen = max(speeds, key=speeds.get)
     print("speed probe: " + ", ".join(f"{m.label} {v:.0f} img/s" for m, v in speeds.items()), flush=True)
-    return chosen, {m.label: v for m, v in speeds.items()}
+    result = dict(batch_size=len(first.targets), images_per_s={m.label: v for m, v in speeds.items()},
+                  chosen=chosen.label, chosen_mode=asdict(chosen))
+    RunDir(run_dir).create()
+    atomic_write(run_dir / PROBE_FILE, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
+    return result
+
+
+def stored_probe(run_dir: Path) -> dict[str, Any]:
+    """The speed probe kept by the run's training invocation."""
+    path = run_dir / PROBE_FILE
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found: --report-only needs a run trained by this benchmark")
+    return json.loads(path.read_text())
 
 
 def report(run_dir: Path, data_root: Path, probe_result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -126,26 +140,6 @@ def write_markdown(path: Path, r: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines)))
 
 
-def run_probe(opts: TrainOptions, train_set: ImageFolder, classes: int, run_dir: Path) -> dict[str, Any]:
-    """Probe the step modes on a real batch and keep the figures in the run directory, for ``--report-only``."""
-    first = next(iter(DataLoader(train_set, batch_size=128, shuffle=True, collate_fn=collate,
-                                 generator=torch.Generator().manual_seed(0))))
-    chosen, speeds = probe(opts, first.images, first.targets, classes)
-    result = dict(batch_size=len(first.targets), images_per_s=speeds, chosen=chosen.label,
-                  chosen_mode=asdict(chosen))
-    RunDir(run_dir).create()
-    atomic_write(run_dir / PROBE_FILE, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
-    return result
-
-
-def stored_probe(run_dir: Path) -> dict[str, Any]:
-    """The speed probe kept by the run's training invocation."""
-    path = run_dir / PROBE_FILE
-    if not path.is_file():
-        raise SystemExit(f"error: {path} not found: --report-only needs a run trained by this benchmark")
-    return json.loads(path.read_text())
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line, every option with a help line and its default."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -171,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_only:
         probe_result = stored_probe(Path(args.run_dir))
     else:
-        probe_result = run_probe(opts, train_set, len(classes), Path(args.run_dir))
+        probe_result = probe(opts, train_set, len(classes), Path(args.run_dir))
         chosen = StepMode(**probe_result["chosen_mode"])
         opts.amp, opts.channels_last, opts.threads = chosen.amp, chosen.channels_last, chosen.threads
         t0 = time.monotonic()

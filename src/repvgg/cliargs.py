@@ -1,6 +1,6 @@
 """argparse helpers shared by every sub-command and benchmark: ``type=`` functions that check numbers and output
 paths where they are parsed, so bad values end as ``<prog>: error: argument --x: ...`` (exit 2) before any work
-starts, and the help formatter of the benchmark scripts."""
+starts; and the help formatters of the sub-commands and the benchmark scripts."""
 
 from __future__ import annotations
 
