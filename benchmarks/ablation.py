@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from repvgg import create_model, model_from_checkpoint
-from repvgg.cliargs import HelpFormatter, nonneg_float, nonneg_int, positive_int
+from repvgg.commands.args import HelpFormatter, nonneg_float, nonneg_int, positive_int
 from repvgg.files import atomic_write
 from repvgg.hardware import cpu_info, matmul_gflops, measure_throughput
 from repvgg.models.blocks import BRANCHES

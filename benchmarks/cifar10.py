@@ -25,11 +25,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from repvgg import create_model, model_from_checkpoint
-from repvgg.cliargs import HelpFormatter, nonneg_int, positive_int
+from repvgg.commands.args import HelpFormatter, nonneg_int, positive_int
 from repvgg.errors import RepVGGError
 from repvgg.files import atomic_write
 from repvgg.hardware import cpu_info, matmul_gflops
-from repvgg.training.data import ImageFolder, collate, eval_transform
+from repvgg.models.preprocess import eval_transform
+from repvgg.training.data import ImageFolder, collate
 from repvgg.training.evaluate import evaluate
 from repvgg.training.metrics import read_metrics
 from repvgg.training.options import TrainOptions

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from repvgg.cliargs import HelpFormatter, output_file, positive_int
+from repvgg.commands.args import HelpFormatter, output_file, positive_int
 from repvgg.deploy.benchmark import BASELINES, BENCH_ENGINES, format_table, plot_report, run_benchmark
 from repvgg.files import atomic_write
 

@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 
 from repvgg import create_model, list_models, reparameterize
-from repvgg.cliargs import HelpFormatter, output_file, positive_int
-from repvgg.demo import randomize_bn
+from repvgg.commands.args import HelpFormatter, output_file, positive_int
 from repvgg.files import atomic_write
-from repvgg.models.reparam import relative_difference
+from repvgg.models.reparam import randomize_bn, relative_difference
 
 SHAPES = ((1, 3, 224, 224), (2, 3, 96, 160), (1, 3, 75, 61))
 

@@ -32,9 +32,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from repvgg.cliargs import HelpFormatter, nonneg_int, positive_int
-from repvgg.deploy.engines import Engine, available_engines, create_engine, input_size
-from repvgg.deploy.qat import QAT_METHOD, QATOptions, qat_recipe, run_qat
+from repvgg.commands.args import HelpFormatter, nonneg_int, positive_int
+from repvgg.deploy.engines import Engine, available_engines, create_engine
+from repvgg.deploy.qat import QAT_METHOD, QATOptions, finetune_qat, qat_recipe
 from repvgg.deploy.quantize import (
     METHODS,
     SUFFIXES,
@@ -48,8 +48,9 @@ from repvgg.deploy.sources import load_deploy_model
 from repvgg.files import atomic_write
 from repvgg.hardware import cpu_info, matmul_gflops, measure_throughput
 from repvgg.models.checkpoints import Checkpoint, read_checkpoint
+from repvgg.models.preprocess import eval_transform, input_size, preprocess_settings
 from repvgg.optional import require
-from repvgg.training.data import ImageFolder, collate, eval_transform, preprocess_settings, resolve_split
+from repvgg.training.data import ImageFolder, collate, resolve_split
 from repvgg.training.options import TrainOptions
 from repvgg.training.sampling import fixed_subset
 from repvgg.training.setup import load_datasets
@@ -200,7 +201,7 @@ def qat(args: argparse.Namespace, run: Run, batches: list[np.ndarray], test: tup
     opts = QATOptions(checkpoint=str(run.path / "model.pth"), data=args.data, out=str(out), epochs=args.qat_epochs,
                       batch_size=args.batch_size, engine=engine, calib_images=args.calib_images, workers=args.workers,
                       threads=torch.get_num_threads(), seed=args.seed)
-    done = run_qat(opts, *qat_datasets(args, run))
+    done = finetune_qat(opts, *qat_datasets(args, run))
     model, _ = load_deploy_model(done.summary["checkpoint"])
     scores = {}
     for engine in installed:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from repvgg.demo import randomize_bn
+from repvgg.models.reparam import randomize_bn
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def fit_colours(model: torch.nn.Module, data: Path, preprocess: dict, steps: int
     """``model`` trained ``steps`` Adam steps to name each image's dominant colour (the test folders' classes);
     returned in eval mode."""
     from repvgg.deploy.quantize import calibration_batches
-    from repvgg.training.data import preprocess_settings
+    from repvgg.models.preprocess import preprocess_settings
 
     x = torch.from_numpy(np.concatenate(calibration_batches(data, preprocess_settings(preprocess), 24)))
     labels = x.mean((2, 3)).argmax(1)

@@ -92,7 +92,7 @@ def test_every_option_of_every_command_has_help_and_shows_its_default(capsys) ->
     for name, parser in commands.items():
         assert all(action.help for action in parser._actions), name
     for argv, shown in ((["train", "--help"], "(default: paper)"), (["eval", "--help"], "(default: 64)"),
-                        (["bench", "--help"], "(default: bench.json)")):
+                        (["bench", "--help"], "(default: 5)")):
         with pytest.raises(SystemExit):
             main(argv)
         assert shown in capsys.readouterr().out, argv

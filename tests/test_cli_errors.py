@@ -206,7 +206,7 @@ ROWS = [
     Row("train --amp fp16 on the CPU", lambda f: train(f, "--amp", "fp16", "--device", "cpu"), 2, "needs a CUDA"),
     Row("train --device cuda without GPU", lambda f: train(f, "--device", "cuda"), 2, "no CUDA GPU", no_cuda),
     Row("train --device banana", lambda f: train(f, "--device", "banana"), 2, "unknown device 'banana'"),
-    Row("train --out a file", lambda f: [*train(f), "--out", f.afile], 2, "is a file, not a run directory"),
+    Row("train --out a file", lambda f: [*train(f), "--out", f.afile], 2, "is a file, not a folder"),
     Row("train --out under a file", lambda f: [*train(f), "--out", f"{f.afile}/run"], 2, "a parent is a file"),
     Row("train --resume missing", lambda f: train(f, "--resume", f"{f.root}/none.pt"), 2, "not found"),
     Row("train --resume random bytes", lambda f: train(f, "--resume", f.afile), 2, "not a readable training state"),

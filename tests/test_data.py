@@ -15,16 +15,8 @@ from torch.utils.data import DataLoader
 
 from imagefolders import make_dataset, make_split
 from repvgg.errors import RepVGGError
-from repvgg.training.data import (
-    ImageFolder,
-    check_bad,
-    collate,
-    eval_transform,
-    resolve_split,
-    to_rgb,
-    train_transform,
-    unpack_archive,
-)
+from repvgg.models.preprocess import eval_transform, to_rgb
+from repvgg.training.data import ImageFolder, check_bad, collate, resolve_split, train_transform, unpack_archive
 
 PREPROCESS = {"resize": 16, "crop": 16}
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from repvgg import demo
-from repvgg.demo import digits_datasets
+from repvgg.commands import demo
+from repvgg.training import digits
+from repvgg.training.digits import digits_datasets
 
 
 def test_digits_datasets() -> None:
@@ -32,9 +33,23 @@ def test_interrupted_demo_does_not_point_into_its_deleted_folder(monkeypatch, ca
         log(f"interrupted; saved epoch 1 step 3 to {out_dir}/last.pt (continue with --resume)")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(demo, "train_digits", interrupted)
+    monkeypatch.setattr(digits, "train_digits", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        demo.run_demo(demo.DemoOptions(epochs=1))
+        demo.run(None, None)
     out = capsys.readouterr().out
     assert folders and str(folders[0]) not in out and not Path(folders[0]).exists()
     assert "demo interrupted: it keeps no files" in out
+
+
+def test_demo_hides_lines_about_its_temporary_files(monkeypatch, capsys) -> None:
+    """Files written into the demo's temporary folder are deleted at its end: no line may name them."""
+    def quick(out_dir: str, epochs: int, log, **options) -> dict:
+        log(f"wrote {out_dir}/model.pth and {out_dir}/model_deploy.pth")
+        log("epoch 1/1: train loss 0.5")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(digits, "train_digits", quick)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run(None, None)
+    out = capsys.readouterr().out
+    assert "epoch 1/1: train loss 0.5" in out and "model.pth" not in out

@@ -12,7 +12,8 @@ from conftest import trained_looking
 from imagefolders import make_dataset
 from repvgg import create_model, reparameterize, save_checkpoint
 from repvgg.cli import main
-from repvgg.training.data import ImageFolder, eval_transform
+from repvgg.models.preprocess import eval_transform
+from repvgg.training.data import ImageFolder
 
 CLASSES = ["class0", "class1", "class2"]
 PREPROCESS = {"resize": 16, "crop": 16, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -84,7 +85,7 @@ def test_bad_input(data: Path, checkpoints: dict[str, Path], tmp_path: Path, cap
     assert main(["eval", "--data", str(data), "--split", "odd", "--checkpoint", str(checkpoints["train"])]) == 2
     assert main(["eval", "--data", str(data), "--checkpoint", str(tmp_path / "missing.pth")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert "not among the checkpoint's classes: dogs" in errors[0] and "not found" in errors[1]
+    assert "not among the model's 3 class names: dogs" in errors[0] and "not found" in errors[1]
 
 
 def test_flip_tta_averages_each_image_with_its_mirror(data: Path, checkpoints: dict[str, Path],

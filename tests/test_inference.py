@@ -78,7 +78,7 @@ def test_predict_cli_on_every_installed_engine(ckpt, images, capsys) -> None:
 def test_predict_matches_pytorch_on_preprocessed_input(ckpt, images) -> None:
     model, meta = repvgg.model_from_checkpoint(ckpt)
     top = predict(repvgg.reparameterize(model), images[:1], "torch", meta.metadata, topk=6)[0]
-    x = repvgg.training.data.eval_transform(meta.metadata["preprocess"])(Image.open(images[0]))[None]
+    x = repvgg.models.preprocess.eval_transform(meta.metadata["preprocess"])(Image.open(images[0]))[None]
     with torch.no_grad():
         probs = torch.softmax(model(x), 1)[0]
     assert [name for name, _ in top] == [CLASSES[i] for i in probs.argsort(descending=True).tolist()]

@@ -84,5 +84,7 @@ def test_qat_command_fine_tunes_into_an_int8_artifact(engine: str, tmp_path: Pat
     meta = read_artifact_metadata(str(out), "openvino" if engine == "openvino" else "onnx")
     assert meta["precision"] == "int8" and meta["quantization"]["method"] == "minmax"
     assert meta["class_names"] == ["class0", "class1", "class2"]
-    assert main(argv) == 0  # run again: the finished fine-tune is reused, the artifact rewritten
+    assert main(argv) == 2  # run again: the artifact exists, so it is kept unless --overwrite says otherwise
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0  # the finished fine-tune is reused, the artifact rewritten
     assert "already complete" in capsys.readouterr().out

@@ -28,7 +28,7 @@ from repvgg.deploy.quantize import (
     quantize_model,
 )
 from repvgg.deploy.sources import open_artifact
-from repvgg.training.data import preprocess_settings
+from repvgg.models.preprocess import preprocess_settings
 
 PREPROCESS = {"resize": 16, "crop": 16, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 CLASSES = ["class0", "class1", "class2"]

@@ -4,16 +4,20 @@ side-by-side timing of alternatives."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["CPU_FEATURES", "cpu_info", "matmul_gflops", "measure_throughput"]
+__all__ = ["CPU_FEATURES", "cpu_info", "machine_description", "matmul_gflops", "time_interleaved",
+           "measure_throughput"]
+
+K = TypeVar("K")
 
 # Flags (as /proc/cpuinfo names them) that change what is fastest: AVX2 only, AVX-512, VNNI int8, bf16, AMX tiles.
 CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -36,6 +40,21 @@ def cpu_info() -> dict[str, Any]:
     return {"model": model, "cores": os.cpu_count(), "features": [f for f in CPU_FEATURES if f in flags]}
 
 
+def machine_description() -> dict[str, Any]:
+    """What a measurement ran on: CPU model and flags, cores, torch threads, and library versions."""
+    from importlib import metadata
+
+    from ._version import __version__
+
+    versions = {"repvgg": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    for package in ("onnxruntime", "openvino"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    cpu = cpu_info()
+    return {"cpu": cpu["model"], "cpu_features": cpu["features"], "cpu_count": cpu["cores"],
+            "torch_threads": torch.get_num_threads(), "versions": versions}
+
+
 def matmul_gflops(n: int = 2048, repeats: int = 3) -> float:
     """Float32 GFLOP/s of an n x n matrix multiply on the current torch threads (median of ``repeats``)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -48,25 +67,34 @@ def matmul_gflops(n: int = 2048, repeats: int = 3) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
+def time_interleaved(calls: Mapping[K, Callable[[], object]], rounds: int = 5, repeats: Mapping[K, int] | int = 1,
+                     warmup: int = 2, after_round: Callable[[int], None] | None = None,
+                     inference: bool = True) -> dict[K, list[float]]:
+    """Seconds of every call of each callable, measured side by side: every round runs each one ``repeats`` times
+    in turn, starting one further along the list each round, so machine noise and ordering hit all of them alike.
+    ``after_round(r)`` runs after round r (1-based); callables that train pass ``inference=False``."""
+    keys = list(calls)
+    times: dict[K, list[float]] = {key: [] for key in keys}
+    with torch.inference_mode(inference):
+        for call in calls.values():
+            for _ in range(warmup):
+                call()
+        for r in range(rounds):
+            for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+                for _ in range(repeats if isinstance(repeats, int) else repeats[key]):
+                    start = time.perf_counter()
+                    calls[key]()
+                    times[key].append(time.perf_counter() - start)
+            if after_round:
+                after_round(r + 1)
+    return times
+
+
 def measure_throughput(runners: Mapping[str, Callable[[], object]], batch_size: int, rounds: int = 5,
                        iters_per_round: int = 3, warmup: int = 2,
                        inference: bool = True) -> dict[str, dict[str, float]]:
-    """Images/s of each runner (a no-argument callable that processes one batch), measured side by side.
-
-    Every round times each runner in turn, so machine noise hits all of them alike; returns per-runner
-    ``images_per_s`` (median over rounds) and ``latency_ms`` (median per-batch time). Runners that train
-    (need autograd) pass ``inference=False``.
-    """
-    with torch.inference_mode(inference):
-        for run in runners.values():
-            for _ in range(warmup):
-                run()
-        times: dict[str, list[float]] = {name: [] for name in runners}
-        for _ in range(rounds):
-            for name, run in runners.items():
-                start = time.perf_counter()
-                for _ in range(iters_per_round):
-                    run()
-                times[name].append((time.perf_counter() - start) / iters_per_round)
+    """Images/s (``batch_size`` over the median call time) and median latency of each runner (a callable that
+    processes one batch), timed side by side with :func:`time_interleaved`."""
+    times = time_interleaved(runners, rounds, iters_per_round, warmup, inference=inference)
     return {name: {"images_per_s": batch_size / statistics.median(t), "latency_ms": 1e3 * statistics.median(t)}
             for name, t in times.items()}

@@ -17,11 +17,13 @@ from torch import nn
 
 from .._version import __version__
 from ..errors import RepVGGError
+from ..files import companions
 from ..models.checkpoints import model_metadata
+from ..models.preprocess import preprocess_for_size
 from ..optional import require
 
 __all__ = ["METADATA_KEY", "TORCHSCRIPT_EXTRA", "ARTIFACT_ENGINES", "artifact_format", "artifact_metadata",
-           "with_onnx_metadata", "read_artifact_metadata"]
+           "with_onnx_metadata", "read_artifact_metadata", "describe_artifact"]
 
 METADATA_KEY = "repvgg"  # ONNX metadata_props key, OpenVINO rt_info key, TorchScript extra file "repvgg.json"
 TORCHSCRIPT_EXTRA = f"{METADATA_KEY}.json"
@@ -45,23 +47,14 @@ def artifact_metadata(model: nn.Module, metadata: Mapping[str, Any] | None, img_
                       ) -> dict[str, Any]:
     """What an exported file carries: the model's description, the checkpoint's class names and preprocessing (its
     crop set to the exported input size), and the library version."""
-    from ..training.data import preprocess_settings
-
     metadata = dict(metadata or {})
     try:
         described = model_metadata(model)
     except RepVGGError:  # a custom architecture, not in the registry
         described = {"num_classes": getattr(model, "num_classes", None), "deploy": True}
-    preprocess = preprocess_settings(metadata.get("preprocess"))
-    if tuple(img_size) != _pair(preprocess["crop"]):
-        preprocess.update(crop=img_size[0] if img_size[0] == img_size[1] else list(img_size),
-                          resize=round(min(img_size) / 0.875))
+    preprocess = preprocess_for_size(metadata.get("preprocess"), img_size)
     carried = {k: metadata[k] for k in _CARRIED if k in metadata}
     return {"format": METADATA_KEY, **described, **carried, "preprocess": preprocess, "library_version": __version__}
-
-
-def _pair(size: int | list[int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def with_onnx_metadata(data: bytes, metadata: Mapping[str, Any]) -> bytes:
@@ -95,3 +88,16 @@ def read_artifact_metadata(path: str | os.PathLike, fmt: str) -> dict[str, Any]:
         raise RepVGGError(f"{path}: its {METADATA_KEY} metadata is not valid JSON") from None
 
 
+
+
+def describe_artifact(path: str | os.PathLike) -> dict[str, Any] | None:
+    """What an exported file is and the metadata it carries (None when ``path`` is not an exported model file)."""
+    fmt = artifact_format(path)
+    if fmt is None:
+        return None
+    if not os.path.isfile(path):
+        raise RepVGGError(f"model file not found: {path}")
+    files = [str(f) for f in companions(path)]
+    size = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
+    return {"file": str(path), "format": fmt, "files": files, "size_mb": round(size / 2**20, 2),
+            **read_artifact_metadata(path, fmt)}

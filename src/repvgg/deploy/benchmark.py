@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,10 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._version import __version__
 from ..errors import RepVGGError
 from ..files import atomic_write
-from ..hardware import matmul_gflops
+from ..hardware import machine_description, matmul_gflops, time_interleaved
 from ..models.profile import count_macs, count_params
 from ..optional import EXTRAS, is_installed, require
 
@@ -198,42 +196,19 @@ def _peak_memory(configs: Sequence[BenchConfig], img_size: tuple[int, int], batc
     return out
 
 
-def _machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    versions = {"repvgg": __version__, "python": platform.python_version(), "torch": torch.__version__}
-    for module in ("onnxruntime", "openvino"):
-        if is_installed(module):
-            versions[module] = require(module).__version__
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "versions": versions}
-
-
-def _time_interleaved(runners: Mapping[tuple[str, int], Callable[[np.ndarray], object]], labels: Sequence[str],
+def _time_interleaved(runners: Mapping[tuple[str, int], Callable[[np.ndarray], object]],
                       inputs: Mapping[int, np.ndarray], rounds: int, images_per_round: int,
                       on_round: Callable[[int], None]) -> tuple[dict[tuple[str, int], list[float]], list[float]]:
-    """Per-call seconds of every (label, batch) runner over interleaved rounds, and matmul GFLOP/s per round.
+    """Per-call seconds of every (label, batch) runner over interleaved rounds, and matmul GFLOP/s per round."""
+    matmul: list[float] = []
 
-    Each round starts one configuration further along, so no configuration always follows a given other one.
-    """
-    for (_, b), run in runners.items():  # warm-up: first calls allocate and pick kernels
-        for _ in range(2):
-            run(inputs[b])
-    samples: dict[tuple[str, int], list[float]] = {key: [] for key in runners}
-    matmul = []
-    for r in range(rounds):
-        for label in list(labels[r % len(labels):]) + list(labels[:r % len(labels)]):
-            for b, x in inputs.items():
-                for _ in range(max(1, images_per_round // b)):
-                    start = time.perf_counter()
-                    runners[label, b](x)
-                    samples[label, b].append(time.perf_counter() - start)
+    def after_round(r: int) -> None:
         matmul.append(matmul_gflops())
-        on_round(r + 1)
-    return samples, matmul
+        on_round(r)
+
+    calls = {key: (lambda run=run, x=inputs[key[1]]: run(x)) for key, run in runners.items()}
+    repeats = {key: max(1, images_per_round // key[1]) for key in runners}
+    return time_interleaved(calls, rounds, repeats, warmup=2, after_round=after_round, inference=False), matmul
 
 
 def _result_row(model: nn.Module, img_size: tuple[int, int], times: Mapping[int, Sequence[float]],
@@ -288,7 +263,7 @@ def run_benchmark(model: str = "repvgg_a0", img_size: tuple[int, int] = (224, 22
                    for c in configs for b in batch_sizes}
         rng = np.random.default_rng(0)
         inputs = {b: rng.standard_normal((b, 3, *img_size), dtype=np.float32) for b in batch_sizes}
-        samples, matmul = _time_interleaved(runners, [c.label for c in configs], inputs, rounds, images_per_round,
+        samples, matmul = _time_interleaved(runners, inputs, rounds, images_per_round,
                                             lambda r: log(f"round {r}/{rounds} done "
                                                           f"({time.perf_counter() - started:.0f} s)"))
         del runners
@@ -304,7 +279,7 @@ def run_benchmark(model: str = "repvgg_a0", img_size: tuple[int, int] = (224, 22
     report = {
         "tool": "repvgg bench", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "model": model, "img_size": list(img_size), "dtype": "float32", "batch_sizes": batch_sizes,
-        "rounds": rounds, "images_per_round": images_per_round, "machine": _machine(),
+        "rounds": rounds, "images_per_round": images_per_round, "machine": machine_description(),
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "matmul": {"size": MATMUL_SIZE, "gflops": machine_gflops, "per_round": matmul}, "method": METHOD,
         "default_engine": fastest_engine(batch_size=max(batch_sizes)), "skipped": skipped,

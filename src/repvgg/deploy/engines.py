@@ -27,7 +27,7 @@ from ..optional import is_installed, require
 from .formats import onnx_bytes, to_openvino
 
 __all__ = ["ENGINES", "Engine", "TorchEngine", "OnnxRuntimeEngine", "OpenVINOEngine", "available_engines",
-           "create_engine", "load_artifact", "input_size", "class_names_for"]
+           "create_engine", "load_artifact", "class_names_for"]
 
 ENGINES = ("torch", "onnxruntime", "openvino")
 
@@ -126,14 +126,6 @@ def load_artifact(path: str | os.PathLike, fmt: str, batch_size: int = 1) -> Eng
     if fmt == "openvino":
         return OpenVINOEngine(Path(path), batch_size)
     raise RepVGGError(f"unknown artifact format {fmt!r}")
-
-
-def input_size(metadata: dict[str, Any] | None = None) -> tuple[int, int]:
-    """(height, width) the network sees: the ``crop`` of the checkpoint's ``preprocess`` metadata, else 224."""
-    from ..training.data import preprocess_settings
-
-    crop = preprocess_settings((metadata or {}).get("preprocess"))["crop"]
-    return (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
 
 
 def class_names_for(metadata: dict[str, Any], num_classes: int) -> list[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +22,9 @@ from ..models.reparam import relative_difference
 from ..optional import require
 from .artifacts import METADATA_KEY, TORCHSCRIPT_EXTRA, artifact_metadata, with_onnx_metadata
 from .engines import load_artifact
-from .formats import onnx_bytes, save_openvino, to_openvino, to_torchscript
+from .formats import onnx_bytes, save_openvino, to_openvino, to_torchscript, torchscript_bytes
 
-__all__ = ["FORMATS", "ExportResult", "export_model"]
+__all__ = ["FORMATS", "ExportResult", "check_export_path", "export_model"]
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "openvino": ".xml"}
 
@@ -78,22 +77,26 @@ def export_model(model: nn.Module, out: str | os.PathLike, fmt: str, img_size: t
         data = with_onnx_metadata(onnx_bytes(model, img_size, dynamic_batch), meta)
         atomic_write(out, lambda tmp: (Path(tmp).write_bytes(data), verify(tmp)))
     elif fmt == "torchscript":
-        scripted = to_torchscript(model, img_size)
-        extra = {TORCHSCRIPT_EXTRA: json.dumps(meta)}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            atomic_write(out, lambda tmp: (torch.jit.save(scripted, tmp, _extra_files=extra), verify(tmp)))
+        data = torchscript_bytes(to_torchscript(model, img_size), {TORCHSCRIPT_EXTRA: json.dumps(meta)})
+        atomic_write(out, lambda tmp: (Path(tmp).write_bytes(data), verify(tmp)))
     else:
         result.files = _export_openvino(model, Path(out), img_size, dynamic_batch, verify, meta)
     return result
+
+
+def check_export_path(out: str | os.PathLike, fmt: str) -> Path:
+    """``out`` for ``fmt``, refused before any work when the format needs another suffix (OpenVINO IR: .xml)."""
+    out = Path(out)
+    if fmt == "openvino" and out.suffix != ".xml":
+        raise RepVGGError(f"OpenVINO output must end in .xml (a .bin is written beside it), got {out}")
+    return out
 
 
 def _export_openvino(model: nn.Module, out: Path, img_size: tuple[int, int], dynamic_batch: bool,
                      verify: Callable[[str], None], metadata: Mapping[str, Any]) -> list[str]:
     """Save IR (``.xml`` + ``.bin``) into a temporary folder beside ``out``, verify, then move both into place."""
     require("openvino")
-    if out.suffix != ".xml":
-        raise RepVGGError(f"OpenVINO output must end in .xml (a .bin is written beside it), got {out}")
+    out = check_export_path(out, "openvino")
     ir = to_openvino(onnx_bytes(model, img_size, dynamic_batch), None if dynamic_batch else 1)
     ir.set_rt_info(json.dumps(metadata), [METADATA_KEY])
     return save_openvino(ir, out, verify)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -16,12 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files import check_output_path
+from ..files import atomic_folder, companions, replace_together, write_failure
 from ..models.profile import input_channels
 from ..optional import require
 
 __all__ = ["ONNX_OPSET", "INPUT_NAME", "OUTPUT_NAME", "save_openvino", "onnx_bytes", "to_torchscript",
-           "to_openvino"]
+           "torchscript_bytes", "to_openvino"]
 
 
 ONNX_OPSET = 17
@@ -40,6 +39,16 @@ def onnx_bytes(model: nn.Module, img_size: tuple[int, int] = (224, 224), dynamic
         warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter announces its successor
         torch.onnx.export(model.eval(), (x,), buffer, dynamo=False, opset_version=ONNX_OPSET,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes)
+    return buffer.getvalue()
+
+
+def torchscript_bytes(scripted: torch.jit.ScriptModule, extra_files: dict[str, str]) -> bytes:
+    """A TorchScript archive in memory, so that it is written by Python (a full disk is then an ordinary OSError,
+    where torch's own file writer aborts the process); its root folder is not named after a temporary file."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(scripted, buffer, _extra_files=extra_files)
     return buffer.getvalue()
 
 
@@ -68,15 +77,14 @@ def to_openvino(onnx: bytes | str | os.PathLike, batch_size: int | None = 1) -> 
 
 
 def save_openvino(ir: Any, out: Path, verify: Callable[[str], None]) -> list[str]:
-    """``out`` (.xml) and its .bin written into a temporary folder beside ``out``, verified, then moved into place."""
-    check_output_path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        require("openvino").save_model(ir, str(tmp / out.name), compress_to_fp16=False)
+    """``out`` (.xml) and its .bin written into a temporary folder beside ``out``, verified, then moved into place
+    as one artifact. OpenVINO's writer fails with a RuntimeError (on a full disk, say): that becomes an OSError."""
+    files = companions(out)
+    with atomic_folder(out) as tmp:
+        try:
+            require("openvino").save_model(ir, str(tmp / out.name), compress_to_fp16=False)
+        except RuntimeError as e:
+            raise write_failure(out, str(e)) from None
         verify(str(tmp / out.name))
-        os.replace(tmp / out.with_suffix(".bin").name, out.with_suffix(".bin"))
-        os.replace(tmp / out.name, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return [str(out), str(out.with_suffix(".bin"))]
+        replace_together((tmp / f.name, f) for f in files)
+    return [str(f) for f in files]

@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from ..errors import RepVGGError
-from ..training.data import eval_transform
+from ..models.preprocess import eval_transform
 from .engines import class_names_for, create_engine
 from .probe import fastest_engine
 from .sources import Artifact

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..files import atomic_write
+from ..files import atomic_write, cache_dir
 from ..hardware import cpu_info, measure_throughput
 from .engines import ENGINES, Engine, available_engines, create_engine
 
@@ -32,8 +32,8 @@ Speeds = dict[int, dict[str, float]]  # batch size -> engine -> images/s
 
 
 def probe_path() -> Path:
-    """``$REPVGG_CACHE_DIR/engine_probe.json``, else ``~/.cache/repvgg/engine_probe.json``."""
-    return Path(os.environ.get("REPVGG_CACHE_DIR") or Path.home() / ".cache" / "repvgg") / PROBE_FILE
+    """``engine_probe.json`` in the user cache folder (:func:`repvgg.files.cache_dir`)."""
+    return cache_dir() / PROBE_FILE
 
 
 def _version(engine: str) -> str:

@@ -1,4 +1,4 @@
-"""``repvgg qat``: quantization-aware fine-tuning of a trained multi-branch model, ending in an int8 artifact.
+"""Quantization-aware fine-tuning of a trained multi-branch model, ending in an int8 artifact.
 
 The run fine-tunes the training-time model with each block fake-quantized as its int8 deploy conv
 (:mod:`repvgg.models.fakequant`), through the ordinary training loop (resumable, metrics, the final models), then
@@ -16,15 +16,16 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import RepVGGError
+from ..files import file_sha256
 from ..models.checkpoints import Checkpoint, model_from_checkpoint, read_checkpoint
 from ..models.fakequant import prepare_qat
 from ..training.options import TrainOptions, default_workers
 from ..training.recipes import Recipe, recipe_with
 from ..training.setup import load_datasets
 from ..training.train import train
-from .quantize import DEFAULT_CALIB_IMAGES, QuantizeOptions, QuantizeResult, engine_and_out, run_quantize
+from .quantize import DEFAULT_CALIB_IMAGES, QuantizeOptions, QuantizeResult, engine_and_out, quantize_checkpoint
 
-__all__ = ["QAT_METHOD", "QAT_LR_FRACTION", "QATOptions", "QATResult", "qat_recipe", "run_qat"]
+__all__ = ["QAT_METHOD", "QAT_LR_FRACTION", "QATOptions", "QATResult", "qat_recipe", "qat_run_dir", "finetune_qat"]
 
 QAT_METHOD = "minmax"  # the engines' calibration that matches the simulation: plain min/max ranges
 QAT_LR_FRACTION = 0.05  # default fine-tuning learning rate, relative to the checkpoint recipe's
@@ -32,7 +33,7 @@ QAT_LR_FRACTION = 0.05  # default fine-tuning learning rate, relative to the che
 
 @dataclass(frozen=True)
 class QATOptions:
-    """What ``repvgg qat`` does: the command's options, typed."""
+    """A quantization-aware fine-tune: the checkpoint, its data, the int8 artifact to write, and the run's settings."""
 
     checkpoint: str
     data: str
@@ -43,7 +44,6 @@ class QATOptions:
     batch_size: int | None = None
     engine: str | None = None
     calib_images: int = DEFAULT_CALIB_IMAGES
-    val: str | None = None
     workers: int | None = None
     threads: int | None = None
     seed: int = 0
@@ -94,20 +94,26 @@ def _qat_model(ckpt: Checkpoint) -> nn.Module:
     return prepare_qat(model_from_checkpoint(ckpt)[0])
 
 
-def run_qat(opts: QATOptions, train_set: Dataset | None = None, val_set: Dataset | None = None,
-            class_names: Sequence[str] | None = None) -> QATResult:
+def qat_run_dir(opts: QATOptions) -> Path:
+    """The fine-tuning run's folder: ``opts.run_dir``, else the int8 output's path with the suffix ``.qat``."""
+    return Path(opts.run_dir) if opts.run_dir else Path(opts.out).with_suffix(".qat")
+
+
+def finetune_qat(opts: QATOptions, train_set: Dataset | None = None, val_set: Dataset | None = None,
+                 class_names: Sequence[str] | None = None) -> QATResult:
     """Fine-tune ``opts.checkpoint`` quantization-aware on ``opts.data`` (or the given datasets), then write the
-    int8 artifact. Re-running resumes an interrupted fine-tune, or reuses a finished one."""
+    int8 artifact. Re-running resumes an interrupted fine-tune, or reuses a finished one of the same checkpoint
+    (its hash is recorded in the run; another checkpoint's run is refused)."""
     if not Path(opts.data).exists():
         raise RepVGGError(f"data not found: {opts.data}")
     quantize = QuantizeOptions(checkpoint=opts.checkpoint, calib=opts.data, out=opts.out, engine=opts.engine,
-                               method=QAT_METHOD, calib_images=opts.calib_images, val=opts.val,
-                               cache_dir=opts.cache_dir)
+                               method=QAT_METHOD, calib_images=opts.calib_images, cache_dir=opts.cache_dir)
     engine, _, out = engine_and_out(quantize)
     ckpt = _training_checkpoint(opts.checkpoint)
     meta = ckpt.metadata
     train_opts = TrainOptions(
-        data=opts.data, out_dir=opts.run_dir or str(out.with_suffix(".qat")), model=meta.get("architecture", "?"),
+        data=opts.data, out_dir=str(qat_run_dir(opts)), model=meta.get("architecture", "?"),
+        origin={"source_sha256": file_sha256(opts.checkpoint)},
         recipe=qat_recipe(ckpt, opts.epochs, opts.lr, opts.batch_size), model_factory=lambda _: _qat_model(ckpt),
         block=meta.get("block", "repvgg"), branches=meta.get("branches", "full"),
         workers=default_workers() if opts.workers is None else opts.workers, amp="none", threads=opts.threads,
@@ -116,5 +122,5 @@ def run_qat(opts: QATOptions, train_set: Dataset | None = None, val_set: Dataset
         train_set, val_set, class_names = load_datasets(train_opts)
     _check_classes(ckpt, class_names)
     summary = train(train_opts, train_set, val_set, class_names)
-    quantized = run_quantize(replace(quantize, checkpoint=summary["checkpoint"], engine=engine, out=str(out)))
+    quantized = quantize_checkpoint(replace(quantize, checkpoint=summary["checkpoint"], engine=engine, out=str(out)))
     return QATResult(train_opts.out_dir, summary, quantized)

@@ -12,7 +12,7 @@ import os
 import platform
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,11 @@ from torch import nn
 from ..errors import RepVGGError
 from ..files import atomic_write, check_output_path
 from ..hardware import cpu_info
+from ..models.preprocess import eval_transform, input_size, preprocess_settings
 from ..models.reparam import relative_difference
 from ..optional import is_installed, require
 from .artifacts import METADATA_KEY, artifact_metadata, with_onnx_metadata
-from .engines import Engine, OnnxRuntimeEngine, OpenVINOEngine, available_engines, input_size
+from .engines import Engine, OnnxRuntimeEngine, OpenVINOEngine, available_engines
 from .formats import onnx_bytes, save_openvino, to_openvino
 from .probe import PROBE_BATCH_SIZES, Speeds, engine_speeds, measure_engines
 from .sources import load_deploy_model
@@ -34,7 +35,7 @@ from .sources import load_deploy_model
 __all__ = ["INT8_ENGINES", "METHODS", "SUFFIXES", "DEFAULT_CALIB_IMAGES", "check_method", "calibration_batches",
            "random_calibration", "quantize_model", "int8_engine", "save_int8", "measure_int8_engines",
            "int8_engines_installed", "fastest_int8_engine", "QuantizeOptions", "QuantizeResult", "engine_and_out",
-           "run_quantize"]
+           "quantize_checkpoint"]
 
 INT8_ENGINES = ("openvino", "onnxruntime")
 # first = default. openvino (NNCF): default = performance preset (symmetric activations) + fast bias correction;
@@ -68,7 +69,7 @@ def calibration_batches(data: str | os.PathLike, preprocess: dict[str, Any] | No
                         cache_dir: str | None = None) -> list[np.ndarray]:
     """Up to ``limit`` readable images, spread over the folder (its train/ split, else val/ or test/, else the
     folder itself; archives too), preprocessed like the checkpoint's evaluation, as float32 batches."""
-    from ..training.data import BadImage, ImageFolder, eval_transform, resolve_split
+    from ..training.data import BadImage, ImageFolder, resolve_split
 
     try:
         root = resolve_split(data, ("train", "val", "test"), cache_dir)
@@ -222,14 +223,13 @@ class QuantizeOptions:
     engine: str | None = None  # default: the one the suffix of ``out`` names, else the faster int8 engine here
     method: str | None = None  # default: the engine's first in METHODS
     calib_images: int = DEFAULT_CALIB_IMAGES
-    val: str | None = None
     model: str | None = None
     cache_dir: str | None = None
 
 
 @dataclass
 class QuantizeResult:
-    """What :func:`run_quantize` wrote and how the int8 model compares with float32."""
+    """What :func:`quantize_checkpoint` wrote and how the int8 model compares with float32."""
 
     engine: str
     method: str
@@ -237,19 +237,19 @@ class QuantizeResult:
     calib_images: int
     agreement: float = 0.0  # top-1 agreement with float32 on the calibration images
     rel_diff: float = 0.0  # their largest output difference over the output scale
-    top1: dict[str, float] = field(default_factory=dict)  # float32 and int8 top-1 on --val
 
 
 def engine_and_out(opts: QuantizeOptions) -> tuple[str, str, Path]:
     """(engine, method, output file): ``--engine``, else the one ``--out``'s suffix names (.xml openvino, .onnx
-    onnxruntime), else the faster int8 engine here with its suffix appended; checked before any work."""
+    onnxruntime), else the faster int8 engine here; an output without a suffix gets the engine's appended. Checked
+    before any work."""
     if not Path(opts.calib).exists():
         raise RepVGGError(f"calibration data not found: {opts.calib}")
     out = Path(opts.out)
     by_suffix = {v: k for k, v in SUFFIXES.items()}.get(out.suffix)
     engine = opts.engine or by_suffix or fastest_int8_engine()
     method = check_method(engine, opts.method)
-    if not (opts.engine or by_suffix):
+    if not out.suffix or not (opts.engine or by_suffix):
         out = out.with_name(out.name + SUFFIXES[engine])
     if out.suffix != SUFFIXES[engine]:
         raise RepVGGError(f"{engine} int8 output must end in {SUFFIXES[engine]}, got {out}")
@@ -257,14 +257,10 @@ def engine_and_out(opts: QuantizeOptions) -> tuple[str, str, Path]:
     return engine, method, out
 
 
-def run_quantize(opts: QuantizeOptions) -> QuantizeResult:
-    """``repvgg quantize``: load and convert the checkpoint, calibrate, quantize, check against float32 on the
-    calibration images, write atomically; with ``val``, float32 top-1 first (bad folders fail before any write),
-    then int8."""
-    from ..training.data import preprocess_settings
-
+def quantize_checkpoint(opts: QuantizeOptions) -> QuantizeResult:
+    """Load and convert the checkpoint, calibrate, quantize, check against float32 on the calibration images, and
+    write the int8 artifact atomically (``opts.out``, its engine's suffix appended when it has none)."""
     engine, method, out = engine_and_out(opts)
-    float_top1 = _top1(opts.val, opts.checkpoint, opts.model, opts.cache_dir) if opts.val else None
     model, ckpt = load_deploy_model(opts.checkpoint, opts.model)
     preprocess = preprocess_settings(ckpt.metadata.get("preprocess"))
     batches = calibration_batches(opts.calib, preprocess, opts.calib_images, opts.cache_dir)
@@ -288,13 +284,4 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeResult:
         result.rel_diff = relative_difference(reference, output)
 
     result.files = save_int8(quantized, engine, out, meta, verify)
-    if float_top1 is not None:
-        result.top1 = {"float32": float_top1, "int8": _top1(opts.val, str(out), None, opts.cache_dir)}
     return result
-
-
-def _top1(data: str, checkpoint: str, model: str | None, cache_dir: str | None) -> float:
-    """Top-1 of a checkpoint or artifact on ``data`` (``repvgg eval``, which prints its report)."""
-    from ..training.evaluate import EvalOptions, run_eval
-
-    return run_eval(EvalOptions(data=data, checkpoint=checkpoint, model=model, workers=0, cache_dir=cache_dir))["top1"]

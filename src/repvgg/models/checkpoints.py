@@ -5,6 +5,7 @@ onto this library's module names. Torch files are read with ``weights_only=True`
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -25,7 +26,8 @@ from .architectures import MODEL_CONFIGS, RepVGG, build_model, canonical_name
 from .reparam import is_deploy
 
 __all__ = ["Checkpoint", "read_checkpoint", "load_checkpoint", "save_checkpoint", "model_metadata",
-           "model_from_checkpoint", "infer_architecture", "check_finite", "describe_checkpoint", "CLASSIFIER_PREFIXES"]
+           "model_from_checkpoint", "infer_architecture", "check_finite", "describe_checkpoint", "CLASSIFIER_PREFIXES",
+           "torch_bytes"]
 
 FORMAT_NATIVE, FORMAT_OFFICIAL, FORMAT_TIMM, FORMAT_MMPRETRAIN = "repvgg", "official", "timm", "mmpretrain"
 CLASSIFIER_PREFIXES = ("linear.", "aux.")
@@ -254,11 +256,19 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) 
         raise RepVGGError(f"checkpoint metadata must be JSON-serializable: {e}") from None
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if str(path).endswith(".safetensors"):
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        atomic_write(path, lambda tmp: save_file(state_dict, tmp, metadata={"repvgg": json.dumps(meta)}))
+        atomic_write(path, save(state_dict, metadata={"repvgg": json.dumps(meta)}))
     else:
-        atomic_write(path, lambda tmp: torch.save({"repvgg": meta, "state_dict": state_dict}, tmp))
+        atomic_write(path, torch_bytes({"repvgg": meta, "state_dict": state_dict}))
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """``torch.save`` into memory: the file is then written by Python, so a full disk is an ordinary OSError (torch's
+    own file writer reports it as an unrelated RuntimeError)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def _signature(state_dict: Mapping[str, Tensor]) -> tuple:

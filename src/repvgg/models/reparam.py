@@ -92,3 +92,16 @@ def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
             if hasattr(module, "switch_to_deploy"):
                 module.switch_to_deploy()
     return model.eval()
+
+
+def randomize_bn(model: torch.nn.Module, generator: torch.Generator | None = None) -> None:
+    """Give every BatchNorm non-trivial statistics and affine weights, as a trained network would have: conversion
+    checks on a fresh model (all BNs at 0/1) would miss errors in folding them."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=generator) * 2 + 0.5)
+                m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=generator) * 0.5)

@@ -1,113 +1,39 @@
-"""Data: image folders (plain or archived), bad-image handling, and the preprocessing shared by training,
-evaluation and prediction.
-
-Checkpoints carry their preprocessing as metadata under ``preprocess`` (see :data:`IMAGENET_PREPROCESS`),
-so that evaluation and prediction see images exactly as training did.
-"""
+"""Data: image folders (plain or archived), bad-image handling, and training augmentation. What the network sees
+at evaluation (resize, crop, mean/std) is model metadata: :mod:`repvgg.models.preprocess`."""
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
-import math
 import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import default_collate
-from torchvision import datasets, transforms
+from torchvision import datasets
 from torchvision.datasets.folder import has_file_allowed_extension
 from torchvision.transforms import v2
 
 from ..errors import RepVGGError
+from ..files import cache_dir
+from ..models.preprocess import IMAGENET_PREPROCESS, to_rgb
 
-__all__ = ["IMAGENET_PREPROCESS", "preprocess_settings", "eval_transform", "to_rgb", "train_transform",
+__all__ = ["train_transform",
            "resolve_split", "ImageFolder", "BadImage", "Batch", "collate", "check_bad", "unpack_archive",
            "default_cache_dir", "ARCHIVE_SUFFIXES"]
 
-IMAGENET_PREPROCESS: dict[str, Any] = {
-    "resize": 256,  # shorter side before the centre crop
-    "crop": 224,  # the network's input side
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
-}
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 BadImagePolicy = Literal["skip", "error"]
 TrainCrop = Literal["random_resized", "pad"]
 AutoAugment = Literal["none", "rand", "auto"]
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any image becomes 3-channel 8-bit RGB; greyscale deeper than 8 bits is scaled first, which PIL's
-    ``convert("RGB")`` does not do (it clips, so a 16-bit PNG would turn white)."""
-    if image.mode == "RGB":
-        return image
-    if image.mode.startswith("I") or image.mode == "F":
-        image = _to_8bit(image)
-    return image.convert("RGB")
-
-
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """Modes ``I;16*`` span 0..65535; ``I`` and ``F`` are on PIL's 8-bit scale unless a value exceeds 255 (then
-    16-bit), and ``F`` within [0, 1] is taken as normalized."""
-    pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))
-    peak = pixels.max(initial=0.0)
-    if image.mode.startswith("I;16") or peak > 255:
-        pixels = pixels * (255 / 65535)
-    elif image.mode == "F" and peak <= 1:
-        pixels = pixels * 255
-    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
-
-
-def _size_ok(value: Any) -> bool:
-    """A positive integer, or [height, width] of positive integers."""
-    if isinstance(value, list | tuple):
-        return len(value) == 2 and all(_size_ok(v) for v in value)
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _stats_ok(value: Any, positive: bool) -> bool:
-    """1 or 3 finite numbers (one per channel), all > 0 when ``positive``."""
-    return isinstance(value, list | tuple) and len(value) in (1, 3) and all(
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive)
-        for v in value)
-
-
-def preprocess_settings(preprocess: Any = None) -> dict[str, Any]:
-    """Checkpoint ``preprocess`` metadata over the ImageNet defaults, checked: the one place it is validated, so
-    malformed metadata ends in a one-line :class:`RepVGGError` wherever it is used."""
-    if preprocess is not None and not isinstance(preprocess, Mapping):
-        raise RepVGGError(f"preprocess metadata must be a mapping (resize, crop, mean, std), got {preprocess!r:.60}")
-    p = {**IMAGENET_PREPROCESS, **(preprocess or {})}
-    for key in ("resize", "crop"):
-        if not _size_ok(p[key]):
-            raise RepVGGError(f"preprocess {key!r} must be a positive integer or [height, width], got {p[key]!r:.60}")
-    for key in ("mean", "std"):
-        if not _stats_ok(p[key], positive=key == "std"):
-            raise RepVGGError(f"preprocess {key!r} must be 1 or 3 finite numbers{' > 0' if key == 'std' else ''}, "
-                              f"got {p[key]!r:.60}")
-    return p
-
-
-def eval_transform(preprocess: dict[str, Any] | None = None) -> transforms.Compose:
-    """PIL image -> normalized tensor: resize the shorter side, centre-crop, to tensor, normalize (RGB)."""
-    p = preprocess_settings(preprocess)
-    return transforms.Compose([
-        transforms.Lambda(to_rgb),
-        transforms.Resize(p["resize"]),
-        transforms.CenterCrop(p["crop"]),
-        transforms.ToTensor(),
-        transforms.Normalize(p["mean"], p["std"]),
-    ])
 
 
 def train_transform(img_size: int, crop: TrainCrop = "random_resized", auto_augment: AutoAugment = "none",
@@ -130,8 +56,8 @@ def train_transform(img_size: int, crop: TrainCrop = "random_resized", auto_augm
 
 
 def default_cache_dir() -> Path:
-    """Where archives are unpacked: ``$REPVGG_CACHE_DIR``, else ``~/.cache/repvgg/datasets``."""
-    return Path(os.environ.get("REPVGG_CACHE_DIR") or Path.home() / ".cache" / "repvgg" / "datasets")
+    """Where archives are unpacked: ``datasets`` in the user cache folder (:func:`repvgg.files.cache_dir`)."""
+    return cache_dir("datasets")
 
 
 def unpack_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:

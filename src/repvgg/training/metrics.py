@@ -5,12 +5,17 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import RepVGGError
+from ..files import appending
+from ..optional import is_installed
 
-__all__ = ["MetricsLog", "read_metrics", "CSV_FIELDS"]
+__all__ = ["MetricsLog", "read_metrics", "CSV_FIELDS", "METRICS_FILES"]
+
+METRICS_FILES = ("metrics.jsonl", "metrics.csv")
 
 CSV_FIELDS = ("epoch", "train_loss", "lr", "train_images_per_s", "train_time_s", "val_loss", "val_top1", "val_top5",
               "ema_val_top1", "ema_val_loss", "epoch_time_s", "skipped_images")
@@ -19,23 +24,23 @@ CSV_FIELDS = ("epoch", "train_loss", "lr", "train_images_per_s", "train_time_s",
 class MetricsLog:
     """Appends one row per epoch to metrics.jsonl and metrics.csv, and TensorBoard scalars when installed."""
 
-    def __init__(self, out_dir: Path, tensorboard: bool) -> None:
+    def __init__(self, out_dir: Path, tensorboard: bool, log: Callable[[str], None] = print) -> None:
         self.out_dir = out_dir
         self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        if tensorboard and not is_installed("tensorboard"):
+            log("TensorBoard is not installed: metrics go to metrics.jsonl and metrics.csv only "
+                "(pip install 'repvgg[tensorboard]', or pass --no-tensorboard to silence this)")
+        elif tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
-            except ImportError:
-                pass
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
 
     def write(self, row: dict[str, Any]) -> None:
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
+        with appending(self.out_dir / "metrics.jsonl") as f:
             f.write(json.dumps(row) + "\n")
         csv_path = self.out_dir / "metrics.csv"
         new = not csv_path.exists()
-        with open(csv_path, "a", newline="") as f:
+        with appending(csv_path, newline="") as f:
             w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
             if new:
                 w.writeheader()

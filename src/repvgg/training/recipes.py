@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from ..errors import RepVGGError
 from ..models.blocks import RepVGGBlock
-from .data import IMAGENET_PREPROCESS, AutoAugment, TrainCrop
+from ..models.preprocess import IMAGENET_PREPROCESS
+from .data import AutoAugment, TrainCrop
 
 __all__ = ["Recipe", "RECIPES", "recipe_with", "recipe_differences", "param_groups", "custom_l2_penalty",
            "WarmupCosine", "preprocess_of"]

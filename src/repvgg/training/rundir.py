@@ -1,16 +1,18 @@
-"""A run directory: one training process group at a time (a lock), and no debris from killed checkpoint writes."""
+"""A run directory: one training process group at a time (a lock), and what tells that it holds a run."""
 
 from __future__ import annotations
 
 import fcntl
 import os
-import time
 from pathlib import Path
 from typing import IO
 
 from ..errors import RepVGGError
 
-__all__ = ["RunDir"]
+__all__ = ["RunDir", "RUN_FILES"]
+
+# Any of these in a folder means it holds a run: a new run must not go there.
+RUN_FILES = ("last.pt", "best.pth", "model.pth", "model_deploy.pth", "summary.json", "metrics.jsonl")
 
 
 class RunDir:
@@ -52,11 +54,6 @@ class RunDir:
             self._lock.close()
             self._lock = None
 
-    def remove_stale_temporaries(self, older_than_s: float = 0.0) -> list[Path]:
-        """Delete ``.*.tmp`` files left by writes that a kill interrupted (call while holding the lock)."""
-        now, removed = time.time(), []
-        for tmp in self.path.glob(".*.tmp"):
-            if now - tmp.stat().st_mtime >= older_than_s:
-                tmp.unlink(missing_ok=True)
-                removed.append(tmp)
-        return removed
+    def holds_run(self) -> bool:
+        """Whether the folder holds a run, finished or interrupted (its state, metrics or final files)."""
+        return any((self.path / name).exists() for name in RUN_FILES)

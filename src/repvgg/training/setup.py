@@ -18,12 +18,14 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from ..errors import RepVGGError
+from ..files import remove_debris
 from ..hardware import matmul_gflops
 from ..models.architectures import RepVGG
 from ..models.checkpoints import model_metadata
 from ..models.factory import create_model
+from ..models.preprocess import eval_transform
 from ..models.profile import count_macs, input_channels
-from .data import ImageFolder, eval_transform, resolve_split, train_transform
+from .data import ImageFolder, resolve_split, train_transform
 from .device import check_amp
 from .distributed import Dist, init_distributed
 from .loop import Run, TrainStep
@@ -84,7 +86,7 @@ def setup_run(opts: TrainOptions, train_set: Dataset | None = None, val_set: Dat
         start_weights(raw, opts.pretrained, log)
     frozen = freeze_stages(raw, opts.freeze_stages)
     raw = raw.to(device)
-    rundir = _open_rundir(opts, d, log)  # after every check: a run that cannot start leaves nothing behind
+    rundir = _open_rundir(opts, d, saved is not None, log)  # after every check: a failed start leaves nothing
     mode = _choose_mode(opts, raw, len(names), r.batch_size // d.world, device, d, log)
     run = _assemble(opts, d, device, raw, mode, train_set, val_set, names, rundir,
                     preprocess or preprocess_of(r))
@@ -98,18 +100,23 @@ def setup_run(opts: TrainOptions, train_set: Dataset | None = None, val_set: Dat
     log(describe(opts, {"global_batch": r.batch_size, "per_process_batch": run.per_rank,
                         "peak_lr": r.scaled_lr(r.batch_size), "steps_per_epoch": run.steps_per_epoch,
                         "planned_epochs": run.progress.total_epochs}))
-    run.metrics = MetricsLog(rundir.path, opts.tensorboard) if d.main else None
+    run.metrics = MetricsLog(rundir.path, opts.tensorboard, log) if d.main else None
     return run
 
 
-def _open_rundir(opts: TrainOptions, d: Dist, log: Any) -> RunDir:
-    """Create and lock the run directory (rank 0), clearing temporaries that killed writes left behind."""
+def _open_rundir(opts: TrainOptions, d: Dist, resuming: bool, log: Any) -> RunDir:
+    """Create and lock the run directory (rank 0), clearing temporaries that killed writes left behind. A new run
+    never goes into a folder that holds a run, finished or not."""
     rundir = RunDir(opts.out_dir)
     if d.main:
         rundir.create()
         rundir.lock()
-        for tmp in rundir.remove_stale_temporaries():
-            log(f"removed {tmp.name}, left by an interrupted checkpoint write")
+        if not resuming and rundir.holds_run():
+            rundir.unlock()
+            raise RepVGGError(f"{rundir.path} holds a training run already; continue it with --resume, or choose "
+                              f"another --out (nothing was changed)")
+        for tmp in remove_debris(rundir.path):
+            log(f"removed {tmp.name}, left by an interrupted write")
     d.barrier()
     return rundir
 
@@ -222,7 +229,8 @@ def _assemble(opts: TrainOptions, d: Dist, device: torch.device, raw: nn.Module,
         [v2.CutMix(alpha=r.cutmix, num_classes=len(names))] if r.cutmix else [])
     meta = dict(class_names=names, preprocess=preprocess, recipe=r.name)
     state = RunState(raw, optimizer, scheduler, step_fn.scaler, ema, Progress(total_epochs=r.epochs),
-                     {**model_metadata(raw), **meta, "recipe_values": asdict(r), "model_name": opts.model})
+                     {**model_metadata(raw), **meta, "recipe_values": asdict(r), "model_name": opts.model,
+                      "origin": dict(opts.origin)})
     return Run(opts, d, device, raw, model, state, schedule, step_fn, v2.RandomChoice(mixers) if mixers else None,
                SeededSamples(train_set, opts.seed), val_set, len(names), rundir, r.batch_size // d.world, steps, meta)
 
@@ -264,7 +272,8 @@ def _check_same_run(run: Run, saved: dict[str, Any], path: Path) -> None:
     """Refuse to continue a checkpoint with another model, class count, strides or recipe, naming what differs."""
     mine = run.state.metadata
     differences = [f"{key}: {saved.get(key)!r} -> {mine.get(key)!r}" for key in ("model_name", "architecture",
-                   "num_classes", "strides", "block", "branches") if _norm(saved.get(key)) != _norm(mine.get(key))]
+                   "num_classes", "strides", "block", "branches", "origin")
+                   if _norm(saved.get(key) or None) != _norm(mine.get(key) or None)]
     if saved.get("recipe") != mine["recipe"]:
         differences.append(f"recipe: {saved.get('recipe')!r} -> {mine['recipe']!r}")
     differences += recipe_differences(saved.get("recipe_values", {}), run.opts.recipe)

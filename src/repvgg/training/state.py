@@ -13,6 +13,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from ..errors import RepVGGError
 from ..files import atomic_write
+from ..models.checkpoints import torch_bytes
 
 __all__ = ["Progress", "RunState", "read_state", "STATE_FORMAT"]
 
@@ -89,8 +90,7 @@ class RunState:
 
     def save(self, path: Path) -> None:
         """Write the state atomically: a kill mid-write leaves the previous file intact."""
-        state = self.state_dict()
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        atomic_write(path, torch_bytes(self.state_dict()))
 
 
 def read_state(path: Path, device: torch.device) -> dict[str, Any]:

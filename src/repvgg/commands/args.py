@@ -7,11 +7,11 @@ from __future__ import annotations
 import argparse
 import math
 
-from .errors import RepVGGError
-from .files import check_output_path
+from ..errors import RepVGGError
+from ..files import check_output_path
 
-__all__ = ["DefaultsFormatter", "HelpFormatter", "positive_int", "nonneg_int", "finite_float", "positive_float",
-           "nonneg_float", "prob_float", "output_file"]
+__all__ = ["DefaultsFormatter", "HelpFormatter", "PRETRAINED_HELP", "positive_int", "nonneg_int", "positive_float",
+           "nonneg_float", "prob_float", "output_file", "figure_file"]
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -62,11 +62,6 @@ def nonneg_int(text: str) -> int:
     return value
 
 
-def finite_float(text: str) -> float:
-    """Any finite number (NaN and infinities refused)."""
-    return _float(text)
-
-
 def positive_float(text: str) -> float:
     """A finite number > 0 (learning rates, time budgets)."""
     value = _float(text)
@@ -100,3 +95,16 @@ def output_file(text: str) -> str:
         except RepVGGError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
+
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".webp")
+PRETRAINED_HELP = ("published weights by model name (repvgg_a0: timm's, from the Hugging Face Hub, cached), "
+                   "a Hub id (timm/repvgg_a0.rvgg_in1k) or a file")
+
+
+def figure_file(text: str) -> str:
+    """An :func:`output_file` whose suffix names an image format matplotlib writes (.png, .pdf, .svg, ...)."""
+    if text and not text.lower().endswith(FIGURE_SUFFIXES):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an image file name: use one of "
+                                         f"{', '.join(FIGURE_SUFFIXES)}")
+    return output_file(text)

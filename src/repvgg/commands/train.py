@@ -1,0 +1,129 @@
+"""``repvgg train``: train on image folders, one process or many (torchrun), resumable, into a run folder."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from typing import TYPE_CHECKING
+
+from ..files import Outputs
+from .args import nonneg_float, nonneg_int, positive_float, positive_int, prob_float
+
+if TYPE_CHECKING:
+    from ..training.options import TrainOptions
+
+WRITES = False  # a run folder: never replaced, continued only with --resume
+
+
+def inputs(args: argparse.Namespace) -> list[str | None]:
+    return [args.pretrained]
+
+
+def _recipe_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("recipe overrides (default: the recipe's value; see --print-config)")
+    g.add_argument("--epochs", type=positive_int, help="epochs to train (more than a checkpoint's plan extends it)")
+    g.add_argument("--batch-size", type=positive_int, help="global batch over all processes")
+    g.add_argument("--lr", type=positive_float, help="peak learning rate for a global batch of 256; the run uses "
+                   "lr * batch / 256")
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=nonneg_float, help="weight decay")
+    g.add_argument("--momentum", type=prob_float, help="SGD momentum")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum")
+    g.add_argument("--img-size", type=positive_int, help="training crop side")
+    g.add_argument("--eval-resize", type=positive_int, help="shorter side before the evaluation centre crop")
+    g.add_argument("--crop", choices=["random_resized", "pad"], help="random-resized crop or pad-and-crop")
+    g.add_argument("--auto-augment", choices=["none", "rand", "auto"], help="RandAugment or AutoAugment")
+    g.add_argument("--warmup-epochs", type=nonneg_float, help="linear warm-up length")
+    g.add_argument("--label-smoothing", type=prob_float, help="label smoothing (0: off)")
+    g.add_argument("--mixup", type=nonneg_float, help="mixup alpha (0: off)")
+    g.add_argument("--cutmix", type=nonneg_float, help="cutmix alpha (0: off)")
+    g.add_argument("--ema-decay", type=prob_float, help="EMA of weights per step (0: off), e.g. 0.9998")
+    g.add_argument("--custom-l2", action=argparse.BooleanOptionalAction, default=None,
+                   help="the official L2 on the equivalent kernel instead of plain decay on the branch kernels")
+    g.add_argument("--strides", type=positive_int, nargs=5, metavar="S",
+                   help="stride of stage0..stage4, e.g. 1 1 2 2 2 for 32x32 images")
+
+
+def _machinery_arguments(p: argparse.ArgumentParser) -> None:
+    from ..training.options import default_workers
+
+    g = p.add_argument_group("machinery")
+    g.add_argument("--workers", type=nonneg_int, default=default_workers(),
+                   help="data-loading processes per training process")
+    g.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], default="auto",
+                   help="mixed precision; auto: whichever the speed probe measures fastest (fp16: CUDA only)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format (default: the speed probe decides)")
+    g.add_argument("--threads", type=positive_int, help="torch threads per process (default: the probe decides)")
+    g.add_argument("--no-probe", dest="probe", action="store_false",
+                   help="skip the speed probe: float32, NCHW and torch's default threads unless given")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA)")
+    g.add_argument("--seed", type=int, default=0, help="seed of initialization, shuffling and augmentation")
+    g.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
+                   help="continue from CKPT, or from <out>/last.pt when given alone (a new run if there is none)")
+    g.add_argument("--bad-images", choices=["skip", "error"], default="skip",
+                   help="unreadable images: report and skip, or stop")
+    g.add_argument("--cache-dir", help="where archives are unpacked (default $REPVGG_CACHE_DIR/datasets or "
+                   "~/.cache/repvgg/datasets)")
+    g.add_argument("--time-budget-min", type=positive_float, help="shrink the planned epochs to fit this many "
+                   "minutes")
+    g.add_argument("--eval-every", type=positive_int, default=1, help="validate every N epochs")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard events")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``repvgg train`` options: data, model, recipe overrides and run machinery."""
+    from ..models.blocks import BLOCK_KINDS, BRANCHES
+    from ..training.recipes import RECIPES
+
+    p.add_argument("--data", help="folder with train/ and val/ (or test/) class folders, or .tar/.tar.gz archives "
+                   "of them (required unless --print-config)")
+    p.add_argument("--model", default="repvgg_a0", help="architecture (see `repvgg list`)")
+    p.add_argument("--block", choices=BLOCK_KINDS, default="repvgg",
+                   help="training-time block: RepVGG's, or QARepVGG's quantization-friendly one")
+    p.add_argument("--branches", choices=BRANCHES, default="full",
+                   help="the branches each block trains with (the paper's ablation); all convert to one 3x3 conv")
+    p.add_argument("--recipe", default="paper", choices=list(RECIPES), help="named preset; flags below override it")
+    p.add_argument("--out", help="run directory (default runs/<model>-<recipe>)")
+    p.add_argument("--print-config", action="store_true", help="print the recipe's values and options, then exit")
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--pretrained", metavar="WEIGHTS", help="start from these weights: a checkpoint file, a Hugging "
+                   "Face hub id, or 'true' for the model's published ImageNet weights; a classifier for another "
+                   "class count is replaced")
+    g.add_argument("--freeze-stages", type=nonneg_int, default=0, metavar="N",
+                   help="keep stage0..stage(N-1) fixed (weights and BN statistics)")
+    g.add_argument("--backbone-lr-scale", type=nonneg_float, default=1.0, metavar="F",
+                   help="learning rate of all but the classifier, as a fraction of --lr")
+    _recipe_arguments(p)
+    _machinery_arguments(p)
+
+
+def options_from_args(args: argparse.Namespace) -> TrainOptions:
+    """TrainOptions from parsed ``repvgg train`` arguments."""
+    from ..training.options import TrainOptions
+    from ..training.recipes import Recipe, recipe_with
+
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(Recipe) if f.name != "name"}
+    return TrainOptions(data=args.data, out_dir=args.out or f"runs/{args.model}-{args.recipe}", model=args.model,
+                        recipe=recipe_with(args.recipe, **overrides), block=args.block, branches=args.branches,
+                        pretrained=args.pretrained,
+                        freeze_stages=args.freeze_stages, backbone_lr_scale=args.backbone_lr_scale,
+                        workers=args.workers, amp=None if args.amp == "auto" else args.amp,
+                        channels_last=args.channels_last, threads=args.threads, probe=args.probe,
+                        grad_checkpointing=args.grad_checkpointing, sync_bn=args.sync_bn, seed=args.seed,
+                        resume=args.resume, bad_images=args.bad_images, cache_dir=args.cache_dir,
+                        time_budget_min=args.time_budget_min, device=args.device, eval_every=args.eval_every,
+                        tensorboard=args.tensorboard)
+
+
+def run(args: argparse.Namespace, outputs: Outputs) -> None:
+    from ..training.options import describe
+    from ..training.train import train
+
+    opts = options_from_args(args)
+    if args.print_config:
+        print(describe(opts))
+        return
+    outputs.folder(opts.out_dir)
+    train(opts)

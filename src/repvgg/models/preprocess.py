@@ -1,0 +1,109 @@
+"""What the network sees: 8-bit RGB images resized, centre-cropped and normalized as the checkpoint's ``preprocess``
+metadata says (``resize``, ``crop``, ``mean``, ``std``). Training, evaluation, export, prediction and quantization
+all read it from here, so that every phase feeds the network exactly what it was trained on."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from torchvision import transforms
+
+from ..errors import RepVGGError
+
+__all__ = ["IMAGENET_PREPROCESS", "CROP_FRACTION", "resize_for", "preprocess_settings", "preprocess_for_size",
+           "input_size", "to_rgb", "eval_transform"]
+
+IMAGENET_PREPROCESS: dict[str, Any] = {
+    "resize": 256,  # shorter side before the centre crop
+    "crop": 224,  # the network's input side
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+}
+CROP_FRACTION = 0.875  # the centre crop's share of the resized side (224 of 256), the ImageNet convention
+
+
+def resize_for(crop: int) -> int:
+    """The shorter side to resize to before a centre crop of ``crop``."""
+    return round(crop / CROP_FRACTION)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any image becomes 3-channel 8-bit RGB; greyscale deeper than 8 bits is scaled first, which PIL's
+    ``convert("RGB")`` does not do (it clips, so a 16-bit PNG would turn white)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _to_8bit(image)
+    return image.convert("RGB")
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Modes ``I;16*`` span 0..65535; ``I`` and ``F`` are on PIL's 8-bit scale unless a value exceeds 255 (then
+    16-bit), and ``F`` within [0, 1] is taken as normalized."""
+    pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))
+    peak = pixels.max(initial=0.0)
+    if image.mode.startswith("I;16") or peak > 255:
+        pixels = pixels * (255 / 65535)
+    elif image.mode == "F" and peak <= 1:
+        pixels = pixels * 255
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
+
+
+def _size_ok(value: Any) -> bool:
+    """A positive integer, or [height, width] of positive integers."""
+    if isinstance(value, list | tuple):
+        return len(value) == 2 and all(_size_ok(v) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _stats_ok(value: Any, positive: bool) -> bool:
+    """1 or 3 finite numbers (one per channel), all > 0 when ``positive``."""
+    return isinstance(value, list | tuple) and len(value) in (1, 3) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive)
+        for v in value)
+
+
+def preprocess_settings(preprocess: Any = None) -> dict[str, Any]:
+    """Checkpoint ``preprocess`` metadata over the ImageNet defaults, checked: the one place it is validated, so
+    malformed metadata ends in a one-line :class:`RepVGGError` wherever it is used."""
+    if preprocess is not None and not isinstance(preprocess, Mapping):
+        raise RepVGGError(f"preprocess metadata must be a mapping (resize, crop, mean, std), got {preprocess!r:.60}")
+    p = {**IMAGENET_PREPROCESS, **(preprocess or {})}
+    for key in ("resize", "crop"):
+        if not _size_ok(p[key]):
+            raise RepVGGError(f"preprocess {key!r} must be a positive integer or [height, width], got {p[key]!r:.60}")
+    for key in ("mean", "std"):
+        if not _stats_ok(p[key], positive=key == "std"):
+            raise RepVGGError(f"preprocess {key!r} must be 1 or 3 finite numbers{' > 0' if key == 'std' else ''}, "
+                              f"got {p[key]!r:.60}")
+    return p
+
+
+def preprocess_for_size(preprocess: Any, img_size: tuple[int, int]) -> dict[str, Any]:
+    """``preprocess`` with its crop set to ``img_size`` (height, width), resized by the crop rule if it changed."""
+    p = preprocess_settings(preprocess)
+    if tuple(img_size) != input_size({"preprocess": p}):
+        p.update(crop=img_size[0] if img_size[0] == img_size[1] else list(img_size), resize=resize_for(min(img_size)))
+    return p
+
+
+def input_size(metadata: Mapping[str, Any] | None = None) -> tuple[int, int]:
+    """(height, width) the network sees: the ``crop`` of the checkpoint's ``preprocess`` metadata, else 224."""
+    crop = preprocess_settings((metadata or {}).get("preprocess"))["crop"]
+    return (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
+
+
+def eval_transform(preprocess: dict[str, Any] | None = None) -> transforms.Compose:
+    """PIL image -> normalized tensor: resize the shorter side, centre-crop, to tensor, normalize (RGB)."""
+    p = preprocess_settings(preprocess)
+    return transforms.Compose([
+        transforms.Lambda(to_rgb),
+        transforms.Resize(p["resize"]),
+        transforms.CenterCrop(p["crop"]),
+        transforms.ToTensor(),
+        transforms.Normalize(p["mean"], p["std"]),
+    ])
