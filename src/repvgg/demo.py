@@ -18,7 +18,7 @@ from .hardware import measure_throughput
 from .models.checkpoints import model_from_checkpoint
 from .models.factory import create_model
 from .models.profile import count_macs, count_params
-from .models.reparam import relative_difference, reparameterize
+from .models.reparam import is_batchnorm, relative_difference, reparameterize
 from .training.data import collate
 from .training.evaluate import evaluate
 
@@ -29,7 +29,7 @@ def randomize_bn(model: torch.nn.Module, generator: torch.Generator | None = Non
     """Give every BatchNorm non-trivial statistics and affine weights, as a trained network would have."""
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
+            if is_batchnorm(m):
                 n = m.num_features
                 m.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
                 m.running_var.copy_(torch.rand(n, generator=generator) * 2 + 0.5)

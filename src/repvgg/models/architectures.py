@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import RepVGGError
 from .blocks import BLOCK_KINDS, BRANCHES, BlockKind, Branches, RepVGGBlock, SEPosition
+from .reparam import is_batchnorm
 
 __all__ = ["RepVGGConfig", "BlockShape", "RepVGG", "AuxHead", "MODEL_CONFIGS", "list_models", "build_model",
            "get_config", "canonical_name"]
@@ -114,7 +115,7 @@ def _keep_bn_statistics(module: nn.Module) -> Iterator[None]:
     """Undo what a recomputed forward pass does to BatchNorm running statistics, so that gradient checkpointing
     updates them once per step, as training without it does."""
     saved = [(bn, bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
-             for bn in module.modules() if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats]
+             for bn in module.modules() if is_batchnorm(bn) and bn.track_running_stats]
     try:
         yield
     finally:

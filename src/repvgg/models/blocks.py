@@ -111,14 +111,14 @@ class RepVGGBlock(nn.Module):
         weight = self.rbr_dense.conv.weight
         zero = weight.new_zeros(self.out_channels)
         branches = [self.rbr_dense.fused()]
-        if isinstance(self.rbr_1x1, ConvBN):
-            branches.append(self.rbr_1x1.fused())
-        elif self.rbr_1x1 is not None:
-            branches.append((self.rbr_1x1.weight, zero))
+        # which branches carry a BN follows from the block's kind, never from the type of its modules: that type
+        # changes when BNs are converted (SyncBatchNorm for multi-GPU training, a frozen BN for fine-tuning)
+        with_bn = self.kind == "repvgg"
+        if self.rbr_1x1 is not None:
+            branches.append(self.rbr_1x1.fused() if with_bn else (self.rbr_1x1.weight, zero))
         if self.rbr_identity is not None:
             eye = identity_kernel(self.in_channels, self.groups, dtype=weight.dtype, device=weight.device)
-            branches.append(fuse_bn(eye, self.rbr_identity) if isinstance(self.rbr_identity, nn.BatchNorm2d)
-                            else (eye, zero))
+            branches.append(fuse_bn(eye, self.rbr_identity) if with_bn else (eye, zero))
         kernel, bias = sum_branches(branches)
         return fuse_bn(kernel, self.bn, bias) if self.kind == "qarepvgg" else (kernel, bias)
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "is_batchnorm",
     "fuse_bn",
     "pad_to_3x3",
     "identity_kernel",
@@ -24,9 +25,16 @@ __all__ = [
 ]
 
 
-def fuse_bn(kernel: Tensor | None, bn: nn.BatchNorm2d, conv_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def is_batchnorm(module: nn.Module) -> bool:
+    """True for a torch BatchNorm of any kind: BatchNorm1d/2d/3d, their lazy forms, and the SyncBatchNorm that
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` puts in their place for multi-GPU training."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def fuse_bn(kernel: Tensor | None, bn: nn.Module, conv_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Fold eval-mode BatchNorm into the preceding conv: W' = W*g/s, b' = beta + (b - mean)*g/s, s = sqrt(var+eps),
-    with b the conv's bias (0 when ``conv_bias`` is None).
+    with b the conv's bias (0 when ``conv_bias`` is None). ``bn`` is any BatchNorm kind, or a frozen one such as
+    torchvision's ``FrozenBatchNorm2d``: only its statistics, affine weights and ``eps`` are read.
 
     ``kernel`` may be None for a BN-only branch, whose kernel must then be supplied by the caller.
     """
