@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import RepVGGError
+
 __all__ = [
     "is_batchnorm",
     "fuse_bn",
@@ -92,6 +94,8 @@ def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
     Modules opt in by defining ``switch_to_deploy()``; the outermost are switched first so that models
     can drop training-only parts (auxiliary heads) before their blocks are fused. Returns ``model`` in eval mode.
     """
+    if not isinstance(model, nn.Module):
+        raise RepVGGError(f"reparameterize needs a torch.nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
