@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -120,6 +122,51 @@ def test_unknown_model_and_bad_options_are_rejected() -> None:
         create_model("repvgg_a0", out_indices=(5,))
     with pytest.raises(RepVGGError, match="invalid option"):
         create_model("repvgg_a0", colour="blue")
+
+
+@pytest.mark.parametrize(("name", "options", "message"), [
+    (None, {}, "model name must be a string, got None"),
+    (3, {}, "model name must be a string, got 3"),
+    ("repvgg_a0", {"num_classes": -1}, "num_classes must be an integer of at least 0, got -1"),
+    ("repvgg_a0", {"num_classes": 2.5}, "num_classes must be an integer of at least 0, got 2.5"),
+    ("repvgg_a0", {"in_chans": 0}, "in_chans must be an integer of at least 1, got 0"),
+    ("repvgg_a0", {"in_chans": "3"}, "in_chans must be an integer of at least 1, got '3'"),
+    ("repvgg_a0", {"groups": 0}, "groups must be an integer of at least 1, got 0"),
+    ("repvgg_a0", {"groups": 2.5}, "groups must be an integer of at least 1, got 2.5"),
+    ("repvgg_b1g4", {"groups": 5}, "groups=5 must divide the channels of every grouped layer"),
+    ("repvgg_a0", {"strides": (2, 2, 2, 2, 0)}, "strides must be five values of 1 or 2"),
+    ("repvgg_a0", {"strides": (2, 2, 2, 2, -2)}, "strides must be five values of 1 or 2"),
+    ("repvgg_a0", {"strides": (2, 2, 2, 2, 2.0)}, "strides must be five values of 1 or 2"),
+    ("repvgg_a0", {"strides": None}, "strides must be five values of 1 or 2"),
+    ("repvgg_a0", {"out_indices": (1.0, 2)}, "out_indices must be stage numbers in 0..4"),
+    ("repvgg_a0", {"aux_weight": -0.1}, "aux_weight must be a finite number of at least 0"),
+    ("repvgg_a0", {"aux_weight": float("nan")}, "aux_weight must be a finite number of at least 0"),
+])
+def test_bad_arguments_raise_one_error_naming_the_argument(name: object, options: dict, message: str) -> None:
+    with pytest.raises(RepVGGError, match=re.escape(message)):
+        create_model(name, **options)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"widths": (0.75, 0.75, 0.0, 2.5)}, "widths must be four positive width multipliers"),
+    ({"widths": (-1, 1, 1, 2.5)}, "widths must be four positive width multipliers"),
+    ({"widths": (0.001, 1, 1, 2.5)}, "leave a stage with no channel"),
+    ({"widths": (1, 1, 1)}, "widths must be four"),
+    ({"depths": (2, 0, 14, 1)}, "depths must be four block counts of at least 1"),
+    ({"groups": 0}, "groups must be an integer of at least 1"),
+    ({"se": "pre", "se_reduction": 64}, "se_reduction=64 leaves the squeeze-excitation of 48 channels"),
+    ({"se_reduction": 0}, "se_reduction must be an integer of at least 1"),
+])
+def test_configs_that_build_nonsense_are_rejected(fields: dict, message: str) -> None:
+    with pytest.raises(RepVGGError, match=message):
+        replace(get_config("repvgg_a0"), **fields)
+
+
+def test_reset_classifier_rejects_a_negative_class_count() -> None:
+    model = create_model("repvgg_a0", num_classes=10)
+    with pytest.raises(RepVGGError, match="num_classes must be an integer of at least 0, got -3"):
+        model.reset_classifier(-3)
+    assert model.linear.out_features == 10
 
 
 def test_small_images_channels_and_classifier_options() -> None:

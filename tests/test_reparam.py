@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import trained_looking
-from repvgg import RepVGGBlock, create_model, reparameterize
+from repvgg import RepVGGBlock, RepVGGError, create_model, reparameterize
 from repvgg.models.blocks import BLOCK_KINDS, BRANCHES
 from repvgg.models.reparam import fuse_bn, identity_kernel, is_deploy, pad_to_3x3, relative_difference
 
@@ -128,10 +128,22 @@ def test_fuse_bn_folds_into_a_conv_with_bias() -> None:
                                                   ({"stride": 3}, "stride must be 1 or 2"),
                                                   ({"stride": 0}, "stride must be 1 or 2"),
                                                   ({"branches": "1x1"}, "branches must be one of"),
-                                                  ({"kind": "acnet"}, "kind must be one of")])
-def test_block_rejects_unknown_se_and_strides(options: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        RepVGGBlock(8, 8, **options)
+                                                  ({"kind": "acnet"}, "kind must be one of"),
+                                                  ({"groups": 0}, "groups must be an integer of at least 1, got 0"),
+                                                  ({"groups": 3}, "groups=3 must divide in_channels=8"),
+                                                  ({"groups": 2.0}, "groups must be an integer"),
+                                                  ({"stride": 2.0}, "stride must be 1 or 2"),
+                                                  ({"in_channels": 0}, "in_channels must be an integer of at least 1"),
+                                                  ({"se": "pre", "se_reduction": 16}, "se_reduction=16 leaves"),
+                                                  ({"se_reduction": 0}, "se_reduction must be an integer")])
+def test_block_rejects_bad_options_naming_them(options: dict, message: str) -> None:
+    with pytest.raises(RepVGGError, match=message):
+        RepVGGBlock(**{"in_channels": 8, "out_channels": 8, **options})
+
+
+def test_reparameterize_rejects_what_is_not_a_module() -> None:
+    with pytest.raises(RepVGGError, match=r"reparameterize needs a torch\.nn\.Module, got str"):
+        reparameterize("x")
 
 
 def test_relative_difference_on_tensors_and_arrays() -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from numbers import Real
 from typing import NamedTuple
 
 import torch
@@ -12,7 +14,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import RepVGGError
-from .blocks import BLOCK_KINDS, BRANCHES, BlockKind, Branches, RepVGGBlock, SEPosition
+from .blocks import BLOCK_KINDS, BRANCHES, BlockKind, Branches, RepVGGBlock, SEPosition, check_int, is_int
+from .reparam import is_batchnorm
 
 __all__ = ["RepVGGConfig", "BlockShape", "RepVGG", "AuxHead", "MODEL_CONFIGS", "list_models", "build_model",
            "get_config", "canonical_name"]
@@ -32,6 +35,9 @@ class RepVGGConfig:
     se: SEPosition | None = None
     se_reduction: int = 16
     aux_heads: bool = False
+
+    def __post_init__(self) -> None:
+        _check_config(self)
 
     @property
     def stage_channels(self) -> tuple[int, ...]:
@@ -58,6 +64,40 @@ class RepVGGConfig:
         """Where RepVGGplus auxiliary heads read: name -> (stage, number of its blocks run before the tap)."""
         d = self.depths
         return {"stage1": (1, d[0]), "stage2": (2, d[1]), "stage3_first": (3, d[2] // 2)}
+
+
+def _check_config(config: RepVGGConfig) -> None:
+    """Reject a config whose network could not run or would mean nothing (no channels, empty stages, groups that
+    do not divide the channels they split)."""
+    name = config.official_name
+    if not _sequence_of(config.depths, 4, lambda d: is_int(d) and d >= 1):
+        raise RepVGGError(f"{name}: depths must be four block counts of at least 1, got {config.depths!r}")
+    if not _sequence_of(config.widths, 4, lambda w: _is_real(w) and math.isfinite(w) and w > 0):
+        raise RepVGGError(f"{name}: widths must be four positive width multipliers, got {config.widths!r}")
+    if min(config.stage_channels) < 1:
+        raise RepVGGError(f"{name}: widths {config.widths!r} leave a stage with no channel "
+                          f"(channels {config.stage_channels})")
+    check_int("groups", config.groups, 1)
+    for layer, shape in enumerate(config.block_shapes()):
+        if shape.in_channels % shape.groups or shape.out_channels % shape.groups:
+            raise RepVGGError(f"{name}: groups={shape.groups} must divide the channels of every grouped layer; "
+                              f"layer {layer} has {shape.in_channels} in and {shape.out_channels} out")
+    if config.se not in (None, "pre", "post"):
+        raise RepVGGError(f"{name}: se must be None, 'pre' or 'post', got {config.se!r}")
+    check_int("se_reduction", config.se_reduction, 1)
+    if config.se is not None and min(config.stage_channels) < config.se_reduction:
+        raise RepVGGError(f"{name}: se_reduction={config.se_reduction} leaves the squeeze-excitation of "
+                          f"{min(config.stage_channels)} channels with no hidden channel")
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _sequence_of(values: object, length: int | None, valid: Callable[[object], bool]) -> bool:
+    """True when ``values`` is a sequence (not a string) of ``length`` items (any number when None), all valid."""
+    return (isinstance(values, Sequence) and not isinstance(values, str) and
+            (length is None or len(values) == length) and all(valid(v) for v in values))
 
 
 class BlockShape(NamedTuple):
@@ -93,6 +133,8 @@ MODEL_CONFIGS: dict[str, RepVGGConfig] = {
 
 def canonical_name(name: str) -> str:
     """Map ``RepVGG-A0``, ``repvgg-a0`` or ``repvgg_a0`` to the registry key ``repvgg_a0``."""
+    if not isinstance(name, str):
+        raise RepVGGError(f"the model name must be a string, got {name!r}; choose one of: {', '.join(MODEL_CONFIGS)}")
     key = name.strip().lower().replace("-", "_")
     if key not in MODEL_CONFIGS:
         raise RepVGGError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_CONFIGS)}")
@@ -114,7 +156,7 @@ def _keep_bn_statistics(module: nn.Module) -> Iterator[None]:
     """Undo what a recomputed forward pass does to BatchNorm running statistics, so that gradient checkpointing
     updates them once per step, as training without it does."""
     saved = [(bn, bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
-             for bn in module.modules() if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats]
+             for bn in module.modules() if is_batchnorm(bn) and bn.track_running_stats]
     try:
         yield
     finally:
@@ -159,14 +201,8 @@ class RepVGG(nn.Module):
                  deploy: bool = False, aux_weight: float = 0.1, branches: Branches = "full",
                  block: BlockKind = "repvgg") -> None:
         super().__init__()
-        if len(strides) != 5 or any(s not in (1, 2) for s in strides):
-            raise RepVGGError(f"strides must be five values of 1 or 2 (stage0..stage4), got {tuple(strides)}")
-        if branches not in BRANCHES or block not in BLOCK_KINDS:
-            raise RepVGGError(f"branches must be one of {', '.join(BRANCHES)} and block one of "
-                              f"{', '.join(BLOCK_KINDS)}; got branches={branches!r}, block={block!r}")
+        _check_model_options(num_classes, in_chans, strides, out_indices, aux_weight, branches, block)
         self.branches, self.block = branches, block
-        if out_indices is not None and (not out_indices or any(i not in range(5) for i in out_indices)):
-            raise RepVGGError(f"out_indices must be stage numbers in 0..4, got {tuple(out_indices)}")
         self.config = config
         self.deploy = deploy
         self.strides = tuple(strides)
@@ -260,6 +296,7 @@ class RepVGG(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier (and any auxiliary heads) for ``num_classes`` outputs; 0 removes it."""
+        check_int("num_classes", num_classes, 0)
         self.num_classes = num_classes
         self.linear = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
         if len(self.aux):
@@ -275,6 +312,24 @@ class RepVGG(nn.Module):
         self.deploy = True
 
 
+def _check_model_options(num_classes: object, in_chans: object, strides: object, out_indices: object,
+                         aux_weight: object, branches: object, block: object) -> None:
+    """Reject :class:`RepVGG` arguments that would fail later with a traceback or build a network that means
+    nothing, with one message naming the argument."""
+    check_int("num_classes", num_classes, 0)
+    check_int("in_chans", in_chans, 1)
+    if not _sequence_of(strides, 5, lambda s: is_int(s) and s in (1, 2)):
+        raise RepVGGError(f"strides must be five values of 1 or 2 (stage0..stage4), got {strides!r}")
+    if out_indices is not None and not (_sequence_of(out_indices, None, lambda i: is_int(i) and 0 <= i <= 4)
+                                        and len(out_indices) > 0):
+        raise RepVGGError(f"out_indices must be stage numbers in 0..4, got {out_indices!r}")
+    if not (_is_real(aux_weight) and math.isfinite(aux_weight) and aux_weight >= 0):
+        raise RepVGGError(f"aux_weight must be a finite number of at least 0, got {aux_weight!r}")
+    if branches not in BRANCHES or block not in BLOCK_KINDS:
+        raise RepVGGError(f"branches must be one of {', '.join(BRANCHES)} and block one of "
+                          f"{', '.join(BLOCK_KINDS)}; got branches={branches!r}, block={block!r}")
+
+
 def build_model(name: str, num_classes: int = 1000, deploy: bool = False, **options) -> RepVGG:
     """Build a registered architecture by name (``repvgg_a0`` or the official ``RepVGG-A0``), randomly
     initialized; :func:`repvgg.create_model` adds published or local weights on top.
@@ -284,7 +339,7 @@ def build_model(name: str, num_classes: int = 1000, deploy: bool = False, **opti
     """
     config = get_config(name)
     if "groups" in options:
-        config = replace(config, groups=int(options.pop("groups")))
+        config = replace(config, groups=options.pop("groups"))
     try:
         return RepVGG(config, num_classes=num_classes, deploy=deploy, **options)
     except TypeError as e:

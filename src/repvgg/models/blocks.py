@@ -6,15 +6,17 @@ Attribute names follow the official implementation (``rbr_dense``, ``rbr_1x1``, 
 
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import RepVGGError
 from .reparam import fuse_bn, identity_kernel, sum_branches
 
 __all__ = ["ConvBN", "SqueezeExcite", "RepVGGBlock", "SEPosition", "Branches", "BRANCHES", "BlockKind",
-           "BLOCK_KINDS"]
+           "BLOCK_KINDS", "is_int", "check_int"]
 
 SEPosition = Literal["pre", "post"]
 Branches = Literal["full", "3x3", "3x3+1x1", "3x3+identity"]
@@ -66,9 +68,7 @@ class RepVGGBlock(nn.Module):
                  se: SEPosition | None = None, se_reduction: int = 16, deploy: bool = False,
                  branches: Branches = "full", kind: BlockKind = "repvgg") -> None:
         super().__init__()
-        _check_block_options(se, stride, branches, kind)
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
+        _check_block_options(in_channels, out_channels, stride, groups, se, se_reduction, branches, kind)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.stride, self.groups = stride, groups
         self.branches, self.kind = branches, kind
@@ -111,14 +111,14 @@ class RepVGGBlock(nn.Module):
         weight = self.rbr_dense.conv.weight
         zero = weight.new_zeros(self.out_channels)
         branches = [self.rbr_dense.fused()]
-        if isinstance(self.rbr_1x1, ConvBN):
-            branches.append(self.rbr_1x1.fused())
-        elif self.rbr_1x1 is not None:
-            branches.append((self.rbr_1x1.weight, zero))
+        # which branches carry a BN follows from the block's kind, never from the type of its modules: that type
+        # changes when BNs are converted (SyncBatchNorm for multi-GPU training, a frozen BN for fine-tuning)
+        with_bn = self.kind == "repvgg"
+        if self.rbr_1x1 is not None:
+            branches.append(self.rbr_1x1.fused() if with_bn else (self.rbr_1x1.weight, zero))
         if self.rbr_identity is not None:
             eye = identity_kernel(self.in_channels, self.groups, dtype=weight.dtype, device=weight.device)
-            branches.append(fuse_bn(eye, self.rbr_identity) if isinstance(self.rbr_identity, nn.BatchNorm2d)
-                            else (eye, zero))
+            branches.append(fuse_bn(eye, self.rbr_identity) if with_bn else (eye, zero))
         kernel, bias = sum_branches(branches)
         return fuse_bn(kernel, self.bn, bias) if self.kind == "qarepvgg" else (kernel, bias)
 
@@ -139,12 +139,33 @@ class RepVGGBlock(nn.Module):
         self.deploy = True
 
 
-def _check_block_options(se: object, stride: object, branches: object, kind: object) -> None:
+def is_int(value: object) -> bool:
+    """True for an integer of any kind (Python's, NumPy's), not for a bool or a float."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: object, minimum: int) -> None:
+    """Raise :class:`RepVGGError` naming ``name`` unless ``value`` is an integer of at least ``minimum``."""
+    if not is_int(value) or value < minimum:
+        raise RepVGGError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+
+
+def _check_block_options(in_channels: object, out_channels: object, stride: object, groups: object, se: object,
+                         se_reduction: object, branches: object, kind: object) -> None:
+    check_int("in_channels", in_channels, 1)
+    check_int("out_channels", out_channels, 1)
+    check_int("groups", groups, 1)
+    if in_channels % groups or out_channels % groups:
+        raise RepVGGError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
     if se not in (None, "pre", "post"):
-        raise ValueError(f"se must be None, 'pre' or 'post', got {se!r}")
-    if stride not in (1, 2):
-        raise ValueError(f"stride must be 1 or 2, got {stride!r}")
+        raise RepVGGError(f"se must be None, 'pre' or 'post', got {se!r}")
+    check_int("se_reduction", se_reduction, 1)
+    if se is not None and out_channels < se_reduction:
+        raise RepVGGError(f"se_reduction={se_reduction} leaves squeeze-excitation of {out_channels} channels with "
+                          f"no hidden channel")
+    if not is_int(stride) or stride not in (1, 2):
+        raise RepVGGError(f"stride must be 1 or 2, got {stride!r}")
     if branches not in BRANCHES:
-        raise ValueError(f"branches must be one of {', '.join(map(repr, BRANCHES))}, got {branches!r}")
+        raise RepVGGError(f"branches must be one of {', '.join(map(repr, BRANCHES))}, got {branches!r}")
     if kind not in BLOCK_KINDS:
-        raise ValueError(f"kind must be one of {', '.join(map(repr, BLOCK_KINDS))}, got {kind!r}")
+        raise RepVGGError(f"kind must be one of {', '.join(map(repr, BLOCK_KINDS))}, got {kind!r}")

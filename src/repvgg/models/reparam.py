@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import RepVGGError
+
 __all__ = [
+    "is_batchnorm",
     "fuse_bn",
     "pad_to_3x3",
     "identity_kernel",
@@ -21,12 +24,20 @@ __all__ = [
     "reparameterize",
     "is_deploy",
     "relative_difference",
+    "randomize_bn",
 ]
 
 
-def fuse_bn(kernel: Tensor | None, bn: nn.BatchNorm2d, conv_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def is_batchnorm(module: nn.Module) -> bool:
+    """True for a torch BatchNorm of any kind: BatchNorm1d/2d/3d, their lazy forms, and the SyncBatchNorm that
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` puts in their place for multi-GPU training."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def fuse_bn(kernel: Tensor | None, bn: nn.Module, conv_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Fold eval-mode BatchNorm into the preceding conv: W' = W*g/s, b' = beta + (b - mean)*g/s, s = sqrt(var+eps),
-    with b the conv's bias (0 when ``conv_bias`` is None).
+    with b the conv's bias (0 when ``conv_bias`` is None). ``bn`` is any BatchNorm kind, or a frozen one such as
+    torchvision's ``FrozenBatchNorm2d``: only its statistics, affine weights and ``eps`` are read.
 
     ``kernel`` may be None for a BN-only branch, whose kernel must then be supplied by the caller.
     """
@@ -84,6 +95,8 @@ def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
     Modules opt in by defining ``switch_to_deploy()``; the outermost are switched first so that models
     can drop training-only parts (auxiliary heads) before their blocks are fused. Returns ``model`` in eval mode.
     """
+    if not isinstance(model, nn.Module):
+        raise RepVGGError(f"reparameterize needs a torch.nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
@@ -94,12 +107,12 @@ def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
     return model.eval()
 
 
-def randomize_bn(model: torch.nn.Module, generator: torch.Generator | None = None) -> None:
+def randomize_bn(model: nn.Module, generator: torch.Generator | None = None) -> None:
     """Give every BatchNorm non-trivial statistics and affine weights, as a trained network would have: conversion
     checks on a fresh model (all BNs at 0/1) would miss errors in folding them."""
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
+            if is_batchnorm(m):
                 n = m.num_features
                 m.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
                 m.running_var.copy_(torch.rand(n, generator=generator) * 2 + 0.5)

@@ -57,13 +57,21 @@ def init_distributed(device_name: str | None) -> tuple[Dist, torch.device]:
 
 
 def plain_bn(model: nn.Module) -> nn.Module:
-    """Replace SyncBatchNorm by BatchNorm2d (same weights) so the model runs outside the process group."""
+    """Replace every SyncBatchNorm inside ``model`` (in place) by a BatchNorm2d, so that the model runs outside the
+    process group; returns ``model``."""
     for name, child in model.named_children():
         if isinstance(child, nn.SyncBatchNorm):
-            bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                child.track_running_stats).to(child.weight.device)
-            bn.load_state_dict(child.state_dict())
-            setattr(model, name, bn)
+            setattr(model, name, _plain(child))
         else:
             plain_bn(child)
     return model
+
+
+def _plain(sync: nn.SyncBatchNorm) -> nn.BatchNorm2d:
+    """A BatchNorm2d holding ``sync``'s own parameters and statistics (so their dtype, device and frozen state carry
+    over unchanged) in its training mode: the inverse of ``nn.SyncBatchNorm.convert_sync_batchnorm``."""
+    bn = nn.BatchNorm2d(sync.num_features, sync.eps, sync.momentum, sync.affine, sync.track_running_stats,
+                        device="meta")
+    for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        setattr(bn, key, getattr(sync, key))
+    return bn.train(sync.training)
