@@ -17,7 +17,13 @@ from safetensors.torch import save_file
 from conftest import trained_looking
 from repvgg import RepVGGError, create_model, save_checkpoint
 from repvgg.models.architectures import MODEL_CONFIGS
-from repvgg.models.pretrained import PUBLISHED, load_pretrained, pretrained_source, read_pretrained
+from repvgg.models.pretrained import (
+    PUBLISHED,
+    imagenet_class_names,
+    load_pretrained,
+    pretrained_source,
+    read_pretrained,
+)
 
 timm = pytest.importorskip("timm")
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -112,6 +118,19 @@ def test_missing_weights_are_one_clear_line(hub_cache: Path, name: str, spec: bo
     assert "\n" not in str(info.value)
 
 
+def test_published_weights_carry_the_imagenet_class_names(hub_cache: Path, tmp_path: Path) -> None:
+    """Published classifiers name their 1000 classes (in checkpoints read, and in what export writes)."""
+    names = read_pretrained("repvgg_a0").metadata["class_names"]
+    assert len(names) == 1000 and names[0] == "tench" and names[1] == "goldfish" and names[-1] == "toilet tissue"
+    pytest.importorskip("onnxruntime")
+    from repvgg.cli import main
+    from repvgg.deploy.artifacts import read_artifact_metadata
+
+    out = tmp_path / "a0.onnx"
+    assert main(["export", "--pretrained", "repvgg_a0", "--format", "onnx", "--out", str(out)]) == 0
+    assert read_artifact_metadata(out, "onnx")["class_names"] == names
+
+
 def test_cli_uses_the_standard_cache_and_offline_mode(tmp_path: Path, timm_a0: torch.nn.Module) -> None:
     """A fresh process configured only by the hub's own environment variables."""
     cache = tmp_path / "hub"
@@ -126,7 +145,9 @@ def test_cli_uses_the_standard_cache_and_offline_mode(tmp_path: Path, timm_a0: t
 
     ok = run("predict", "--pretrained", "repvgg_a0", str(image), "--engine", "torch", "--top", "2")
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.splitlines()[0] == "engine: torch" and "class " in ok.stdout
+    assert ok.stdout.splitlines()[0] == "engine: torch" and "class " not in ok.stdout
+    shown = [line.split("%", 1)[1].strip() for line in ok.stdout.splitlines()[2:]]
+    assert len(shown) == 2 and set(shown) <= set(imagenet_class_names())
     missing = run("predict", "--pretrained", "repvgg_a2", str(image), "--engine", "torch")
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     assert "timm/repvgg_a2.rvgg_in1k are not in the Hugging Face cache" in missing.stderr

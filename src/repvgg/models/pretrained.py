@@ -23,7 +23,7 @@ from .architectures import MODEL_CONFIGS, canonical_name
 from .checkpoints import CLASSIFIER_PREFIXES, Checkpoint, load_checkpoint, read_checkpoint
 
 __all__ = ["Published", "PUBLISHED", "HUB_FILENAMES", "pretrained_source", "resolve_pretrained", "read_pretrained",
-           "load_pretrained", "LoadedPretrained"]
+           "load_pretrained", "LoadedPretrained", "imagenet_class_names"]
 
 HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")  # timm's names, safetensors preferred
 OFFICIAL_RELEASE = "the official RepVGG release (github.com/DingXiaoH/RepVGG, Google Drive / Baidu Cloud links)"
@@ -168,12 +168,24 @@ def read_pretrained(spec: bool | str | os.PathLike, name: str | None = None,
                     cache_dir: str | os.PathLike | None = None) -> Checkpoint:
     """Read the weights ``spec`` names (see :func:`resolve_pretrained`), downloading Hub files into the cache.
 
-    Published weights get their architecture and the preprocessing they were evaluated with as metadata."""
+    Published weights get their architecture, the preprocessing they were evaluated with and, for a 1000-class
+    classifier, the ImageNet-1k class names as metadata."""
     source, arch = resolve_pretrained(spec, name)
     ckpt = read_checkpoint(source if os.path.isfile(source) else _download(source, cache_dir))
     if arch and not ckpt.metadata:
         ckpt.metadata = {"architecture": arch, "preprocess": dict(PUBLISHED[arch].preprocess)}
+        head = ckpt.state_dict.get("linear.weight")
+        if head is not None and head.shape[0] == len(imagenet_class_names()):
+            ckpt.metadata["class_names"] = imagenet_class_names()
     return ckpt
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k class names in the standard index order of published classifiers, as torchvision ships
+    them in its weights' metadata (no download)."""
+    from torchvision.models import get_weight
+
+    return list(get_weight("ResNet18_Weights.IMAGENET1K_V1").meta["categories"])
 
 
 @dataclass
