@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
@@ -91,6 +92,11 @@ MODEL_CONFIGS: dict[str, RepVGGConfig] = {
 }
 
 
+def _is_int(value: object) -> bool:
+    """An integer (numpy's too), not a bool: what counts, sizes and channel numbers must be."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def canonical_name(name: str) -> str:
     """Map ``RepVGG-A0``, ``repvgg-a0`` or ``repvgg_a0`` to the registry key ``repvgg_a0``."""
     key = name.strip().lower().replace("-", "_")
@@ -159,6 +165,9 @@ class RepVGG(nn.Module):
                  deploy: bool = False, aux_weight: float = 0.1, branches: Branches = "full",
                  block: BlockKind = "repvgg") -> None:
         super().__init__()
+        for key, value, least in (("in_chans", in_chans, 1), ("num_classes", num_classes, 0)):
+            if not _is_int(value) or value < least:
+                raise RepVGGError(f"{key} must be an integer >= {least}, got {value!r:.60}")
         if len(strides) != 5 or any(s not in (1, 2) for s in strides):
             raise RepVGGError(f"strides must be five values of 1 or 2 (stage0..stage4), got {tuple(strides)}")
         if branches not in BRANCHES or block not in BLOCK_KINDS:
@@ -284,7 +293,10 @@ def build_model(name: str, num_classes: int = 1000, deploy: bool = False, **opti
     """
     config = get_config(name)
     if "groups" in options:
-        config = replace(config, groups=int(options.pop("groups")))
+        groups = options.pop("groups")
+        if not _is_int(groups) or groups < 1:
+            raise RepVGGError(f"groups must be an integer >= 1, got {groups!r:.60}")
+        config = replace(config, groups=groups)
     try:
         return RepVGG(config, num_classes=num_classes, deploy=deploy, **options)
     except TypeError as e:
