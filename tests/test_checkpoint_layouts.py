@@ -3,6 +3,7 @@ state dicts without ``num_batches_tracked``, mmpretrain's RepVGG; and files the 
 
 from __future__ import annotations
 
+import argparse
 import pickle
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from repvgg import (
     reparameterize,
 )
 from repvgg.models.architectures import get_config
+from repvgg.models.checkpoints import describe_checkpoint
 
 X = torch.randn(2, 3, 64, 64)
 
@@ -203,3 +205,91 @@ def test_protocol_4_file_gives_one_line_and_no_warnings(tmp_path: Path) -> None:
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "UserWarning" not in result.stderr and "weights_only" not in result.stderr
     assert "save it again with torch.save's default protocol" in result.stderr
+
+
+def halved(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict with every floating-point tensor halved: a stand-in for its EMA copy."""
+    return {k: v / 2 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+
+
+def test_timm_training_script_file(tmp_path: Path) -> None:
+    """timm's train.py saves its argparse ``args`` beside the weights and, with EMA, ``state_dict_ema``: read without
+    unpickling the Namespace's class, the plain weights taken (the EMA copy named as not read)."""
+    model = trained_looking(create_model("repvgg_a0", num_classes=4))
+    args = argparse.Namespace(model="repvgg_a0", lr=0.05, epochs=3, model_ema=True, input_size=None, aa=["rand"])
+    torch.save({"epoch": 2, "arch": "repvgg_a0", "state_dict": model.state_dict(),
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.05, "params": [0, 1]}]}, "version": 2,
+                "args": args, "amp_scaler": {"scale": 65536.0}, "state_dict_ema": halved(model), "metric": 61.5},
+               tmp_path / "last.pth.tar")
+    loaded, ckpt = model_from_checkpoint(tmp_path / "last.pth.tar")
+    assert (ckpt.format, ckpt.entry, ckpt.unread) == ("official", "state_dict", ("state_dict_ema",))
+    assert torch.equal(loaded(X), model(X))
+    assert describe_checkpoint(tmp_path / "last.pth.tar")["weights"] == "'state_dict' ('state_dict_ema' not read)"
+
+
+@pytest.mark.parametrize("entry", ["ema", "net", "state_dict_ema", "model_ema"])
+def test_weights_under_other_common_entries(tmp_path: Path, entry: str) -> None:
+    model = trained_looking(create_model("repvgg_a0", num_classes=3))
+    torch.save({entry: model.state_dict(), "epoch": 7}, tmp_path / "w.pth")
+    loaded, ckpt = model_from_checkpoint(tmp_path / "w.pth")
+    assert ckpt.entry == entry and torch.equal(loaded(X), model(X))
+
+
+def test_no_tensors_names_the_entries_found(tmp_path: Path) -> None:
+    torch.save({"epoch": 3, "weights": [torch.zeros(1)], "config": {"lr": 0.1}}, tmp_path / "odd.pth")
+    with pytest.raises(RepVGGError, match=r"no tensors found in the checkpoint \(its entries: epoch, weights, config"):
+        read_checkpoint(tmp_path / "odd.pth")
+
+
+@pytest.mark.parametrize("prefix", ["module.module.", "_orig_mod.module.", "module._orig_mod.",
+                                    "_orig_mod._orig_mod.module."])
+def test_repeated_wrapper_prefixes_are_stripped(prefix: str) -> None:
+    model = trained_looking(create_model("repvgg_a0", num_classes=3))
+    loaded, ckpt = model_from_checkpoint({"model": {prefix + k: v for k, v in model.state_dict().items()}})
+    assert ckpt.format == "official" and torch.equal(loaded(X), model(X))
+
+
+def tiny_onnx(path: Path) -> None:
+    """A one-node ONNX model (Relu), written by the onnx package."""
+    onnx = pytest.importorskip("onnx")
+    x, y = (onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [1]) for name in "xy")
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(onnx.helper.make_model(graph, producer_name="test"), path)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")
+def test_files_that_are_not_checkpoints_are_named(tmp_path: Path) -> None:
+    """Exported models and other files given where a checkpoint is expected: one line saying what they are."""
+    tiny_onnx(tmp_path / "m.onnx")
+    tiny_onnx(tmp_path / "renamed.pth")
+    (tmp_path / "ir.xml").write_text('<?xml version="1.0"?>\n<net name="repvgg" version="11">\n<layers/>\n</net>\n')
+    (tmp_path / "ir.bin").write_bytes(bytes(range(7, 200)))
+    (tmp_path / "noise.pth").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    torch.jit.trace(nn.Linear(2, 2), torch.zeros(1, 2)).save(tmp_path / "script.pt")
+    use = "not a checkpoint: use eval or predict with"
+    for name, message in (("m.onnx", f"is an ONNX model, {use} it"), ("renamed.pth", f"is an ONNX model, {use} it"),
+                          ("ir.xml", f"is an OpenVINO model \\(IR\\), {use} it"),
+                          ("ir.bin", f"is the weights file of the OpenVINO model .*ir\\.xml, {use} .*ir\\.xml$"),
+                          ("noise.pth", r"is not a checkpoint \(neither a torch zip archive, a pickle nor safetensors"),
+                          ("empty.pth", "is empty, not a checkpoint"),
+                          ("script.pt", f"is a TorchScript model, {use} it")):
+        with pytest.raises(RepVGGError, match=rf"^\S*{name} {message}") as info:
+            read_checkpoint(tmp_path / name)
+        assert "pickle opcode" not in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("in_chans", "3", r"in_chans must be an integer >= 1, got '3'"),
+    ("in_chans", [3], r"in_chans must be an integer >= 1, got \[3\]"),
+    ("in_chans", 0, r"in_chans must be an integer >= 1, got 0"),
+    ("num_classes", "3", r"num_classes must be an integer >= 0, got '3'"),
+    ("groups", "x", r"groups must be an integer >= 1, got 'x'"),
+    ("architecture", 5, r"metadata architecture must be a model name, got 5"),
+])
+def test_malformed_model_metadata_is_named(tmp_path: Path, key: str, value: object, message: str) -> None:
+    model = create_model("repvgg_a0", num_classes=3)
+    meta = {"architecture": "repvgg_a0", "num_classes": 3, key: value}
+    torch.save({"repvgg": meta, "state_dict": model.state_dict()}, tmp_path / "bad.pth")
+    with pytest.raises(RepVGGError, match=rf"bad\.pth: {message}$"):
+        model_from_checkpoint(tmp_path / "bad.pth")

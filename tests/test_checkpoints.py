@@ -21,6 +21,8 @@ from repvgg import (
     save_checkpoint,
 )
 from repvgg.models.checkpoints import infer_architecture
+from repvgg.models.convert import convert_checkpoint
+from repvgg.models.pretrained import load_pretrained
 from repvgg.models.reparam import relative_difference
 
 X = torch.randn(2, 3, 64, 64)
@@ -186,3 +188,77 @@ def test_architecture_is_inferred_from_shapes() -> None:
         assert infer_architecture(sd) == name
         with torch.device("meta"):
             assert infer_architecture(reparameterize(create_model(name)).state_dict()) == name
+
+
+def test_pretrained_weights_must_be_finite(tmp_path) -> None:
+    """A diverged run's weights are refused when loaded as pretrained weights, naming the file and a tensor."""
+    state_dict = create_model("repvgg_a0", num_classes=3).state_dict()
+    state_dict["stage4.0.rbr_dense.conv.weight"].view(-1)[7] = float("nan")
+    torch.save(state_dict, tmp_path / "nan.pth")
+    message = r"nan\.pth: weights are not finite \(NaN or inf\) in stage4\.0\.rbr_dense\.conv\.weight$"
+    with pytest.raises(RepVGGError, match=message):
+        create_model("repvgg_a0", num_classes=3, pretrained=str(tmp_path / "nan.pth"))
+    with pytest.raises(RepVGGError, match=message):  # fine-tuning, for other classes, too
+        load_pretrained(create_model("repvgg_a0", num_classes=10), str(tmp_path / "nan.pth"))
+
+
+@pytest.mark.parametrize("spec", ["", "  "])
+def test_empty_pretrained_spec_is_refused(spec: str) -> None:
+    with pytest.raises(RepVGGError, match=r"pretrained must be True, a model name, a Hub id or a file path, got"):
+        create_model("repvgg_a0", pretrained=spec)
+    assert not create_model("repvgg_a0", pretrained=None).deploy  # None, like False: random weights
+
+
+@pytest.mark.parametrize(("metadata", "message"), [
+    (dict(architecture="repvgg_a1"),
+     r"^checkpoint metadata architecture='repvgg_a1' contradicts the model saved, whose architecture is 'repvgg_a0'"),
+    (dict(num_classes=5), r"num_classes=5 contradicts the model saved, whose num_classes is 3"),
+    (dict(strides=[1, 1, 2, 2, 2]), r"strides=\[1, 1, 2, 2, 2\] contradicts the model saved"),
+    (dict(class_names=["a", "b"]), r"lists 2 class names for a model with 3 classes"),
+    (dict(class_names="abc"), r"class_names must be a list of strings, got 'abc'"),
+    (dict(preprocess={"resize": 40, "crop": 0}), r"^checkpoint metadata preprocess 'crop' must be a positive integer"),
+    (dict(preprocess="224"), r"preprocess metadata must be a mapping"),
+])
+def test_inconsistent_metadata_is_never_written(tmp_path, metadata: dict, message: str) -> None:
+    model = create_model("repvgg_a0", num_classes=3)
+    with pytest.raises(RepVGGError, match=message):
+        save_checkpoint(model, tmp_path / "m.pth", **metadata)
+    assert not list(tmp_path.iterdir())
+
+
+def test_metadata_that_agrees_with_the_model_is_written(tmp_path) -> None:
+    model = create_model("repvgg_a0", num_classes=3)
+    save_checkpoint(model, tmp_path / "m.pth", architecture="RepVGG-A0", num_classes=3, strides=(2, 2, 2, 2, 2),
+                    class_names=("a", "b", "c"), preprocess={"resize": 40, "crop": 32})
+    meta = read_checkpoint(tmp_path / "m.pth").metadata
+    assert (meta["architecture"], meta["strides"]) == ("repvgg_a0", [2, 2, 2, 2, 2])
+    assert meta["class_names"] == ["a", "b", "c"]  # a list, as the safetensors header would hold it
+
+
+def test_convert_never_writes_inconsistent_metadata(tmp_path) -> None:
+    """A file from elsewhere whose class names do not match its classifier is not carried into a deploy file."""
+    save_checkpoint(create_model("repvgg_a0", num_classes=3), tmp_path / "good.pth")
+    saved = torch.load(tmp_path / "good.pth", weights_only=True)
+    saved["repvgg"]["class_names"] = ["a", "b"]
+    torch.save(saved, tmp_path / "old.pth")
+    with pytest.raises(RepVGGError, match="lists 2 class names for a model with 3 classes"):
+        convert_checkpoint(tmp_path / "old.pth", tmp_path / "deploy.pth", img_size=16)
+    assert not (tmp_path / "deploy.pth").exists()
+
+
+def test_a_checkpoint_without_classifier_needs_headless(tmp_path) -> None:
+    """The API asks for headless=True as the CLI asks for --headless; half a classifier is named as such."""
+    model = trained_looking(create_model("repvgg_a0", num_classes=3))
+    torch.save({k: v for k, v in model.state_dict().items() if not k.startswith("linear.")}, tmp_path / "bb.pth")
+    save_checkpoint(create_model("repvgg_a0", num_classes=0), tmp_path / "ours.pth")
+    for name in ("bb.pth", "ours.pth"):
+        with pytest.raises(RepVGGError, match=rf"{name} has no classifier \(no linear\.\* weights\); pass --headless "
+                                              r"\(headless=True\) to use it as a backbone"):
+            model_from_checkpoint(tmp_path / name)
+    backbone, _ = model_from_checkpoint(tmp_path / "bb.pth", headless=True)
+    assert backbone.num_classes == 0
+    backbone.linear = model.linear
+    assert torch.equal(backbone(X), model(X))  # every weight but the classifier's was loaded
+    torch.save({k: v for k, v in model.state_dict().items() if k != "linear.weight"}, tmp_path / "half.pth")
+    with pytest.raises(RepVGGError, match=r"half\.pth has a partial classifier: linear\.bias without linear\.weight"):
+        model_from_checkpoint(tmp_path / "half.pth", headless=True)

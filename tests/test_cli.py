@@ -69,7 +69,7 @@ def test_headless_checkpoint_converts_only_when_asked(tmp_path, capsys) -> None:
     assert "pass --headless" in capsys.readouterr().err and not (tmp_path / "d.pth").exists()
     assert main(["convert", str(tmp_path / "backbone.pth"), str(tmp_path / "d.pth"), "--headless"]) == 0
     assert "headless: no classifier" in capsys.readouterr().out
-    deploy, ckpt = model_from_checkpoint(tmp_path / "d.pth")
+    deploy, ckpt = model_from_checkpoint(tmp_path / "d.pth", headless=True)  # a backbone, asked for as such
     x = torch.randn(1, 3, 32, 32)
     assert ckpt.deploy and deploy.num_classes == 0 and relative_difference(model(x), deploy(x)) < 1e-5
 

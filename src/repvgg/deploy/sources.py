@@ -100,20 +100,22 @@ def _artifact_model(path: str, engine: str | None) -> tuple[ArtifactModel, Check
 def load_model_source(checkpoint: str | os.PathLike | None, model_name: str | None = None,
                       pretrained: str | None = None, engine: str | None = None) -> tuple[nn.Module, Checkpoint]:
     """The model a command runs and what describes it: published/pretrained weights (``pretrained``), an exported
-    artifact (run by its own runtime), or any checkpoint file."""
+    artifact (run by its own runtime), or any checkpoint file. A backbone loads too: the commands that need
+    classes (eval, predict) refuse it in their own words."""
     if pretrained:
-        return model_from_checkpoint(read_pretrained(pretrained, model_name), model_name)
+        return model_from_checkpoint(read_pretrained(pretrained, model_name), model_name, headless=True)
     if checkpoint is None:
         raise RepVGGError("no model given: name a checkpoint or exported file, or --pretrained")
     if artifact_format(checkpoint) is not None:
         return _artifact_model(str(checkpoint), engine)
-    return model_from_checkpoint(checkpoint, model_name)
+    return model_from_checkpoint(checkpoint, model_name, headless=True)
 
 
 def load_deploy_model(source: str | os.PathLike | Checkpoint, model_name: str | None = None
                       ) -> tuple[nn.Module, Checkpoint]:
-    """Load any supported checkpoint and return its deploy (re-parameterized) model in eval mode."""
-    model, ckpt = model_from_checkpoint(source, model_name)
+    """Load any supported checkpoint (a backbone too) and return its deploy (re-parameterized) model in eval
+    mode."""
+    model, ckpt = model_from_checkpoint(source, model_name, headless=True)
     return (model if ckpt.deploy else reparameterize(model)).eval(), ckpt
 
 

@@ -5,15 +5,19 @@ onto this library's module names. Torch files are read with ``weights_only=True`
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import pickle
 import re
 import warnings
+import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -23,6 +27,7 @@ from .._version import __version__
 from ..errors import RepVGGError
 from ..files import atomic_write
 from .architectures import MODEL_CONFIGS, RepVGG, build_model, canonical_name
+from .preprocess import preprocess_settings
 from .reparam import is_deploy
 
 __all__ = ["Checkpoint", "read_checkpoint", "load_checkpoint", "save_checkpoint", "model_metadata",
@@ -36,9 +41,13 @@ _TIMM_BLOCK_RENAMES = (("conv_kxk.", "rbr_dense."), ("conv_1x1.", "rbr_1x1."), (
 _MMPRETRAIN_BLOCK_RENAMES = (("branch_3x3.", "rbr_dense."), ("branch_1x1.", "rbr_1x1."),
                              ("branch_norm.", "rbr_identity."), ("branch_reparam.", "rbr_reparam."),
                              ("se_layer.conv1.conv.", "se.down."), ("se_layer.conv2.conv.", "se.up."))
-# The official training script saves its yacs ``CfgNode`` beside the weights. The weights-only unpickler builds
-# that one class as a plain OrderedDict instead (yacs itself is never imported, nor any code from the file run).
-_SAFE_STAND_INS = [(OrderedDict, "yacs.config.CfgNode")]
+# Training scripts save their configuration beside the weights: the official one a yacs ``CfgNode``, timm's
+# train.py an ``argparse.Namespace`` (``args``). The weights-only unpickler builds these classes as plain data
+# containers instead (an OrderedDict, a SimpleNamespace): neither module is imported, nor any code from the file run.
+_SAFE_STAND_INS = [(OrderedDict, "yacs.config.CfgNode"), (SimpleNamespace, "argparse.Namespace")]
+# Where wrapped files keep their weights: the plain weights first, then an EMA copy (read only when it is alone).
+_PLAIN_ENTRIES, _EMA_ENTRIES = ("state_dict", "model", "net"), ("state_dict_ema", "model_ema", "ema")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile, in any order and repetition
 
 
 @dataclass
@@ -49,6 +58,8 @@ class Checkpoint:
     format: str
     metadata: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
+    entry: str | None = None  # the file's entry holding the weights (None: a bare state dict)
+    unread: tuple[str, ...] = ()  # other weight entries the file holds (an EMA copy beside the plain weights)
 
     @property
     def deploy(self) -> bool:
@@ -60,27 +71,29 @@ class Checkpoint:
                                                                              for k in self.state_dict)
 
 
-def _unwrap(obj: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Find the state dict inside a loaded object (bare, or under ``state_dict``/``model``) and our metadata."""
-    metadata = {}
-    if isinstance(obj, Mapping) and isinstance(obj.get("repvgg"), Mapping):
-        metadata = dict(obj["repvgg"])
-    for key in ("state_dict", "model", "model_ema", "state_dict_ema"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
+def _unwrap(obj: Any) -> Checkpoint:
+    """The state dict inside a loaded object (bare, or under one of :data:`_PLAIN_ENTRIES`, else
+    :data:`_EMA_ENTRIES`) and our metadata, as a checkpoint still in the file's key layout."""
     if not isinstance(obj, Mapping) or not obj:
         raise RepVGGError("no state dict found (expected a mapping of tensors, bare or under 'state_dict'/'model')")
-    tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    metadata = dict(obj["repvgg"]) if isinstance(obj.get("repvgg"), Mapping) else {}
+    entries = [k for k in (*_PLAIN_ENTRIES, *_EMA_ENTRIES) if isinstance(obj.get(k), Mapping)]
+    weights = obj[entries[0]] if entries else obj
+    tensors = {k: v for k, v in weights.items() if isinstance(v, Tensor)}
     if not tensors:
-        raise RepVGGError("no tensors found in the checkpoint")
-    return tensors, metadata
+        where = f"under {entries[0]!r}" if entries else "in the checkpoint"
+        raise RepVGGError(f"no tensors found {where} (its entries: {_first([str(k) for k in weights], 8)})")
+    return Checkpoint(tensors, FORMAT_NATIVE, metadata, entry=entries[0] if entries else None,
+                      unread=tuple(entries[1:]))
 
 
 def _strip_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    for prefix in ("module.", "_orig_mod."):
-        if all(k.startswith(prefix) for k in state_dict):
-            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    """Drop the wrappers' prefixes that every key shares (``module.module.``, ``_orig_mod.module.``, ...)."""
+    while state_dict:
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)), None)
+        if prefix is None:
+            break
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
     return state_dict
 
 
@@ -137,21 +150,21 @@ def detect_format(state_dict: Mapping[str, Tensor]) -> str:
 
 def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
     """Read a checkpoint file or an in-memory state dict, in any supported format, into this library's layout."""
-    path = None
     if isinstance(source, Mapping):
-        raw, metadata = _unwrap(source)
+        ckpt = _unwrap(source)
     else:
         path = str(source)
         if os.path.isdir(path):
             raise RepVGGError(f"{path} is a folder, not a checkpoint file")
         if not os.path.isfile(path):
             raise RepVGGError(f"checkpoint not found: {path}")
-        raw, metadata = _read_file(path)
-    raw = _strip_prefix(raw)
-    fmt = FORMAT_NATIVE if metadata else detect_format(raw)
-    convert = {FORMAT_TIMM: _from_timm, FORMAT_MMPRETRAIN: _from_mmpretrain}.get(fmt, _from_official)
-    state_dict = convert(raw)
-    return Checkpoint(state_dict, fmt, metadata, path)
+        ckpt = _read_file(path)
+        ckpt.path = path
+    raw = _strip_prefix(ckpt.state_dict)
+    ckpt.format = FORMAT_NATIVE if ckpt.metadata else detect_format(raw)
+    convert = {FORMAT_TIMM: _from_timm, FORMAT_MMPRETRAIN: _from_mmpretrain}.get(ckpt.format, _from_official)
+    ckpt.state_dict = convert(raw)
+    return ckpt
 
 
 def _refusal(message: str) -> str:
@@ -177,16 +190,56 @@ def _torch_load(path: str) -> Any:
         raise RepVGGError(f"refusing to read {path}: {_refusal(str(e))}") from None
 
 
-def _read_file(path: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _is_torchscript(path: str) -> bool:
+    """A zip archive holding TorchScript code (an exported model, not a checkpoint)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
+
+
+def _looks_like_onnx(head: bytes) -> bool:
+    """An ONNX ModelProto opens with its ``ir_version`` (field 1, a small varint), then a later field's tag."""
+    return len(head) > 2 and head[0] == 0x08 and 1 <= head[1] <= 32 and head[2] in (0x12, 0x1A, 0x22, 0x28, 0x32,
+                                                                                     0x3A, 0x42)
+
+
+def _file_kind(path: str) -> str:
+    """``torch`` (a zip archive or a pickle) or ``safetensors``, told by the file's first bytes; any other file is
+    refused with a line saying what it is (an exported model, or not a model at all)."""
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    use = "not a checkpoint: use eval or predict with"
+    if head.startswith(b"PK\x03\x04"):
+        if _is_torchscript(path):
+            raise RepVGGError(f"{path} is a TorchScript model, {use} it")
+        return "torch"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # pickle protocol 2+
+        return "torch"
+    if head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8:
+        return "safetensors"
+    if path.lower().endswith(".onnx") or _looks_like_onnx(head):
+        raise RepVGGError(f"{path} is an ONNX model, {use} it")
+    if head.lstrip().startswith(b"<") and b"<net" in head:
+        raise RepVGGError(f"{path} is an OpenVINO model (IR), {use} it")
+    xml = Path(path).with_suffix(".xml")
+    if path.lower().endswith(".bin") and xml.is_file():
+        raise RepVGGError(f"{path} is the weights file of the OpenVINO model {xml}, {use} {xml}")
+    if not head:
+        raise RepVGGError(f"{path} is empty, not a checkpoint")
+    raise RepVGGError(f"{path} is not a checkpoint (neither a torch zip archive, a pickle nor safetensors)")
+
+
+def _read_file(path: str) -> Checkpoint:
     try:
-        if path.endswith(".safetensors"):
+        if path.endswith(".safetensors") or _file_kind(path) == "safetensors":
             from safetensors import safe_open
 
             with safe_open(path, framework="pt") as f:
                 header = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
             metadata = json.loads(header["repvgg"]) if "repvgg" in header else {}
-            return tensors, metadata
+            return Checkpoint(tensors, FORMAT_NATIVE, metadata)
         obj = _torch_load(path)
     except RepVGGError:
         raise
@@ -243,17 +296,43 @@ def model_metadata(model: nn.Module) -> dict[str, Any]:
                 branches=model.branches, block=model.block, deploy=is_deploy(model))
 
 
+def _check_metadata(described: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+    """Refuse metadata that contradicts the model it is saved with (``described``), class names of another
+    count than its classes, and ``preprocess`` settings that predict and eval would refuse."""
+    for key, own in described.items():
+        value = meta[key]
+        if key == "architecture" and isinstance(value, str):
+            with contextlib.suppress(RepVGGError):
+                value = canonical_name(value)
+        if value != own:
+            raise RepVGGError(f"checkpoint metadata {key}={value!r:.60} contradicts the model saved, whose {key} "
+                              f"is {own!r}; leave it out (the model describes itself)")
+    names, classes = meta.get("class_names"), meta.get("num_classes")
+    if names is not None and (not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names)):
+        raise RepVGGError(f"checkpoint metadata class_names must be a list of strings, got {names!r:.60}")
+    if names is not None and isinstance(classes, int) and len(names) != classes:
+        raise RepVGGError(f"checkpoint metadata lists {len(names)} class names for a model with {classes} classes")
+    if meta.get("preprocess") is not None:
+        try:
+            preprocess_settings(meta["preprocess"])
+        except RepVGGError as e:
+            raise RepVGGError(f"checkpoint metadata {e}") from None
+
+
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> None:
     """Write ``model``'s weights with metadata (architecture, classes, deploy flag, library version), atomically.
 
     A ``.safetensors`` suffix writes safetensors (metadata as JSON in its header); anything else, a torch file.
-    Extra keyword metadata (``class_names``, preprocessing, ...) must be JSON-serializable.
+    Extra keyword metadata (``class_names``, preprocessing, ...) must be JSON-serializable and agree with the
+    model; a file that reading would refuse is never written.
     """
-    meta = {"format": FORMAT_NATIVE, "library_version": __version__, **model_metadata(model), **metadata}
-    try:
-        json.dumps(meta)
-    except TypeError as e:
+    described = model_metadata(model)
+    try:  # as JSON would hold it (tuples become lists), in either kind of file
+        meta = json.loads(json.dumps({"format": FORMAT_NATIVE, "library_version": __version__, **metadata}))
+    except (TypeError, ValueError) as e:
         raise RepVGGError(f"checkpoint metadata must be JSON-serializable: {e}") from None
+    _check_metadata(described, {**described, **meta})
+    meta.update(described)  # the model's own spelling of what it is
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if str(path).endswith(".safetensors"):
         from safetensors.torch import save
@@ -306,23 +385,43 @@ def check_finite(ckpt: Checkpoint) -> None:
         raise RepVGGError(f"{ckpt.path or 'checkpoint'}: weights are not finite (NaN or inf) in {_first(bad, 3)}")
 
 
+def _classifier_outputs(ckpt: Checkpoint) -> int:
+    """How many classes the checkpoint's classifier (``linear.*``) has, 0 when it has none; half a classifier
+    (a weight without its bias, or the reverse) is refused."""
+    weight, bias = ckpt.state_dict.get("linear.weight"), ckpt.state_dict.get("linear.bias")
+    if (weight is None) != (bias is None):
+        have, lack = ("linear.weight", "linear.bias") if bias is None else ("linear.bias", "linear.weight")
+        raise RepVGGError(f"{ckpt.path or 'checkpoint'} has a partial classifier: {have} without {lack}")
+    return 0 if weight is None else weight.shape[0]
+
+
 def model_from_checkpoint(source: str | os.PathLike | Mapping[str, Any] | Checkpoint, model_name: str | None = None,
-                          **options: Any) -> tuple[RepVGG, Checkpoint]:
-    """Build the model a checkpoint describes (metadata, else ``model_name``, else inferred) and load it."""
+                          headless: bool = False, **options: Any) -> tuple[RepVGG, Checkpoint]:
+    """Build the model a checkpoint describes (metadata, else ``model_name``, else inferred) and load it.
+
+    A checkpoint without a classifier (a backbone) is refused unless ``headless=True`` (``--headless``)."""
     ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(source)
     check_finite(ckpt)
-    meta = ckpt.metadata
-    name = model_name or meta.get("architecture") or infer_architecture(ckpt.state_dict)
-    if model_name and meta.get("architecture") and canonical_name(model_name) != meta["architecture"]:
-        raise RepVGGError(f"checkpoint holds {meta['architecture']}, not {canonical_name(model_name)}")
-    linear = ckpt.state_dict.get("linear.weight")
-    num_classes = meta.get("num_classes", linear.shape[0] if linear is not None else 0)
+    meta, label = ckpt.metadata, ckpt.path or "checkpoint"
+    saved = meta.get("architecture")
+    if saved is not None and not isinstance(saved, str):
+        raise RepVGGError(f"{label}: metadata architecture must be a model name, got {saved!r:.60}")
+    name = canonical_name(model_name or saved or infer_architecture(ckpt.state_dict))
+    if model_name and saved and name != saved:
+        raise RepVGGError(f"checkpoint holds {saved}, not {name}")
+    num_classes = meta.get("num_classes", _classifier_outputs(ckpt))
+    if not num_classes and not headless:
+        raise RepVGGError(f"{label} has no classifier (no linear.* weights); pass --headless (headless=True) to use "
+                          f"it as a backbone")
     build = {k: meta[k] for k in ("in_chans", "strides", "groups", "branches", "block") if k in meta}
     stem = ckpt.state_dict.get("stage0.rbr_dense.conv.weight", ckpt.state_dict.get("stage0.rbr_reparam.weight"))
     if "in_chans" not in build and stem is not None:
         build["in_chans"] = stem.shape[1]
     build.update(options)
-    model = build_model(name, num_classes=num_classes, deploy=ckpt.deploy, **build)
+    try:
+        model = build_model(name, num_classes=num_classes, deploy=ckpt.deploy, **build)
+    except RepVGGError as e:
+        raise RepVGGError(f"{label}: {e}") from None
     load_checkpoint(model, ckpt.state_dict)
     return model.eval(), ckpt
 
@@ -347,5 +446,7 @@ def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "classes": meta.get("num_classes", linear.shape[0] if linear is not None else 0) or "none (no classifier)",
         "parameters": f"{n_params / 1e6:.2f}M in {len(ckpt.state_dict)} tensors",
     }
+    if ckpt.entry and ckpt.format != FORMAT_NATIVE:  # where a foreign file kept them
+        rows["weights"] = repr(ckpt.entry) + (f" ({', '.join(map(repr, ckpt.unread))} not read)" if ckpt.unread else "")
     rows.update({k: v for k, v in meta.items() if k not in ("architecture", "num_classes", "format")})
     return rows

@@ -40,12 +40,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, model_nam
     """
     if os.path.exists(src) and os.path.exists(dst) and os.path.samefile(src, dst):
         raise RepVGGError(f"convert would overwrite its source: {dst} is the same file as {src}")
-    model, ckpt = model_from_checkpoint(src, model_name)
+    model, ckpt = model_from_checkpoint(src, model_name, headless=headless)
     if ckpt.deploy:
         raise RepVGGError(f"{src} is already in deploy form (re-parameterized); nothing to convert")
-    if not model.num_classes and not headless:
-        raise RepVGGError(f"{src} has no classifier (no linear.* weights); pass --headless (headless=True) to "
-                          f"convert it as a backbone")
     deploy = reparameterize(model)
     x = torch.randn(2, model.stage0.in_channels, img_size, img_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

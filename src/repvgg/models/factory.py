@@ -9,7 +9,7 @@ from .pretrained import load_pretrained, read_pretrained
 __all__ = ["create_model"]
 
 
-def create_model(name: str, num_classes: int = 1000, deploy: bool = False, pretrained: bool | str = False,
+def create_model(name: str, num_classes: int = 1000, deploy: bool = False, pretrained: bool | str | None = False,
                  **options) -> RepVGG:
     """Build a registered architecture by name (``repvgg_a0`` or the official ``RepVGG-A0``).
 
@@ -17,8 +17,9 @@ def create_model(name: str, num_classes: int = 1000, deploy: bool = False, pretr
     checkpoint path (see :func:`repvgg.models.pretrained.load_pretrained`); a model for other classes keeps
     its own new classifier. ``options`` are passed to :class:`RepVGG` (``in_chans``, ``strides``, ``out_indices``,
     ``aux_weight``, ``branches``, ``block``); ``groups`` overrides the config's grouped-conv setting.
+    ``pretrained=False`` (or None) builds random weights; an empty string is refused, not taken for False.
     """
-    if not pretrained:
+    if pretrained is False or pretrained is None:
         return build_model(name, num_classes, deploy, **options)
     ckpt = read_pretrained(pretrained, canonical_name(name))
     if ckpt.deploy and not deploy:

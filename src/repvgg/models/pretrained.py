@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import RepVGGError
 from .architectures import MODEL_CONFIGS, canonical_name
-from .checkpoints import CLASSIFIER_PREFIXES, Checkpoint, load_checkpoint, read_checkpoint
+from .checkpoints import CLASSIFIER_PREFIXES, Checkpoint, check_finite, load_checkpoint, read_checkpoint
 
 __all__ = ["Published", "PUBLISHED", "HUB_FILENAMES", "pretrained_source", "resolve_pretrained", "read_pretrained",
            "load_pretrained", "LoadedPretrained", "imagenet_class_names"]
@@ -107,7 +107,7 @@ def resolve_pretrained(spec: bool | str | os.PathLike, name: str | None = None) 
         return _published_hub_id(name), canonical_name(name)
     if _is_model_name(spec):
         return _published_hub_id(str(spec)), canonical_name(str(spec))
-    if not isinstance(spec, str | os.PathLike) or not str(spec):
+    if not isinstance(spec, str | os.PathLike) or not str(spec).strip():
         raise RepVGGError(f"pretrained must be True, a model name, a Hub id or a file path, got {spec!r}")
     path = Path(spec).expanduser()
     if path.is_file():
@@ -208,8 +208,10 @@ def load_pretrained(model: nn.Module, spec: bool | str | os.PathLike | Checkpoin
                     cache_dir: str | os.PathLike | None = None) -> LoadedPretrained:
     """Load published or local weights (or a :class:`Checkpoint` already read) into ``model``, strictly; the
     classifier is kept only when its shape fits, else the model keeps its own new head (fine-tuning). Identity
-    branches that only the model has (its strides differ) keep their fresh BatchNorm."""
+    branches that only the model has (its strides differ) keep their fresh BatchNorm. Weights holding NaN or
+    infinity are refused."""
     ckpt = spec if isinstance(spec, Checkpoint) else read_pretrained(spec, name or _registered_name(model), cache_dir)
+    check_finite(ckpt)
     own = model.state_dict()
     head = [k for k in ckpt.state_dict if k.startswith(CLASSIFIER_PREFIXES)]
     fits = bool(head) and all(k in own and own[k].shape == ckpt.state_dict[k].shape for k in head)
