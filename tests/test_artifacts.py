@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import trained_looking
 from imagefolders import make_dataset
@@ -125,3 +127,23 @@ def test_export_and_eval_from_pretrained_weights(ckpt: Path, data: Path, tmp_pat
     assert main(["export", "--format", "onnx", "--out", str(tmp_path / "x.onnx")]) == 2
     assert main(["eval", "--data", str(data), "--pretrained", str(ckpt), "--checkpoint", str(ckpt)]) == 2
     assert capsys.readouterr().err.count("one of the two") == 2
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".xml"])
+def test_a_corrupt_model_file_is_one_line(suffix: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Random bytes named like an exported model: predict (on any engine), eval and info say so in one line."""
+    pytest.importorskip("onnxruntime" if suffix == ".onnx" else "openvino")
+    bad = tmp_path / f"random{suffix}"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "val" / "a" / "0.png")
+    runs = [["predict", str(bad), str(image)], ["eval", "--data", str(tmp_path), "--checkpoint", str(bad)],
+            ["info", str(bad)]]
+    if suffix == ".onnx":
+        runs.append(["predict", str(bad), str(image), "--engine", "onnxruntime"])
+    for argv in runs:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{bad} is not a readable" in err[0], (argv, err)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import trained_looking
-from repvgg import RepVGG, RepVGGConfig, RepVGGError, create_model, save_checkpoint
+from repvgg import RepVGG, RepVGGConfig, RepVGGError, create_model, relative_difference, save_checkpoint
 from repvgg.cli import main
 from repvgg.deploy.export import export_model
 from repvgg.deploy.formats import onnx_bytes
@@ -82,6 +82,21 @@ def test_onnx_graph_of_se_model_adds_only_se_ops() -> None:
     assert ops <= PLAIN_OPS | SE_OPS and ops >= SE_OPS
 
 
+def test_equal_weights_are_not_exported_as_identity_nodes() -> None:
+    """An untrained SE model holds many equal biases, which the exporter stores once behind Identity nodes; the
+    graph keeps only the listed node kinds, and still computes the model."""
+    onnx, ort = pytest.importorskip("onnx"), pytest.importorskip("onnxruntime")
+    config = RepVGGConfig("a0se", (2, 4, 14, 1), (0.75, 0.75, 0.75, 2.5), se="pre", se_reduction=16)
+    model = RepVGG(config, num_classes=10, deploy=True).eval()
+    data = onnx_bytes(model, (32, 32))
+    ops = [n.op_type for n in onnx.load_from_string(data).graph.node]
+    assert "Identity" not in ops and set(ops) <= PLAIN_OPS | SE_OPS and ops.count("Sigmoid") == 22
+    x = torch.randn(2, 3, 32, 32)
+    out = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        assert relative_difference(model(x), torch.from_numpy(out)) < 1e-5
+
+
 @pytest.mark.parametrize(("fmt", "extra"), [("onnx", "onnx"), ("openvino", "openvino")])
 def test_missing_extra_names_it(train_ckpt, tmp_path, monkeypatch, capsys, fmt: str, extra: str) -> None:
     real = importlib.import_module
@@ -104,3 +119,11 @@ def test_bad_export_requests(train_ckpt, tmp_path, capsys) -> None:
     if is_installed("openvino"):
         assert main(["export", str(train_ckpt), "--format", "openvino", "--out", str(tmp_path / "m.onnx")]) == 2
         assert "must end in .xml" in capsys.readouterr().err
+
+
+def test_torchscript_archive_is_not_named_after_a_temporary_file(tmp_path) -> None:
+    import zipfile
+
+    export_model(tiny_repvgg(), tmp_path / "a0.pt", "torchscript", (32, 32))
+    roots = {name.split("/")[0] for name in zipfile.ZipFile(tmp_path / "a0.pt").namelist()}
+    assert len(roots) == 1 and not roots.pop().startswith(".")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from conftest import fit_colours
-from imagefolders import make_dataset
+from imagefolders import PYTHON, make_dataset, subprocess_env
 from repvgg import create_model, save_checkpoint
 from repvgg.cli import main
 from repvgg.deploy.artifacts import read_artifact_metadata
@@ -148,3 +149,16 @@ def test_bench_int8_rows_beside_float32() -> None:
     assert all(r["batch"]["2"]["images_per_s"] > 0 for r in report["results"])
     assert report["default_int8_engine"] == ("openvino" if "openvino" in engines else "onnxruntime")
     assert "deploy int8 (" in format_table(report)
+
+
+@pytest.mark.skipif("openvino" not in int8_engines_installed(), reason="needs NNCF and OpenVINO")
+def test_openvino_quantize_prints_no_cuda_warning(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """NNCF loads torch's C++-extension helpers, which warn about a missing CUDA runtime wherever a CUDA toolkit
+    folder exists; a CPU-only quantization must not show it (a fresh process: the warning comes once, at import)."""
+    checkpoint, data = trained
+    (tmp_path / "cuda").mkdir()
+    done = subprocess.run([PYTHON, "-m", "repvgg.cli", "quantize", str(checkpoint), "--calib", str(data), "--out",
+                           str(tmp_path / "q.xml"), "--calib-images", "8"], capture_output=True, text=True,
+                          env=subprocess_env(CUDA_HOME=str(tmp_path / "cuda")), timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "CUDA" not in done.stderr and (tmp_path / "q.xml").is_file()

@@ -65,29 +65,44 @@ def with_onnx_metadata(data: bytes, metadata: Mapping[str, Any]) -> bytes:
     return proto.SerializeToString()
 
 
+def _runtime_load_errors(fmt: str) -> tuple[type[BaseException], ...]:
+    """What a runtime raises for a file it cannot read (ONNX Runtime's own exception types are not RuntimeErrors)."""
+    if fmt != "onnx":
+        return (RuntimeError,)
+    state = require("onnxruntime").capi.onnxruntime_pybind11_state
+    return (RuntimeError, state.InvalidProtobuf, state.InvalidGraph, state.Fail, state.InvalidArgument,
+            state.NoSuchFile, state.NotImplemented)
+
+
 def read_artifact_metadata(path: str | os.PathLike, fmt: str) -> dict[str, Any]:
-    """The metadata an exported file carries ({} for files exported elsewhere)."""
-    if fmt == "onnx":
-        ort = require("onnxruntime")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-    elif fmt == "openvino":
-        model = require("openvino").Core().read_model(str(path))
-        text = model.get_rt_info([METADATA_KEY]).astype(str) if model.has_rt_info([METADATA_KEY]) else None
-    else:
-        extra = {TORCHSCRIPT_EXTRA: ""}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in favour of torch.export
-            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-        text = extra[TORCHSCRIPT_EXTRA] or None
+    """The metadata an exported file carries ({} for files exported elsewhere); a file its runtime cannot read is
+    refused in one line."""
+    try:
+        text = _metadata_text(path, fmt)
+    except _runtime_load_errors(fmt) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:160]
+        raise RepVGGError(f"{path} is not a readable {fmt} model (truncated or corrupt?): {reason}") from None
     try:
         return json.loads(text) if text else {}
     except json.JSONDecodeError:
         raise RepVGGError(f"{path}: its {METADATA_KEY} metadata is not valid JSON") from None
 
 
+def _metadata_text(path: str | os.PathLike, fmt: str) -> str | None:
+    if fmt == "onnx":
+        ort = require("onnxruntime")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    if fmt == "openvino":
+        model = require("openvino").Core().read_model(str(path))
+        return model.get_rt_info([METADATA_KEY]).astype(str) if model.has_rt_info([METADATA_KEY]) else None
+    extra = {TORCHSCRIPT_EXTRA: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in favour of torch.export
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return extra[TORCHSCRIPT_EXTRA] or None
 
 
 def describe_artifact(path: str | os.PathLike) -> dict[str, Any] | None:

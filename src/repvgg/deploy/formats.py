@@ -17,7 +17,7 @@ from torch import nn
 
 from ..files import atomic_folder, companions, replace_together, write_failure
 from ..models.profile import input_channels
-from ..optional import require
+from ..optional import is_installed, require
 
 __all__ = ["ONNX_OPSET", "INPUT_NAME", "OUTPUT_NAME", "save_openvino", "onnx_bytes", "to_torchscript",
            "torchscript_bytes", "to_openvino"]
@@ -39,7 +39,26 @@ def onnx_bytes(model: nn.Module, img_size: tuple[int, int] = (224, 224), dynamic
         warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter announces its successor
         torch.onnx.export(model.eval(), (x,), buffer, dynamo=False, opset_version=ONNX_OPSET,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes)
-    return buffer.getvalue()
+    return _without_weight_aliases(buffer.getvalue()) if is_installed("onnx") else buffer.getvalue()
+
+
+def _without_weight_aliases(data: bytes) -> bytes:
+    """The graph without the Identity nodes the exporter adds where it stores equal weights once (the SE biases of
+    an untrained model, say): their consumers read the shared initializer directly."""
+    model = require("onnx").load_from_string(data)
+    graph = model.graph
+    weights, outputs = {t.name for t in graph.initializer}, {o.name for o in graph.output}
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input[0] in weights and n.output[0] not in outputs}
+    if not alias:
+        return data
+    kept = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            node.input[i] = alias.get(name, name)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return model.SerializeToString()
 
 
 def torchscript_bytes(scripted: torch.jit.ScriptModule, extra_files: dict[str, str]) -> bytes:

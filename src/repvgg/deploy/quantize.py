@@ -6,12 +6,13 @@ and how it was calibrated, so ``repvgg eval``/``predict`` run it directly."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,18 +133,13 @@ def _quantize_onnxruntime(model: nn.Module, batches: Sequence[np.ndarray], metho
 
     calibrate = {"minmax": q.CalibrationMethod.MinMax, "percentile": q.CalibrationMethod.Percentile,
                  "entropy": q.CalibrationMethod.Entropy, "naive": q.CalibrationMethod.MinMax}[method]
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # quantize_static warns on the root logger, on every call, to pre-process graphs
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(onnx_bytes(model, img_size, dynamic_batch=True))
-        try:
+        with _logger_level("", logging.ERROR):  # quantize_static warns on the root logger to pre-process graphs
             q.quantize_static(src, dst, Reader(), quant_format=q.QuantFormat.QDQ, per_channel=method != "naive",
                               reduce_range=_reduce_range(), activation_type=q.QuantType.QUInt8,
                               weight_type=q.QuantType.QInt8, calibrate_method=calibrate)
-        finally:
-            root.setLevel(level)
         return dst.read_bytes()
 
 
@@ -159,7 +155,22 @@ def quantize_model(model: nn.Module, engine: str, batches: Sequence[np.ndarray],
     nncf.set_log_level(logging.ERROR)
     ir = to_openvino(onnx_bytes(model, img_size, dynamic_batch=True), batch_size=None)
     dataset = nncf.Dataset([x[i:i + 1] for x in batches for i in range(len(x))])
-    return nncf.quantize(ir, dataset, subset_size=sum(map(len, batches)), **_nncf_options(method))
+    # NNCF's torch backend loads torch's C++-extension helpers, which warn "No CUDA runtime is found" on any
+    # CPU-only machine that has a CUDA toolkit folder: nothing here uses CUDA, so that line is noise.
+    with _logger_level("torch.utils.cpp_extension", logging.ERROR):
+        return nncf.quantize(ir, dataset, subset_size=sum(map(len, batches)), **_nncf_options(method))
+
+
+@contextlib.contextmanager
+def _logger_level(name: str, level: int) -> Iterator[None]:
+    """Raise a library logger's level for the duration (the root logger's level too, when ``name`` is "")."""
+    log = logging.getLogger(name)
+    previous = log.level
+    log.setLevel(level)
+    try:
+        yield
+    finally:
+        log.setLevel(previous)
 
 
 def int8_engine(quantized: Any, engine: str, batch_size: int = 1) -> Engine:
