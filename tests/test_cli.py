@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +98,31 @@ def test_every_option_of_every_command_has_help_and_shows_its_default(capsys) ->
         with pytest.raises(SystemExit):
             main(argv)
         assert shown in capsys.readouterr().out, argv
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["list", "--help"], ["convert", "--help"]])
+def test_version_and_help_do_not_import_torch(argv: list[str]) -> None:
+    """--version and --help answer at once: neither needs torch (it takes seconds to import)."""
+    from imagefolders import PYTHON, subprocess_env
+
+    code = ("import sys\nfrom repvgg.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    done = subprocess.run([PYTHON, "-c", code, *argv], capture_output=True, text=True, env=subprocess_env())
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "False", done.stdout + done.stderr
+
+
+def test_eval_loads_data_with_the_cores_it_has() -> None:
+    from repvgg.cli import build_parser
+    from repvgg.training.options import default_workers
+
+    args = build_parser("eval").parse_args(["eval", "--data", "d", "--checkpoint", "c"])
+    assert args.workers == default_workers() <= max(1, (os.cpu_count() or 1) - 1)
+
+
+def test_quantize_output_without_suffix_gets_the_engines(tmp_path: Path) -> None:
+    from repvgg.deploy.quantize import QuantizeOptions, engine_and_out
+
+    pytest.importorskip("onnxruntime.quantization")
+    opts = QuantizeOptions(checkpoint="a.pth", calib=str(tmp_path), out=str(tmp_path / "q_noext"),
+                           engine="onnxruntime")
+    assert engine_and_out(opts)[2] == tmp_path / "q_noext.onnx"

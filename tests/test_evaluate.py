@@ -88,6 +88,22 @@ def test_bad_input(data: Path, checkpoints: dict[str, Path], tmp_path: Path, cap
     assert "not among the model's 3 class names: dogs" in errors[0] and "not found" in errors[1]
 
 
+def test_folders_that_cannot_match_the_outputs_are_refused(data: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """A model without class names (an unnamed 10-class file, or 1000 published classes read as a bare file) on 3
+    class folders: refused, never a meaningless 0%; with as many folders as outputs, folders map by position."""
+    from repvgg.training.evaluate import align_classes
+
+    for classes in (10, 1000):
+        torch.save(create_model("repvgg_a0", num_classes=classes).state_dict(), tmp_path / f"bare{classes}.pth")
+        assert main(["eval", "--data", str(data), "--checkpoint", str(tmp_path / f"bare{classes}.pth"),
+                     "--img-size", "16", "--workers", "0"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"has {classes} outputs and no class names, but the folder has 3 classes" in err[0]
+    assert align_classes(["b", "a"], None, 2) == [0, 1]
+    assert align_classes(["b", "a"], ["a", "b", "c"], 3) == [1, 0]
+
+
 def test_flip_tta_averages_each_image_with_its_mirror(data: Path, checkpoints: dict[str, Path],
                                                       tmp_path: Path) -> None:
     from torch.utils.data import DataLoader

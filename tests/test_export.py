@@ -127,3 +127,15 @@ def test_torchscript_archive_is_not_named_after_a_temporary_file(tmp_path) -> No
     export_model(tiny_repvgg(), tmp_path / "a0.pt", "torchscript", (32, 32))
     roots = {name.split("/")[0] for name in zipfile.ZipFile(tmp_path / "a0.pt").namelist()}
     assert len(roots) == 1 and not roots.pop().startswith(".")
+
+
+def test_inconsistent_metadata_is_refused_before_writing(tmp_path, capsys) -> None:
+    """A file written elsewhere with one class name for a 3-class model: export refuses it rather than writing an
+    artifact that predict would refuse later."""
+    pytest.importorskip("onnxruntime")
+    model = create_model("repvgg_a0", num_classes=3)
+    meta = {"format": "repvgg", "architecture": "repvgg_a0", "num_classes": 3, "class_names": ["only one"]}
+    torch.save({"repvgg": meta, "state_dict": model.state_dict()}, tmp_path / "odd.pth")
+    assert main(["export", str(tmp_path / "odd.pth"), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "lists 1 class names for a model with 3 classes" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()

@@ -18,7 +18,7 @@ from torch import nn
 from .._version import __version__
 from ..errors import RepVGGError
 from ..files import companions
-from ..models.checkpoints import model_metadata
+from ..models.checkpoints import check_metadata, model_metadata
 from ..models.preprocess import preprocess_for_size
 from ..optional import require
 
@@ -46,7 +46,8 @@ def artifact_format(path: str | os.PathLike) -> str | None:
 def artifact_metadata(model: nn.Module, metadata: Mapping[str, Any] | None, img_size: tuple[int, int]
                       ) -> dict[str, Any]:
     """What an exported file carries: the model's description, the checkpoint's class names and preprocessing (its
-    crop set to the exported input size), and the library version."""
+    crop set to the exported input size), and the library version; metadata that predict or eval would refuse
+    (class names of another count than the outputs, say) is refused here, before anything is written."""
     metadata = dict(metadata or {})
     try:
         described = model_metadata(model)
@@ -54,6 +55,7 @@ def artifact_metadata(model: nn.Module, metadata: Mapping[str, Any] | None, img_
         described = {"num_classes": getattr(model, "num_classes", None), "deploy": True}
     preprocess = preprocess_for_size(metadata.get("preprocess"), img_size)
     carried = {k: metadata[k] for k in _CARRIED if k in metadata}
+    check_metadata({}, {**described, **carried})
     return {"format": METADATA_KEY, **described, **carried, "preprocess": preprocess, "library_version": __version__}
 
 

@@ -32,7 +32,7 @@ from .reparam import is_deploy
 
 __all__ = ["Checkpoint", "read_checkpoint", "load_checkpoint", "save_checkpoint", "model_metadata",
            "model_from_checkpoint", "infer_architecture", "check_finite", "describe_checkpoint", "CLASSIFIER_PREFIXES",
-           "torch_bytes"]
+           "torch_bytes", "check_metadata"]
 
 FORMAT_NATIVE, FORMAT_OFFICIAL, FORMAT_TIMM, FORMAT_MMPRETRAIN = "repvgg", "official", "timm", "mmpretrain"
 CLASSIFIER_PREFIXES = ("linear.", "aux.")
@@ -296,7 +296,7 @@ def model_metadata(model: nn.Module) -> dict[str, Any]:
                 branches=model.branches, block=model.block, deploy=is_deploy(model))
 
 
-def _check_metadata(described: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+def check_metadata(described: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
     """Refuse metadata that contradicts the model it is saved with (``described``), class names of another
     count than its classes, and ``preprocess`` settings that predict and eval would refuse."""
     for key, own in described.items():
@@ -331,7 +331,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) 
         meta = json.loads(json.dumps({"format": FORMAT_NATIVE, "library_version": __version__, **metadata}))
     except (TypeError, ValueError) as e:
         raise RepVGGError(f"checkpoint metadata must be JSON-serializable: {e}") from None
-    _check_metadata(described, {**described, **meta})
+    check_metadata(described, {**described, **meta})
     meta.update(described)  # the model's own spelling of what it is
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if str(path).endswith(".safetensors"):

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
-from torchvision import transforms
 
 from ..errors import RepVGGError
+
+if TYPE_CHECKING:
+    from torchvision import transforms
 
 __all__ = ["IMAGENET_PREPROCESS", "CROP_FRACTION", "resize_for", "preprocess_settings", "preprocess_for_size",
            "input_size", "to_rgb", "eval_transform"]
@@ -100,6 +102,8 @@ def input_size(metadata: Mapping[str, Any] | None = None) -> tuple[int, int]:
 def eval_transform(preprocess: dict[str, Any] | None = None) -> transforms.Compose:
     """PIL image -> normalized tensor: resize the shorter side, centre-crop, to tensor, normalize (RGB)."""
     p = preprocess_settings(preprocess)
+    from torchvision import transforms  # here, so that reading metadata (repvgg list, info) needs no torchvision
+
     return transforms.Compose([
         transforms.Lambda(to_rgb),
         transforms.Resize(p["resize"]),
