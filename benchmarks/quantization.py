@@ -33,11 +33,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from repvgg.commands.args import HelpFormatter, nonneg_int, positive_int
-from repvgg.deploy.engines import Engine, available_engines, create_engine
+from repvgg.deploy.engines import INT8_SUFFIXES, Engine, available_engines, create_engine
 from repvgg.deploy.qat import QAT_METHOD, QATOptions, finetune_qat, qat_recipe
 from repvgg.deploy.quantize import (
     METHODS,
-    SUFFIXES,
     calibration_batches,
     int8_engine,
     int8_engines_installed,
@@ -197,7 +196,7 @@ def qat(args: argparse.Namespace, run: Run, batches: list[np.ndarray], test: tup
     quantized with the scheme it trained against on every int8 engine."""
     installed = int8_engines_installed()
     engine = "openvino" if "openvino" in installed else installed[0]
-    out = Path(args.run_root) / f"{run.entry}-seed{args.seed}-qat{SUFFIXES[engine]}"
+    out = Path(args.run_root) / f"{run.entry}-seed{args.seed}-qat{INT8_SUFFIXES[engine]}"
     opts = QATOptions(checkpoint=str(run.path / "model.pth"), data=args.data, out=str(out), epochs=args.qat_epochs,
                       batch_size=args.batch_size, engine=engine, calib_images=args.calib_images, workers=args.workers,
                       threads=torch.get_num_threads(), seed=args.seed)

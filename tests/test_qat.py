@@ -14,7 +14,8 @@ from imagefolders import make_dataset
 from repvgg import create_model, reparameterize, save_checkpoint
 from repvgg.cli import main
 from repvgg.deploy.artifacts import read_artifact_metadata
-from repvgg.deploy.quantize import INT8_ENGINES, SUFFIXES, int8_engines_installed
+from repvgg.deploy.engines import INT8_ENGINES, INT8_SUFFIXES
+from repvgg.deploy.quantize import int8_engines_installed
 from repvgg.models.fakequant import ActivationFakeQuant, FakeQuantBlock, fake_quant_weight, is_qat, prepare_qat
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,7 +74,7 @@ def test_qat_command_fine_tunes_into_an_int8_artifact(engine: str, tmp_path: Pat
     model = create_model("repvgg_a0", num_classes=3, strides=(2, 2, 2, 2, 2))
     save_checkpoint(model.eval(), tmp_path / "a0.pth", class_names=["class0", "class1", "class2"],
                     preprocess=PREPROCESS, recipe="cifar")
-    out = tmp_path / f"a0_int8{SUFFIXES[engine]}"
+    out = tmp_path / f"a0_int8{INT8_SUFFIXES[engine]}"
     argv = ["qat", str(tmp_path / "a0.pth"), "--data", str(data), "--out", str(out), "--epochs", "1",
             "--batch-size", "8", "--workers", "0", "--threads", "1", "--calib-images", "8", "--val", str(data)]
     assert main(argv) == 0

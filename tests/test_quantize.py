@@ -18,9 +18,9 @@ from repvgg import create_model, save_checkpoint
 from repvgg.cli import main
 from repvgg.deploy.artifacts import read_artifact_metadata
 from repvgg.deploy.benchmark import format_table, run_benchmark
+from repvgg.deploy.engines import INT8_ENGINES
 from repvgg.deploy.probe import PROBE_BATCH_SIZES, machine_key, probe_path
 from repvgg.deploy.quantize import (
-    INT8_ENGINES,
     METHODS,
     calibration_batches,
     fastest_int8_engine,

@@ -16,7 +16,7 @@ def inputs(args: argparse.Namespace) -> list[str | None]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..deploy.export import FORMATS
+    from ..deploy.engines import FORMATS
 
     p.add_argument("checkpoint", nargs="?", help="any checkpoint (training-time ones are re-parameterized first)")
     p.add_argument("--pretrained", metavar="WEIGHTS", help=PRETRAINED_HELP + "; instead of CHECKPOINT")

@@ -17,8 +17,9 @@ def inputs(args: argparse.Namespace) -> list[str | None]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..deploy.engines import INT8_ENGINES
     from ..deploy.qat import QAT_LR_FRACTION, QATOptions
-    from ..deploy.quantize import DEFAULT_CALIB_IMAGES, INT8_ENGINES
+    from ..deploy.quantize import DEFAULT_CALIB_IMAGES
 
     p.add_argument("checkpoint", help="a training-time checkpoint (its recipe, strides and block are reused)")
     p.add_argument("--data", required=True, metavar="DIR", help="folder or archive with train/ and val/ (or test/); "

@@ -17,7 +17,8 @@ def inputs(args: argparse.Namespace) -> list[str | None]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..deploy.quantize import DEFAULT_CALIB_IMAGES, INT8_ENGINES, METHODS
+    from ..deploy.engines import INT8_ENGINES
+    from ..deploy.quantize import DEFAULT_CALIB_IMAGES, METHODS
 
     p.add_argument("checkpoint", help="any checkpoint (training-time ones are re-parameterized first)")
     p.add_argument("--calib", required=True, metavar="DIR", help="calibration images: a folder or archive "

@@ -22,12 +22,11 @@ from ..models.checkpoints import check_metadata, model_metadata
 from ..models.preprocess import preprocess_for_size
 from ..optional import require
 
-__all__ = ["METADATA_KEY", "TORCHSCRIPT_EXTRA", "ARTIFACT_ENGINES", "artifact_format", "artifact_metadata",
+__all__ = ["METADATA_KEY", "TORCHSCRIPT_EXTRA", "artifact_format", "artifact_metadata",
            "with_onnx_metadata", "read_artifact_metadata", "describe_artifact"]
 
 METADATA_KEY = "repvgg"  # ONNX metadata_props key, OpenVINO rt_info key, TorchScript extra file "repvgg.json"
 TORCHSCRIPT_EXTRA = f"{METADATA_KEY}.json"
-ARTIFACT_ENGINES = {"onnx": ("onnxruntime", "openvino"), "openvino": ("openvino",), "torchscript": ("torch",)}
 _CARRIED = ("class_names", "preprocess", "source_format")
 
 

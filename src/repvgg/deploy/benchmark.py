@@ -33,11 +33,12 @@ from ..files import atomic_write
 from ..hardware import machine_description, matmul_gflops, time_interleaved
 from ..models.profile import count_macs, count_params
 from ..optional import EXTRAS, is_installed, require
+from .engines import ENGINES
 
 __all__ = ["BenchConfig", "BENCH_ENGINES", "BASELINES", "default_configs", "run_benchmark",
            "format_table", "plot_report"]
 
-BENCH_ENGINES = ("torch", "torch-channels-last", "onnxruntime", "openvino")
+BENCH_ENGINES = ("torch", "torch-channels-last", *ENGINES[1:])  # torch timed in both memory formats
 BASELINES = ("resnet18", "resnet34", "resnet50")
 MATMUL_SIZE = 2048
 METHOD = {
@@ -297,7 +298,8 @@ def _missing_runtimes(engines: Sequence[str]) -> dict[str, str]:
 
 def _int8_engines(wanted: Sequence[str], skipped: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
     """The engines of ``wanted`` whose int8 model can be built here, and install hints for the others."""
-    from .quantize import INT8_ENGINES, int8_engines_installed
+    from .engines import INT8_ENGINES
+    from .quantize import int8_engines_installed
 
     ready = [e for e in int8_engines_installed() if e in wanted]
     return ready, {f"{e} int8": "pip install 'repvgg[quantize]'" for e in INT8_ENGINES

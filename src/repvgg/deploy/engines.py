@@ -15,6 +15,7 @@ import copy
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,34 @@ from ..errors import RepVGGError
 from ..optional import is_installed, require
 from .formats import onnx_bytes, to_openvino
 
-__all__ = ["ENGINES", "Engine", "TorchEngine", "OnnxRuntimeEngine", "OpenVINOEngine", "available_engines",
+__all__ = ["EngineSpec", "ENGINE_TABLE", "ENGINES", "INT8_ENGINES", "INT8_SUFFIXES", "INT8_TOOLS", "FORMATS",
+           "ARTIFACT_ENGINES", "Engine", "TorchEngine", "OnnxRuntimeEngine", "OpenVINOEngine", "available_engines",
            "create_engine", "load_artifact", "class_names_for"]
 
-ENGINES = ("torch", "onnxruntime", "openvino")
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What the project knows of one inference engine: the exported formats it runs, and for an engine with an
+    int8 path the suffix of its int8 artifact and the module that quantizes for it."""
+
+    reads: tuple[str, ...]
+    int8_suffix: str | None = None
+    int8_tool: str | None = None
+
+
+# The one table of engines; int8 engines in order of preference (the first is the default where none is faster).
+ENGINE_TABLE = {
+    "torch": EngineSpec(reads=("torchscript",)),
+    "openvino": EngineSpec(reads=("onnx", "openvino"), int8_suffix=".xml", int8_tool="nncf"),
+    "onnxruntime": EngineSpec(reads=("onnx",), int8_suffix=".onnx", int8_tool="onnxruntime"),
+}
+# Exported formats (``repvgg export --format``): each one's file suffix, and the engines that run it, preferred first.
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "openvino": ".xml"}
+ENGINES = ("torch", "onnxruntime", "openvino")  # in the order ties are broken
+ARTIFACT_ENGINES = {f: tuple(e for e in ENGINES if f in ENGINE_TABLE[e].reads) for f in FORMATS}
+INT8_ENGINES = tuple(e for e, spec in ENGINE_TABLE.items() if spec.int8_tool)
+INT8_SUFFIXES = {e: ENGINE_TABLE[e].int8_suffix for e in INT8_ENGINES}
+INT8_TOOLS = {e: ENGINE_TABLE[e].int8_tool for e in INT8_ENGINES}
 
 Engine = Callable[[np.ndarray], np.ndarray]
 

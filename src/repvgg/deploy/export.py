@@ -21,12 +21,11 @@ from ..models.profile import input_channels
 from ..models.reparam import relative_difference
 from ..optional import require
 from .artifacts import METADATA_KEY, TORCHSCRIPT_EXTRA, artifact_metadata, with_onnx_metadata
-from .engines import load_artifact
+from .engines import FORMATS, load_artifact
 from .formats import onnx_bytes, save_openvino, to_openvino, to_torchscript, torchscript_bytes
 
-__all__ = ["FORMATS", "ExportResult", "check_export_path", "export_model"]
+__all__ = ["ExportResult", "check_export_path", "export_model"]
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "openvino": ".xml"}
 
 
 @dataclass

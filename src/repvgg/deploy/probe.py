@@ -24,7 +24,7 @@ from ..hardware import cpu_info, measure_throughput
 from .engines import ENGINES, Engine, available_engines, create_engine
 
 __all__ = ["PROBE_FILE", "PROBE_BATCH_SIZES", "Speeds", "probe_path", "machine_key", "measure_engines",
-           "engine_speeds", "fastest_engine"]
+           "engine_speeds", "pick_fastest", "fastest_engine"]
 
 PROBE_FILE = "engine_probe.json"
 PROBE_BATCH_SIZES = (1, 8)
@@ -99,13 +99,19 @@ def engine_speeds(engines: Sequence[str], measure: Callable[[Sequence[str]], Spe
     return speeds
 
 
-def fastest_engine(installed: Iterable[str] | None = None, batch_size: int = 1) -> str:
-    """The fastest of ``installed`` (default: every installed engine) for ``batch_size`` images at a time, as a
-    one-time probe of every installed engine measured it on this CPU (cached)."""
-    wanted = set(available_engines() if installed is None else installed)
-    names = [e for e in ENGINES if e in wanted]
+def pick_fastest(names: Sequence[str], speeds: Callable[[], Speeds], batch_size: int = 1) -> str:
+    """The fastest of ``names`` (in order of preference, which breaks ties) for ``batch_size`` images at a time;
+    ``speeds`` (a cached probe) is asked only when there is a choice to make."""
     if len(names) <= 1:
-        return names[0] if names else "torch"
-    speeds = engine_speeds(available_engines())
-    table = speeds.get(PROBE_BATCH_SIZES[0] if batch_size == 1 else max(speeds), {})
+        return names[0]
+    measured = speeds()
+    table = measured.get(PROBE_BATCH_SIZES[0] if batch_size == 1 else max(measured), {})
     return max(names, key=lambda e: table.get(e, 0.0))
+
+
+def fastest_engine(installed: Iterable[str] | None = None, batch_size: int = 1) -> str:
+    """The fastest float32 engine of ``installed`` (default: every installed engine), as a one-time probe of every
+    installed engine measured it on this CPU (cached)."""
+    wanted = set(available_engines() if installed is None else installed)
+    names = [e for e in ENGINES if e in wanted] or ["torch"]
+    return pick_fastest(names, lambda: engine_speeds(available_engines()), batch_size)

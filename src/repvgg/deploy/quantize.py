@@ -28,25 +28,30 @@ from ..models.preprocess import eval_transform, input_size, preprocess_settings
 from ..models.reparam import relative_difference
 from ..optional import is_installed, require
 from .artifacts import METADATA_KEY, artifact_metadata, with_onnx_metadata
-from .engines import Engine, OnnxRuntimeEngine, OpenVINOEngine, available_engines
+from .engines import (
+    INT8_ENGINES,
+    INT8_SUFFIXES,
+    INT8_TOOLS,
+    Engine,
+    OnnxRuntimeEngine,
+    OpenVINOEngine,
+    available_engines,
+)
 from .formats import onnx_bytes, save_openvino, to_openvino
-from .probe import PROBE_BATCH_SIZES, Speeds, engine_speeds, measure_engines
+from .probe import PROBE_BATCH_SIZES, Speeds, engine_speeds, measure_engines, pick_fastest
 from .sources import load_deploy_model
 
-__all__ = ["INT8_ENGINES", "METHODS", "SUFFIXES", "DEFAULT_CALIB_IMAGES", "check_method", "calibration_batches",
+__all__ = ["METHODS", "DEFAULT_CALIB_IMAGES", "check_method", "calibration_batches",
            "random_calibration", "quantize_model", "int8_engine", "save_int8", "measure_int8_engines",
            "int8_engines_installed", "fastest_int8_engine", "QuantizeOptions", "QuantizeResult", "engine_and_out",
            "quantize_checkpoint"]
 
-INT8_ENGINES = ("openvino", "onnxruntime")
 # first = default. openvino (NNCF): default = performance preset (symmetric activations) + fast bias correction;
 # mixed = mixed preset (asymmetric activations); minmax = plain min/max ranges, no bias correction.
 # onnxruntime: its CalibrationMethod MinMax / Percentile (99.999) / Entropy.
 # naive (both): per-tensor weights and min/max activation ranges, no bias correction; the baseline that breaks RepVGG.
 METHODS = {"openvino": ("default", "mixed", "minmax", "naive"),
            "onnxruntime": ("minmax", "percentile", "entropy", "naive")}
-SUFFIXES = {"openvino": ".xml", "onnxruntime": ".onnx"}
-TOOLS = {"openvino": "nncf", "onnxruntime": "onnxruntime"}
 DEFAULT_CALIB_IMAGES = 128
 CALIB_BATCH = 8
 
@@ -60,7 +65,7 @@ def check_method(engine: str, method: str | None) -> str:
         raise RepVGGError(f"unknown {engine} calibration method {method!r}; choose one of: "
                           f"{', '.join(METHODS[engine])}")
     require(engine)
-    require(TOOLS[engine])
+    require(INT8_TOOLS[engine])
     if engine == "onnxruntime":
         require("onnx")
     return method
@@ -185,8 +190,8 @@ def save_int8(quantized: Any, engine: str, out: str | os.PathLike, metadata: dic
     """Write the int8 model with ``metadata`` atomically (``verify`` sees the written file before it is moved into
     place); returns the files written."""
     out = Path(out)
-    if out.suffix != SUFFIXES[engine]:
-        raise RepVGGError(f"{engine} int8 output must end in {SUFFIXES[engine]}, got {out}")
+    if out.suffix != INT8_SUFFIXES[engine]:
+        raise RepVGGError(f"{engine} int8 output must end in {INT8_SUFFIXES[engine]}, got {out}")
     if engine == "onnxruntime":
         data = with_onnx_metadata(quantized, metadata)
         atomic_write(out, lambda tmp: (Path(tmp).write_bytes(data), verify(tmp)))
@@ -211,17 +216,14 @@ def measure_int8_engines(engines: Sequence[str], img_size: tuple[int, int] = (22
 
 def int8_engines_installed() -> list[str]:
     """The int8 engines whose runtime and quantization tool are installed."""
-    return [e for e in INT8_ENGINES if e in available_engines() and is_installed(TOOLS[e])]
+    return [e for e in INT8_ENGINES if e in available_engines() and is_installed(INT8_TOOLS[e])]
 
 
 def fastest_int8_engine(installed: Sequence[str] | None = None, batch_size: int = 1) -> str:
     """The int8 engine that runs fastest here (one-time probe of both, cached like the float32 probe)."""
     names = [e for e in INT8_ENGINES if e in (int8_engines_installed() if installed is None else installed)]
-    if len(names) <= 1:
-        return names[0] if names else INT8_ENGINES[0]
-    speeds = engine_speeds(names, measure_int8_engines, precision="int8")
-    table = speeds.get(PROBE_BATCH_SIZES[0] if batch_size == 1 else max(speeds), {})
-    return max(names, key=lambda e: table.get(e, 0.0))
+    return pick_fastest(names or list(INT8_ENGINES[:1]),
+                        lambda: engine_speeds(names, measure_int8_engines, precision="int8"), batch_size)
 
 
 @dataclass(frozen=True)
@@ -257,13 +259,13 @@ def engine_and_out(opts: QuantizeOptions) -> tuple[str, str, Path]:
     if not Path(opts.calib).exists():
         raise RepVGGError(f"calibration data not found: {opts.calib}")
     out = Path(opts.out)
-    by_suffix = {v: k for k, v in SUFFIXES.items()}.get(out.suffix)
+    by_suffix = {v: k for k, v in INT8_SUFFIXES.items()}.get(out.suffix)
     engine = opts.engine or by_suffix or fastest_int8_engine()
     method = check_method(engine, opts.method)
     if not out.suffix or not (opts.engine or by_suffix):
-        out = out.with_name(out.name + SUFFIXES[engine])
-    if out.suffix != SUFFIXES[engine]:
-        raise RepVGGError(f"{engine} int8 output must end in {SUFFIXES[engine]}, got {out}")
+        out = out.with_name(out.name + INT8_SUFFIXES[engine])
+    if out.suffix != INT8_SUFFIXES[engine]:
+        raise RepVGGError(f"{engine} int8 output must end in {INT8_SUFFIXES[engine]}, got {out}")
     check_output_path(out)
     return engine, method, out
 
@@ -279,7 +281,7 @@ def quantize_checkpoint(opts: QuantizeOptions) -> QuantizeResult:
     quantized = quantize_model(model, engine, batches, method, img_size)
     n = sum(map(len, batches))
     meta = {**artifact_metadata(model, ckpt.metadata, img_size), "precision": "int8",
-            "quantization": {"engine": engine, "tool": TOOLS[engine], "method": method, "calibration_images": n,
+            "quantization": {"engine": engine, "tool": INT8_TOOLS[engine], "method": method, "calibration_images": n,
                              "weights": ("per-tensor" if method == "naive" else "per-channel") + " int8"
                                         + (", 7-bit range" if engine == "onnxruntime" and _reduce_range() else "")}}
     result = QuantizeResult(engine, method, [], n)

@@ -18,8 +18,8 @@ from ..models.preprocess import input_size
 from ..models.pretrained import read_pretrained
 from ..models.reparam import reparameterize
 from ..optional import is_installed
-from .artifacts import ARTIFACT_ENGINES, artifact_format, read_artifact_metadata
-from .engines import load_artifact
+from .artifacts import artifact_format, read_artifact_metadata
+from .engines import ARTIFACT_ENGINES, load_artifact
 from .probe import fastest_engine
 
 __all__ = ["Artifact", "ArtifactModel", "open_artifact", "load_model_source", "load_deploy_model",

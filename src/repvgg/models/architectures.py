@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -340,7 +341,9 @@ def build_model(name: str, num_classes: int = 1000, deploy: bool = False, **opti
     config = get_config(name)
     if "groups" in options:
         config = replace(config, groups=options.pop("groups"))
-    try:
-        return RepVGG(config, num_classes=num_classes, deploy=deploy, **options)
-    except TypeError as e:
-        raise RepVGGError(f"invalid option for create_model: {e}") from None
+    known = set(inspect.signature(RepVGG).parameters) - {"config"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise RepVGGError(f"unknown option(s) for create_model: {', '.join(unknown)}; options are: "
+                          f"{', '.join(sorted(known))}")
+    return RepVGG(config, num_classes=num_classes, deploy=deploy, **options)
