@@ -126,3 +126,12 @@ def test_quantize_output_without_suffix_gets_the_engines(tmp_path: Path) -> None
     opts = QuantizeOptions(checkpoint="a.pth", calib=str(tmp_path), out=str(tmp_path / "q_noext"),
                            engine="onnxruntime")
     assert engine_and_out(opts)[2] == tmp_path / "q_noext.onnx"
+
+
+def test_switches_show_no_misleading_default(capsys) -> None:
+    """`--no-probe ... (default: True)` reads as if the probe were off: switches show no default."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--no-probe skip the speed probe" in text and "(default: True)" not in text
+    assert "(default: False)" not in text and "(default: paper)" in text

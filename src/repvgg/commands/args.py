@@ -15,11 +15,12 @@ __all__ = ["DefaultsFormatter", "HelpFormatter", "PRETRAINED_HELP", "positive_in
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default after its help, unless there is none to show (None, an off switch, an empty
-    list) or the help already says it."""
+    """Shows each option's default after its help, unless there is none to show (None, a switch, an empty list)
+    or the help already says it."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        nothing = action.default is None or action.default is False or action.default == []
+        switch = isinstance(action, argparse._StoreConstAction)  # store_true/false: "(default: True)" misleads
+        nothing = switch or action.default is None or action.default is False or action.default == []
         if nothing or "(default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
