@@ -135,3 +135,17 @@ def test_switches_show_no_misleading_default(capsys) -> None:
     text = " ".join(capsys.readouterr().out.split())
     assert "--no-probe skip the speed probe" in text and "(default: True)" not in text
     assert "(default: False)" not in text and "(default: paper)" in text
+
+
+def test_options_may_stand_among_the_positionals(tmp_path, capsys) -> None:
+    """`predict m.pth --engine torch a.png b.png`: options anywhere, as argparse users expect."""
+    from PIL import Image
+
+    save_checkpoint(trained_looking(create_model("repvgg_a0", num_classes=3)), tmp_path / "m.pth",
+                    class_names=["a", "b", "c"], preprocess={"resize": 16, "crop": 16})
+    for name in ("x.png", "y.png"):
+        Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / name)
+    assert main(["predict", str(tmp_path / "m.pth"), "--engine", "torch", str(tmp_path / "x.png"),
+                 str(tmp_path / "y.png"), "--top", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "engine: torch" and f"{tmp_path / 'y.png'}:" in out and out.count("%") == 2

@@ -50,6 +50,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Parsed arguments; a sub-command's options may stand anywhere among its positionals (``predict m.onnx
+    --engine onnxruntime a.jpg b.jpg``), as argparse's intermixed parsing allows."""
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    parser = build_parser(command or "")
+    if command is None:
+        return parser.parse_args(argv)
+    sub = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
+    args = sub.choices[command].parse_intermixed_args(argv[1:])
+    args.command = command
+    return args
+
+
 def _run(args: argparse.Namespace) -> None:
     from .files import Outputs
 
@@ -60,7 +73,7 @@ def _run(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one sub-command; returns the exit code (2 for bad input or an OS error, 130 when interrupted)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv[0] if argv and argv[0] in COMMANDS else "").parse_args(argv)
+    args = _parse(argv)
     try:
         _run(args)
         sys.stdout.flush()
