@@ -262,3 +262,13 @@ def test_a_checkpoint_without_classifier_needs_headless(tmp_path) -> None:
     torch.save({k: v for k, v in model.state_dict().items() if k != "linear.weight"}, tmp_path / "half.pth")
     with pytest.raises(RepVGGError, match=r"half\.pth has a partial classifier: linear\.bias without linear\.weight"):
         model_from_checkpoint(tmp_path / "half.pth", headless=True)
+
+
+def test_checkpoint_repr_is_a_summary(tmp_path) -> None:
+    """`repvgg.load_checkpoint(model, path)` in a notebook shows one line, not every tensor."""
+    from repvgg import load_checkpoint
+
+    model = create_model("repvgg_a0", num_classes=3)
+    save_checkpoint(model, tmp_path / "a0.pth")
+    text = repr(load_checkpoint(create_model("repvgg_a0", num_classes=3), tmp_path / "a0.pth"))
+    assert "\n" not in text and len(text) < 200 and "repvgg_a0" in text and "training-time form" in text

@@ -61,6 +61,13 @@ class Checkpoint:
     entry: str | None = None  # the file's entry holding the weights (None: a bare state dict)
     unread: tuple[str, ...] = ()  # other weight entries the file holds (an EMA copy beside the plain weights)
 
+    def __repr__(self) -> str:
+        """A summary (a notebook would otherwise print every tensor of the state dict)."""
+        params = sum(t.numel() for t in self.state_dict.values() if t.is_floating_point())
+        arch = self.metadata.get("architecture", "unknown architecture")
+        return (f"Checkpoint({self.path or 'in memory'}: {self.format} format, {arch}, {len(self.state_dict)} "
+                f"tensors, {params / 1e6:.2f}M values, {'deploy' if self.deploy else 'training-time'} form)")
+
     @property
     def deploy(self) -> bool:
         """True when the weights are already in the plain (re-parameterized) form (for an exported artifact,
