@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from ._version import __version__
 from .cliargs import DefaultsFormatter, nonneg_float, nonneg_int, output_file, positive_float, positive_int
-from .errors import RepVGGError
+from .errors import Interrupted, RepVGGError
 
 EXIT_BAD_INPUT = 2
 PRETRAINED_HELP = ("published weights by model name (repvgg_a0: timm's, from the Hugging Face Hub, cached), "
@@ -351,7 +352,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one sub-command; returns the exit code (2 for bad input, 130 when interrupted)."""
+    """Run one sub-command; returns the exit code (2 for bad input; 128 + the signal when interrupted, as shells
+    report it: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv[0] if argv and not argv[0].startswith("-") else None).parse_args(argv)
     try:
@@ -364,9 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RepVGGError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
         print(f"repvgg: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("repvgg: interrupted", file=sys.stderr)
-        return 130
+        return 128 + (e.signum if isinstance(e, Interrupted) else signal.SIGINT)
     return 0
 
 
