@@ -1,5 +1,6 @@
-"""Training: recipe rules, a short real run end to end, resume in every situation (mid-epoch exactness, after the last
-epoch, extension, mismatches), crash safety (SIGKILL, NaN), locking, fine-tuning, the speed probe and DDP."""
+"""Training: recipe rules, a short real run end to end, resume in every situation (mid-epoch exactness, the saved step
+mode, after the last epoch, extension, mismatches), NaN safety, locking, fine-tuning, the speed probe and DDP (signals
+sent from outside, SIGKILL included, are in test_resume.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 import re
 import signal
 import subprocess
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,11 @@ from torch.utils.data import Dataset
 from imagefolders import PYTHON, REPO, TINY_TRAIN, make_dataset, subprocess_env
 from repvgg import create_model, model_from_checkpoint, save_checkpoint
 from repvgg.cli import main
-from repvgg.errors import RepVGGError
+from repvgg.errors import Interrupted, RepVGGError
+from repvgg.models.fakequant import prepare_qat
+from repvgg.training import setup
 from repvgg.training.data import BadImage
+from repvgg.training.loop import Stopper
 from repvgg.training.options import Callback, TrainOptions
 from repvgg.training.recipes import RECIPES, WarmupCosine, custom_l2_penalty, param_groups, recipe_with
 from repvgg.training.rundir import RunDir
@@ -231,6 +235,99 @@ def test_sigterm_to_the_whole_process_group_still_saves_mid_epoch(tmp_path: Path
     assert train(_opts(tmp_path, workers=1, resume="auto"), Noisy(), VAL, CLASSES)["epochs"] == TINY.epochs
 
 
+CHANNELS_LAST = StepMode("none", True, 1)
+PROBED = {"amp": None, "channels_last": None, "threads": None, "probe": True}  # the default flags
+
+
+def _probe_preferring(favourite: StepMode, calls: list[list[StepMode]]) -> Callable:
+    """A stand-in for the speed probe that measures ``favourite`` fastest, recording the modes it was given."""
+
+    def probe(model: torch.nn.Module, modes: list[StepMode], images: torch.Tensor, targets: torch.Tensor,
+              rounds: int = 3) -> dict[StepMode, float]:
+        calls.append(list(modes))
+        return {m: 2.0 if m == favourite else 1.0 for m in modes}
+
+    return probe
+
+
+def test_a_resume_continues_in_the_step_mode_its_probe_chose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe chose channels-last before the stop and would choose NCHW now: the resume keeps the saved mode,
+    probes nothing, and ends bit-identical to an uninterrupted channels-last run."""
+    calls: list[list[StepMode]] = []
+    monkeypatch.setattr(setup, "probe_modes", _probe_preferring(CHANNELS_LAST, calls))
+    split = tmp_path / "split"
+    with pytest.raises(Interrupted):
+        train(_opts(split, callbacks=[StopAt(0, 2)], **PROBED), Noisy(), VAL, CLASSES)
+    saved = torch.load(split / "last.pt", weights_only=True)["repvgg"]["step_mode"]
+    assert saved == dataclasses.asdict(CHANNELS_LAST)
+    monkeypatch.setattr(setup, "probe_modes", _probe_preferring(StepMode(), calls))
+    logs: list[str] = []
+    train(_opts(split, resume="auto", log=logs.append, **PROBED), Noisy(), VAL, CLASSES)
+    assert len(calls) == 1
+    assert any(f"step: {CHANNELS_LAST.label} (the run's own, from its saved state)" in line for line in logs)
+    train(_opts(tmp_path / "straight", channels_last=True, threads=1), Noisy(), VAL, CLASSES)
+    straight, resumed = _final_state(tmp_path / "straight"), _final_state(split)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_step_mode_flags_on_a_new_run_a_resume_and_an_older_state(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new run's probe keeps the flags given (before the fix, a faster float32 NCHW replaced --channels-last); a
+    resume keeps its saved mode over other flags, saying so; a state that records no mode resumes unprobed."""
+    calls: list[list[StepMode]] = []
+    monkeypatch.setattr(setup, "probe_modes", _probe_preferring(StepMode(), calls))
+    out, logs = tmp_path / "run", []
+    with pytest.raises(Interrupted):
+        train(_opts(out, ONE_EPOCH, **{**PROBED, "channels_last": True}, log=logs.append, callbacks=[StopAt(0, 1)]),
+              Noisy(), VAL, CLASSES)
+    assert StepMode() in calls[0] and any(f"step: {CHANNELS_LAST.label}" in line for line in logs)
+    logs.clear()
+    train(_opts(out, ONE_EPOCH, resume="auto", threads=1, log=logs.append), Noisy(), VAL, CLASSES)  # NCHW flag
+    assert any(f"trained in {CHANNELS_LAST.label}, and a resume continues in that step mode so that it stays exact: "
+               f"--no-channels-last not applied" in line for line in logs)
+    assert any(f"step: {CHANNELS_LAST.label} (the run's own" in line for line in logs)
+
+    older = tmp_path / "older"
+    with pytest.raises(Interrupted):
+        train(_opts(older, ONE_EPOCH, channels_last=True, callbacks=[StopAt(0, 1)]), Noisy(), VAL, CLASSES)
+    state = torch.load(older / "last.pt", weights_only=True)
+    del state["repvgg"]["step_mode"]
+    torch.save(state, older / "last.pt")
+    logs.clear()
+    train(_opts(older, ONE_EPOCH, resume="auto", log=logs.append, **PROBED), Noisy(), VAL, CLASSES)
+    assert len(calls) == 1
+    assert any("does not record the step mode it trained in (an older version wrote it); resuming in fp32 NCHW, "
+               "1 thread, without a speed probe" in line for line in logs)
+
+
+def test_a_resumed_quantization_aware_run_trains_on_as_an_uninterrupted_one(tmp_path: Path) -> None:
+    """The activation ranges that fake quantization learns are no weights, yet a resume must restore them."""
+    def factory(n: int) -> torch.nn.Module:
+        return prepare_qat(create_model("repvgg_a0", num_classes=n, strides=(2, 2, 2, 2, 2)))
+
+    train(_opts(tmp_path / "straight", model_factory=factory), Noisy(), VAL, CLASSES)
+    split = tmp_path / "split"
+    with pytest.raises(Interrupted):
+        train(_opts(split, model_factory=factory, callbacks=[StopAt(0, 3)]), Noisy(), VAL, CLASSES)
+    train(_opts(split, model_factory=factory, resume="auto"), Noisy(), VAL, CLASSES)
+    straight, resumed = _final_state(tmp_path / "straight"), _final_state(split)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_the_stopper_catches_a_hangup_unless_the_process_ignores_it() -> None:
+    """SIGHUP (a closed terminal) stops a run like SIGTERM; under ``nohup`` (SIGHUP ignored) the run goes on."""
+    previous = signal.getsignal(signal.SIGHUP)
+    try:
+        with Stopper() as stopper:
+            assert signal.getsignal(signal.SIGHUP) == stopper._handle
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        with Stopper() as stopper:
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stopper._handle
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def test_resume_after_the_last_epoch_finishes_and_a_complete_run_says_so(tmp_path: Path) -> None:
     logs: list[str] = []
     out = tmp_path / "run"
@@ -279,29 +376,6 @@ def test_a_second_run_into_the_same_directory_is_refused_and_debris_is_cleared(t
     train(_opts(out, log=logs.append), Noisy(), VAL, CLASSES)
     assert not stale.exists() and any("interrupted checkpoint write" in line for line in logs)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
-
-
-def test_sigkill_mid_run_then_resume_finishes(data: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    cmd = [PYTHON, "-m", "repvgg.cli", "train", "--data", str(data), "--out", str(out), *TINY_TRAIN,
-           "--epochs", "3", "--batch-size", "4"]
-    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while not (out / "last.pt").exists():  # written atomically at the end of epoch 1
-        assert proc.poll() is None, proc.communicate()[0]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert torch.load(out / "last.pt", weights_only=True)["progress"]["epoch"] >= 1
-    assert not (out / "model.pth").exists()
-    done = subprocess.run([*cmd, "--resume"], env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert f"resumed from {out / 'last.pt'} at epoch" in done.stdout
-    epochs = sorted({json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()})
-    assert epochs == [1, 2, 3]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["epochs"] == 3 and summary["train_top1"] == summary["deploy_top1"]
 
 
 def test_fine_tuning_replaces_the_classifier_freezes_stages_and_scales_the_backbone_lr(tmp_path: Path) -> None:

@@ -1,11 +1,13 @@
 """The ``repvgg`` command line: dispatches to one module of :mod:`repvgg.commands` per sub-command. Bad input and
-OS errors (full disk, read-only folder) end with one line on stderr and exit code 2; an interrupt with 130."""
+OS errors (full disk, read-only folder) end with one line on stderr and exit code 2; a stop by a signal with
+128 + its number."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -14,10 +16,9 @@ from typing import Any
 from ._version import __version__
 from .commands import COMMANDS
 from .commands.args import DefaultsFormatter
-from .errors import RepVGGError
+from .errors import Interrupted, RepVGGError
 
 EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
 
 
 class _CommandParser(argparse.ArgumentParser):
@@ -71,7 +72,8 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one sub-command; returns the exit code (2 for bad input or an OS error, 130 when interrupted)."""
+    """Run one sub-command; returns the exit code: 2 for bad input or an OS error, 128 + the signal when interrupted,
+    as shells report it (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parse(argv)
     try:
@@ -89,9 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"repvgg: error: {os_error_message(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("repvgg: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return 128 + (e.signum if isinstance(e, Interrupted) else signal.SIGINT)
     return 0
 
 

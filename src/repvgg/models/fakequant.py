@@ -33,8 +33,8 @@ def fake_quant_weight(kernel: Tensor) -> Tensor:
 
 class ActivationFakeQuant(nn.Module):
     """Per-tensor asymmetric uint8 fake quantization over a moving average of the batch min/max (the range that
-    includes 0). The range is not saved with the weights: a reloaded or resumed model re-estimates it from its first
-    training batch; until a range was seen, values pass unchanged."""
+    includes 0). The range is not saved with the weights: a reloaded model re-estimates it from its first training
+    batch (a resumed run gets it back from its training state); until a range was seen, values pass unchanged."""
 
     def __init__(self, momentum: float = 0.05) -> None:
         super().__init__()

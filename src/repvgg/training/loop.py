@@ -3,8 +3,8 @@
 and the finish (:func:`finish`: the final training-time and deploy models, both evaluated).
 
 A run directory holds ``last.pt`` (the whole training state, see :mod:`.state`, rewritten atomically every epoch and
-on SIGINT/SIGTERM), ``best.pth``, ``metrics.jsonl``/``metrics.csv``, TensorBoard events when available, and at the
-end ``model.pth``, ``model_deploy.pth`` and ``summary.json``.
+on SIGINT/SIGTERM/SIGHUP), ``best.pth``, ``metrics.jsonl``/``metrics.csv``, TensorBoard events when available, and
+at the end ``model.pth``, ``model_deploy.pth`` and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from tqdm import tqdm
 
-from ..errors import RepVGGError
+from ..errors import Interrupted, RepVGGError
 from ..files import atomic_write
 from ..models.architectures import RepVGG
 from ..models.checkpoints import save_checkpoint
@@ -92,21 +93,37 @@ class TrainStep:
         return loss.detach()
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 class Stopper:
-    """Remembers SIGINT/SIGTERM so the loop can save before exiting."""
+    """Remembers SIGINT, SIGTERM and SIGHUP (a closed terminal or SSH session) so the loop can save before exiting;
+    a signal the process was started ignoring (``nohup``, a background job's SIGINT) stays ignored.
+
+    After a hangup, writes to the lost terminal fail (EIO), which would stop the run before it saves: the standard
+    output and error that were a terminal and no longer are go to the null device from then on."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self.previous: dict[int, Any] = {}
+        self.terminals: list[int] = []
 
     def __enter__(self) -> Stopper:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
+            self.terminals = [fd for fd in (1, 2) if os.isatty(fd)]
+            for sig in STOP_SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
+        hung_up = [fd for fd in self.terminals if not os.isatty(fd)]
+        if hung_up:
+            null = os.open(os.devnull, os.O_WRONLY)
+            for fd in hung_up:
+                os.dup2(null, fd)
+            os.close(null)
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self.previous.items():
@@ -161,17 +178,20 @@ class Run:
 
 
 def shield_worker(worker_id: int) -> None:
-    """DataLoader worker start: a Ctrl-C, or a SIGTERM sent to the whole process group, must not kill the workers
-    before the training process has saved; so they ignore SIGINT and their first SIGTERM (a second one, such as
-    the loader's own ``terminate()`` of a stuck worker at shutdown, still ends them)."""
+    """DataLoader worker start: a Ctrl-C, a closed terminal, or a SIGTERM sent to the whole process group must not
+    kill the workers before the training process has saved; so they ignore SIGINT and SIGHUP, and their first SIGTERM
+    (a second one, such as the loader's own ``terminate()`` of a stuck worker at shutdown, still ends them)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: signal.signal(signal.SIGTERM, signal.SIG_DFL))
 
 
 def train_one_epoch(run: Run) -> None:
     """Train the epoch in progress from where it stands (a resumed run skips the samples already used).
 
-    On SIGINT/SIGTERM every process stops after the same step; the state is saved and KeyboardInterrupt raised.
+    On SIGINT, SIGTERM or SIGHUP every process stops after the same step; the state is saved and
+    :class:`~repvgg.errors.Interrupted` raised (a process stopped for another's signal reports SIGINT).
     """
     p, d, opts = run.progress, run.d, run.opts
     run.model.train()
@@ -203,11 +223,19 @@ def train_one_epoch(run: Run) -> None:
     p.epoch_seen += seen
     p.epoch_train_s += time.monotonic() - t0
     if d.all_sum([run.stopper.signum is not None], run.device)[0]:
-        if d.main:
-            p.elapsed_s = run.elapsed()
-            run.state.save(run.rundir.last)
-        run.log(f"interrupted; saved epoch {p.epoch + 1} step {p.step} to {run.rundir.last} (continue with --resume)")
-        raise KeyboardInterrupt
+        _save_interrupted(run)
+
+
+def _save_interrupted(run: Run) -> None:
+    """Save the state of a run stopped mid-epoch by a signal (on any process), say so, and raise Interrupted."""
+    p, signum = run.progress, run.stopper.signum
+    if run.d.main:
+        p.elapsed_s = run.elapsed()
+        run.state.save(run.rundir.last)
+    cause = signal.Signals(signum).name if signum else "a signal to another process"
+    run.log(f"interrupted by {cause}; saved epoch {p.epoch + 1} step {p.step} to {run.rundir.last} (continue with "
+            f"--resume)")
+    raise Interrupted(signum or signal.SIGINT)
 
 
 def _next_batch(batches: Iterator[Batch], stopper: Stopper) -> Batch | None:

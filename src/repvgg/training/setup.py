@@ -76,6 +76,7 @@ def setup_run(opts: TrainOptions, train_set: Dataset | None = None, val_set: Dat
     log = opts.log if d.main else (lambda s: None)
     _warn_small_images(train_set, r, log)
     saved = _saved_state(opts, device, log)
+    saved_mode = _resumed_mode(opts, *saved, device, log) if saved is not None else None
     torch.manual_seed(opts.seed + d.rank)
     random.seed(opts.seed + d.rank)
     if r.custom_l2 and opts.block != "repvgg":
@@ -87,7 +88,8 @@ def setup_run(opts: TrainOptions, train_set: Dataset | None = None, val_set: Dat
     frozen = freeze_stages(raw, opts.freeze_stages)
     raw = raw.to(device)
     rundir = _open_rundir(opts, d, saved is not None, log)  # after every check: a failed start leaves nothing
-    mode = _choose_mode(opts, raw, len(names), r.batch_size // d.world, device, d, log)
+    mode = saved_mode or _choose_mode(opts, raw, len(names), r.batch_size // d.world, device, d, log)
+    torch.set_num_threads(mode.threads)
     run = _assemble(opts, d, device, raw, mode, train_set, val_set, names, rundir,
                     preprocess or preprocess_of(r))
     run.frozen, run.loss_sum = frozen, run.loss_sum.to(device)
@@ -96,7 +98,8 @@ def setup_run(opts: TrainOptions, train_set: Dataset | None = None, val_set: Dat
     if saved is not None:
         _resume(run, *saved)
     log(f"training {opts.model} on {len(train_set)} images ({len(names)} classes), validating on {len(val_set)}; "
-        f"{d.world} process(es) on {device}; step: {mode.label}")
+        f"{d.world} process(es) on {device}; step: {mode.label}" + (" (the run's own, from its saved state)"
+                                                                    if saved_mode else ""))
     log(describe(opts, {"global_batch": r.batch_size, "per_process_batch": run.per_rank,
                         "peak_lr": r.scaled_lr(r.batch_size), "steps_per_epoch": run.steps_per_epoch,
                         "planned_epochs": run.progress.total_epochs}))
@@ -167,26 +170,59 @@ def freeze_stages(model: nn.Module, n: int) -> list[nn.Module]:
 
 def _choose_mode(opts: TrainOptions, raw: nn.Module, num_classes: int, per_rank: int, device: torch.device, d: Dist,
                  log: Any) -> StepMode:
-    """The fastest step mode among those left open, measured side by side on the machine at hand; warns when a mode
-    the user asked for is slower than float32. Without a probe: float32, NCHW, torch's threads, unless given."""
+    """The fastest step mode among those left open, measured side by side on the machine at hand (leaving the random
+    streams as they were, so that a probed run trains as one given its mode); warns when a mode the user asked for
+    is slower than float32. Without a probe: float32, NCHW, torch's threads, unless given."""
     modes = candidate_modes(device, opts.amp, opts.channels_last, opts.threads)
-    fixed = StepMode(opts.amp or "none", bool(opts.channels_last), opts.threads or torch.get_num_threads())
     if not opts.probe or d.world > 1 or len(modes) == 1:
-        chosen = fixed
-    else:
-        size = opts.recipe.img_size
+        return _fixed_mode(opts)
+    size = opts.recipe.img_size
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         images = torch.randn(min(per_rank, 128), input_channels(raw), size, size, device=device)
         targets = torch.randint(0, num_classes, (len(images),), device=device)
         speeds = probe_modes(raw, modes, images, targets)
-        chosen = max(speeds, key=speeds.get)
-        fp32 = max(v for m, v in speeds.items() if m.amp == "none")
-        log("speed probe (training images/s, side by side): " +
-            ", ".join(f"{m.label} {v:.0f}" for m, v in sorted(speeds.items(), key=lambda kv: -kv[1])))
-        if opts.amp not in (None, "none") and speeds[chosen] < fp32:
-            log(f"warning: --amp {opts.amp} measured slower than float32 here ({speeds[chosen]:.0f} vs {fp32:.0f} "
-                f"images/s); --amp none would train faster")
-    torch.set_num_threads(chosen.threads)
+    chosen = max((m for m in speeds if not _flags_against(opts, m)), key=speeds.get)  # not the extra float32
+    fp32 = max(v for m, v in speeds.items() if m.amp == "none")
+    log("speed probe (training images/s, side by side): " +
+        ", ".join(f"{m.label} {v:.0f}" for m, v in sorted(speeds.items(), key=lambda kv: -kv[1])))
+    if opts.amp not in (None, "none") and speeds[chosen] < fp32:
+        log(f"warning: --amp {opts.amp} measured slower than float32 here ({speeds[chosen]:.0f} vs {fp32:.0f} "
+            f"images/s); --amp none would train faster")
     return chosen
+
+
+def _fixed_mode(opts: TrainOptions) -> StepMode:
+    """The step mode without a probe: the flags given, else float32, NCHW and torch's threads."""
+    return StepMode(opts.amp or "none", bool(opts.channels_last), opts.threads or torch.get_num_threads())
+
+
+def _flags_against(opts: TrainOptions, mode: StepMode) -> list[str]:
+    """The step-mode flags given in ``opts`` that ``mode`` does not have, written as on the command line."""
+    given = {f"--amp {opts.amp}": opts.amp not in (None, mode.amp),
+             "--channels-last" if opts.channels_last else "--no-channels-last":
+                 opts.channels_last not in (None, mode.channels_last),
+             f"--threads {opts.threads}": opts.threads not in (None, mode.threads)}
+    return [flag for flag, differs in given.items() if differs]
+
+
+def _resumed_mode(opts: TrainOptions, state: dict[str, Any], path: Path, device: torch.device, log: Any) -> StepMode:
+    """The step mode a resumed run continues in: the one saved with it, never probed again, and kept over flags that
+    ask for another, with a note (another precision, memory format or thread count changes the arithmetic, and a
+    resume is exact). A state from before step modes were saved resumes in the probe-free mode, with a note."""
+    recorded = state["repvgg"].get("step_mode")
+    if recorded is None:
+        mode = _fixed_mode(opts)
+        log(f"note: {path} does not record the step mode it trained in (an older version wrote it); resuming in "
+            f"{mode.label}, without a speed probe; --amp, --channels-last and --threads choose another")
+        return mode
+    mode = StepMode(**recorded)
+    if mode.amp == "fp16" and device.type != "cuda":
+        raise RepVGGError(f"{path} trained with fp16 autocast, which runs on CUDA only; resume it on a CUDA device")
+    ignored = _flags_against(opts, mode)
+    if ignored:
+        log(f"note: {path} trained in {mode.label}, and a resume continues in that step mode so that it stays "
+            f"exact: {', '.join(ignored)} not applied (a new run, with another --out, can use them)")
+    return mode
 
 
 def _optimizer(raw: nn.Module, recipe: Recipe, backbone_lr_scale: float) -> torch.optim.SGD:
@@ -230,7 +266,7 @@ def _assemble(opts: TrainOptions, d: Dist, device: torch.device, raw: nn.Module,
     meta = dict(class_names=names, preprocess=preprocess, recipe=r.name)
     state = RunState(raw, optimizer, scheduler, step_fn.scaler, ema, Progress(total_epochs=r.epochs),
                      {**model_metadata(raw), **meta, "recipe_values": asdict(r), "model_name": opts.model,
-                      "origin": dict(opts.origin)})
+                      "origin": dict(opts.origin), "step_mode": asdict(mode)})
     return Run(opts, d, device, raw, model, state, schedule, step_fn, v2.RandomChoice(mixers) if mixers else None,
                SeededSamples(train_set, opts.seed), val_set, len(names), rundir, r.batch_size // d.world, steps, meta)
 

@@ -58,6 +58,21 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _unsaved_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers a model's state dict leaves out (such as the activation ranges that quantization-aware training
+    learns): not part of its weights, yet part of where its training stands."""
+    kept = model.state_dict().keys()
+    return {name: buffer for name, buffer in model.named_buffers() if name not in kept}
+
+
+def _restore_buffers(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put back the buffers :func:`_unsaved_buffers` saved (states without them leave the model's as they are)."""
+    buffers = dict(model.named_buffers())
+    for name, value in saved.items():
+        if name in buffers:
+            buffers[name].copy_(value)
+
+
 @dataclass
 class RunState:
     """The stateful parts of a run (model, optimizer, schedule, scaler, EMA, RNG) and its progress."""
@@ -74,10 +89,11 @@ class RunState:
         return {"format": STATE_FORMAT, "repvgg": self.metadata, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
-                "progress": asdict(self.progress), "rng": _rng_state()}
+                "progress": asdict(self.progress), "rng": _rng_state(), "buffers": _unsaved_buffers(self.model)}
 
     def load_state_dict(self, state: dict[str, Any], restore_rng: bool = True) -> None:
         self.model.load_state_dict(state["model"])
+        _restore_buffers(self.model, state.get("buffers", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,163 @@
+"""Resume is exact with the default flags: a run stopped in the middle of an epoch by SIGTERM, SIGINT, SIGHUP (its
+terminal closed) or SIGKILL, then resumed (``train --resume``, or ``qat`` run again) in another environment, continues
+in the step mode its speed probe chose before the stop and ends with the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import termios
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from imagefolders import PYTHON, REPO, TINY_TRAIN, make_dataset, subprocess_env
+from repvgg import create_model, save_checkpoint
+from repvgg.cli import main
+from repvgg.deploy import qat
+from repvgg.deploy.quantize import SUFFIXES, int8_engines_installed
+from repvgg.training.speed import StepMode
+from repvgg.training.train import train
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
+
+# each signal, and where it stops the run: (epoch, 0-based; optimizer step, 1-based)
+STOPS = [("SIGTERM", (0, 2)), ("SIGINT", (0, 4)), ("SIGKILL", (1, 2)), ("SIGHUP", (1, 4))]
+# the default flags (the speed probe chooses), and no stride-2 conv on a 1x1 input, where bf16 autocast gets wrong
+# weight gradients on some CPUs (oneDNN)
+STRIDES = (1, 2, 2, 2, 2)
+PROBED = [*(flag for flag in TINY_TRAIN if flag != "--no-probe"), "--strides", *map(str, STRIDES)]
+PREPROCESS = {"resize": 16, "crop": 16, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+ENGINE = next(iter(int8_engines_installed()), None)
+TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Image folders, and a checkpoint for ``qat`` to fine-tune."""
+    root = tmp_path_factory.mktemp("inputs")
+    make_dataset(root / "data", train=16, val=4)
+    model = create_model("repvgg_a0", num_classes=3, strides=STRIDES)
+    save_checkpoint(model.eval(), root / "a0.pth", class_names=["class0", "class1", "class2"],
+                    preprocess=PREPROCESS, recipe="cifar")
+    return root
+
+
+def _command(kind: str, inputs: Path, out: Path) -> tuple[list[str], Path]:
+    """The command line with default step-mode flags (two epochs of six steps), and the run folder it trains in."""
+    if kind == "train":
+        return ["train", "--data", str(inputs / "data"), "--out", str(out), *PROBED, "--epochs", "2"], out
+    artifact = out / f"a0_int8{SUFFIXES[ENGINE]}"
+    argv = ["qat", str(inputs / "a0.pth"), "--data", str(inputs / "data"), "--out", str(artifact), "--epochs", "2",
+            "--batch-size", "8", "--workers", "0", "--calib-images", "8", "--engine", ENGINE]
+    return argv, artifact.with_suffix(".qat")
+
+
+def _take_terminal() -> None:
+    """In the child, after ``setsid``: make its pseudo-terminal (stdin) the controlling terminal of its session."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def _read_until(master: int, done, deadline: float) -> str:
+    """Output read from a pseudo-terminal's master side until ``done()`` (keeps the child from blocking on it)."""
+    chunks = []
+    while not done():
+        assert time.monotonic() < deadline, "timed out: " + b"".join(chunks).decode(errors="replace")[-3000:]
+        if select.select([master], [], [], 0.05)[0]:
+            try:
+                chunks.append(os.read(master, 65536))
+            except OSError:  # the child closed the terminal
+                break
+    return b"".join(chunks).decode(errors="replace")
+
+
+def _stopped_run(argv: list[str], folder: Path, sig: str, at: tuple[int, int], env: dict[str, str]) -> tuple[int, str]:
+    """Run ``argv`` (one loading worker) in a terminal of its own, paused after step ``at``; stop it there with
+    ``sig`` sent to its process group (for SIGHUP, once the terminal is closed). Returns its exit status and the
+    output read from the terminal."""
+    ready = folder / "paused"
+    cmd = [PYTHON, str(REPO / "tests" / "paused_run.py"), *map(str, at), str(ready), *argv, "--workers", "1"]
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                            preexec_fn=_take_terminal)
+    os.close(slave)
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        output = _read_until(master, lambda: ready.exists() or proc.poll() is not None, deadline)
+        assert proc.poll() is None, output[-3000:]
+        if sig == "SIGHUP":  # as when an SSH session ends: its terminal hangs up, and its shell passes SIGHUP on
+            os.close(master)
+            master = -1
+            os.killpg(proc.pid, signal.SIGHUP)
+        else:
+            os.killpg(proc.pid, getattr(signal, sig))
+            output += _read_until(master, lambda: proc.poll() is not None, deadline)
+        return proc.wait(timeout=TIMEOUT_S), output
+    finally:
+        if master >= 0:
+            os.close(master)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _uninterrupted(kind: str, inputs: Path, folder: Path, mode: StepMode) -> dict[str, torch.Tensor]:
+    """The final weights of the same command run in one go in ``mode``."""
+    argv, run = _command(kind, inputs, folder)
+    if kind == "train":
+        assert main([*argv, "--amp", mode.amp, "--channels-last" if mode.channels_last else "--no-channels-last",
+                     "--threads", str(mode.threads), "--no-probe"]) == 0
+    else:  # `repvgg qat` has no memory-format flag: its training options get the mode
+        fixed = dict(channels_last=mode.channels_last, threads=mode.threads, probe=False)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(qat, "train", lambda opts, *a: train(dataclasses.replace(opts, **fixed), *a))
+            assert main(argv) == 0
+    return torch.load(run / "last.pt", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("kind", ["train", pytest.param("qat", marks=pytest.mark.skipif(
+    ENGINE is None, reason="no int8 engine installed"))])
+def test_a_run_stopped_by_each_signal_resumes_in_its_own_step_mode_to_the_uninterrupted_weights(
+        kind: str, inputs: Path, tmp_path: Path) -> None:
+    """One run, stopped four times and resumed four times: after the first stop every resume runs where torch's
+    default (and a probe's choice) would be two threads, and must keep the step mode that the first probe chose."""
+    argv, run = _command(kind, inputs, tmp_path / "split")
+    resume = [*argv, "--resume"] if kind == "train" else argv  # qat: the same command again
+    elsewhere = {**subprocess_env(), "OMP_NUM_THREADS": "2"}
+    mode, saved_at = None, (0, 0)
+    for n, (sig, at) in enumerate(STOPS):
+        (tmp_path / sig).mkdir()
+        status, output = _stopped_run(resume if n else argv, tmp_path / sig, sig, at,
+                                      elsewhere if n else subprocess_env())
+        signum = getattr(signal, sig)
+        assert status == (-signum if sig == "SIGKILL" else 128 + signum), f"{sig}: {output[-3000:]}"
+        state = torch.load(run / "last.pt", weights_only=True)
+        if mode is None:
+            assert "speed probe (training images/s" in output  # the default flags: the step mode was measured
+            mode = StepMode(**state["repvgg"]["step_mode"])
+        else:
+            _assert_resumed(output, mode, saved_at)
+        saved_at = (at[0], 0) if sig == "SIGKILL" else at  # SIGKILL: the last save is the epoch boundary
+        assert (state["progress"]["epoch"], state["progress"]["step"]) == saved_at, sig
+    done = subprocess.run([PYTHON, "-m", "repvgg.cli", *resume], env=elsewhere, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _assert_resumed(done.stdout, mode, saved_at)
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    final = torch.load(run / "last.pt", weights_only=True)["model"]
+    reference = _uninterrupted(kind, inputs, tmp_path / "straight", mode)
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def _assert_resumed(output: str, mode: StepMode, at: tuple[int, int]) -> None:
+    """The output of a resume: from the saved step, in the saved step mode, with no probe."""
+    assert "speed probe" not in output
+    assert f"step: {mode.label} (the run's own, from its saved state)" in output, output[-3000:]
+    assert f"at epoch {at[0] + 1}, step {at[1]}" in output, output[-3000:]
