@@ -93,7 +93,8 @@ def test_exported_file_needs_its_own_runtime(artifacts: dict[str, Path], capsys:
 def test_eval_runs_exported_files(ckpt: Path, artifacts: dict[str, Path], data: Path, tmp_path: Path) -> None:
     def evaluate(source: str) -> dict:
         out = tmp_path / "r.json"
-        assert main(["eval", "--workers", "0", "--data", str(data), "--checkpoint", source, "--json", str(out)]) == 0
+        assert main(["eval", "--workers", "0", "--data", str(data), "--checkpoint", source, "--json", str(out),
+                     "--overwrite"]) == 0
         return json.loads(out.read_text())
 
     reference = evaluate(str(ckpt))

@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from imagefolders import PYTHON, REPO, TINY_TRAIN, make_dataset, subprocess_env
 from repvgg import create_model, model_from_checkpoint, save_checkpoint
 from repvgg.cli import main
 from repvgg.errors import Interrupted, RepVGGError
+from repvgg.files import TMP_SUFFIX
 from repvgg.models.fakequant import prepare_qat
 from repvgg.training import setup
 from repvgg.training.data import BadImage
@@ -370,11 +372,14 @@ def test_a_second_run_into_the_same_directory_is_refused_and_debris_is_cleared(t
     with pytest.raises(RepVGGError, match="another training run is using"):
         train(_opts(out), Noisy(), VAL, CLASSES)
     holder.unlock()
-    stale = out / ".last.pt.abc123.tmp"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = out / f".last.pt.{int(gone.stdout)}-abc123{TMP_SUFFIX}"  # a killed writer's temporary
     stale.write_bytes(b"x" * 100)
+    (out / ".notes.tmp").write_text("the user's")
     logs: list[str] = []
     train(_opts(out, log=logs.append), Noisy(), VAL, CLASSES)
-    assert not stale.exists() and any("interrupted checkpoint write" in line for line in logs)
+    assert not stale.exists() and any("left by an interrupted write" in line for line in logs)
+    assert (out / ".notes.tmp").read_text() == "the user's"
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
