@@ -241,6 +241,11 @@ FULL = [
                                   "--json", str(d / "r.json")]),
     ("plot", lambda e, d: ["plot", str(e.run), "--out", str(d / "c.png")]),
     ("train", lambda e, d: ["train", "--data", str(e.data), "--out", str(d / "run"), *TINY_TRAIN, "--epochs", "1"]),
+    ("qat", lambda e, d: ["qat", str(e.ckpt), "--data", str(e.data), "--out", str(d / "q.onnx"), "--workers", "0",
+                          "--threads", "1", "--batch-size", "8", "--calib-images", "8"]),
+    ("bench --json", lambda e, d: ["bench", "--engines", "torch", "--baselines", "--no-train", "--no-memory",
+                                   "--rounds", "1", "--img-size", "16", "16", "--batch-sizes", "1", "--json",
+                                   str(d / "b.json")]),
 ]
 
 

@@ -86,12 +86,6 @@ class TrainStep:
         if self.scheduler is not None:
             self.scheduler.step()
 
-    def __call__(self, images: Tensor, targets: Tensor) -> Tensor:
-        """Loss and update in one call; returns the detached loss."""
-        loss = self.loss(images, targets)
-        self.update(loss)
-        return loss.detach()
-
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
