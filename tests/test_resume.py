@@ -23,11 +23,12 @@ from imagefolders import PYTHON, REPO, TINY_TRAIN, make_dataset, subprocess_env
 from repvgg import create_model, save_checkpoint
 from repvgg.cli import main
 from repvgg.deploy import qat
-from repvgg.deploy.quantize import SUFFIXES, int8_engines_installed
+from repvgg.deploy.engines import INT8_SUFFIXES
+from repvgg.deploy.quantize import int8_engines_installed
 from repvgg.training.speed import StepMode
 from repvgg.training.train import train
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # each signal, and where it stops the run: (epoch, 0-based; optimizer step, 1-based)
 STOPS = [("SIGTERM", (0, 2)), ("SIGINT", (0, 4)), ("SIGKILL", (1, 2)), ("SIGHUP", (1, 4))]
@@ -55,7 +56,7 @@ def _command(kind: str, inputs: Path, out: Path) -> tuple[list[str], Path]:
     """The command line with default step-mode flags (two epochs of six steps), and the run folder it trains in."""
     if kind == "train":
         return ["train", "--data", str(inputs / "data"), "--out", str(out), *PROBED, "--epochs", "2"], out
-    artifact = out / f"a0_int8{SUFFIXES[ENGINE]}"
+    artifact = out / f"a0_int8{INT8_SUFFIXES[ENGINE]}"
     argv = ["qat", str(inputs / "a0.pth"), "--data", str(inputs / "data"), "--out", str(artifact), "--epochs", "2",
             "--batch-size", "8", "--workers", "0", "--calib-images", "8", "--engine", ENGINE]
     return argv, artifact.with_suffix(".qat")
