@@ -2,25 +2,40 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch/torchvision first, pinned to the builds this workplace keeps on disk, so pip never downloads a CUDA build.
+PIP := $(BIN)/pip install -q --disable-pip-version-check
+# torch and torchvision first, pinned to the tested versions. The default index's Linux wheels are CUDA builds,
+# which bring the nvidia-* and triton packages (several GB); TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# takes PyTorch's CPU-only wheels instead (e.g. `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu`).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-STAMP := $(VENV)/.installed
+TORCH_INDEX ?=
+TORCH_STAMP := $(VENV)/.torch
+DEMO_STAMP := $(VENV)/.demo
+DEV_STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint clean
 
-$(STAMP): pyproject.toml Makefile
+$(TORCH_STAMP): Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_PINS)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
-	touch $(STAMP)
+	$(PIP) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_PINS)
+	touch $@
 
-demo: $(STAMP)
+# the demo needs the package and scikit-learn's digits only
+$(DEMO_STAMP): $(TORCH_STAMP) pyproject.toml
+	$(PIP) -e '.[demo]'
+	touch $@
+
+# tests and lint: every extra, pytest, ruff and timm
+$(DEV_STAMP): $(TORCH_STAMP) pyproject.toml
+	$(PIP) -e '.[dev]'
+	touch $@
+
+demo: $(DEMO_STAMP)
 	$(BIN)/repvgg demo
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
-test: $(STAMP) lint
+test: $(DEV_STAMP) lint
 	$(BIN)/python -m pytest -q
 
 clean:
