@@ -106,7 +106,8 @@ def test_older_bin_file_and_local_paths(hub_cache: Path, tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(("name", "spec", "message"), [
-    ("repvgg_a1", True, r"timm/repvgg_a1.rvgg_in1k are not in the Hugging Face cache .*HF_HUB_OFFLINE is set"),
+    ("repvgg_a1", True, r"timm/repvgg_a1.rvgg_in1k are not in the Hugging Face cache .*HF_HUB_OFFLINE is set"
+                        r".*https://huggingface.co/timm/repvgg_a1.rvgg_in1k/resolve/main/model.safetensors"),
     ("repvgg_b1g2", True, r"RepVGG-B1g2 weights are not on the Hugging Face Hub; download RepVGG-B1g2-train.pth"),
     ("repvggplus_l2pse", True, r"RepVGGplus-L2pse weights are not on the Hugging Face Hub"),
     ("repvgg_a0", "weights/a0.pth", r"pretrained weights not found: weights/a0.pth"),

@@ -340,10 +340,13 @@ def test_resume_after_the_last_epoch_finishes_and_a_complete_run_says_so(tmp_pat
     assert summary["epochs"] == 2 and (out / "model_deploy.pth").is_file()
     for name in ("model.pth", "model_deploy.pth", "summary.json"):  # killed after last.pt, before the final files
         (out / name).unlink()
-    assert train(_opts(out, resume="auto"), Noisy(), VAL, CLASSES)["epochs"] == 2 and (out / "summary.json").exists()
+    assert train(_opts(out, resume="auto", log=logs.append), Noisy(), VAL, CLASSES)["epochs"] == 2
+    assert (out / "summary.json").exists() and any("trained all 2 epochs; writing what its stop" in x for x in logs)
+    logs.clear()
     again = train(_opts(out, resume="auto", log=logs.append), Noisy(), VAL, CLASSES)
     assert again == json.loads((out / "summary.json").read_text())
     assert any("already complete (2 epochs)" in line for line in logs)
+    assert not any("resumed from" in line for line in logs)  # no "resumed at epoch 3" before "complete"
     logs.clear()
     assert train(_opts(out, THREE_EPOCHS, resume="auto", log=logs.append), Noisy(), VAL, CLASSES)["epochs"] == 3
     assert any("schedule is stretched to end at epoch 3" in line for line in logs)

@@ -160,7 +160,8 @@ def _download(repo_id: str, cache_dir: str | os.PathLike | None) -> str:
         offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
         raise RepVGGError(f"pretrained weights {repo_id} are not in the Hugging Face cache "
                           f"({cache_dir or constants.HF_HUB_CACHE}) and the Hub cannot be reached{offline}; "
-                          "download them once with network access, or pass a local file")
+                          f"download them once with network access (https://huggingface.co/{repo_id}/resolve/main/"
+                          f"{HUB_FILENAMES[0]}), or pass a local file")
     raise RepVGGError(f"{repo_id} on the Hugging Face Hub holds none of {', '.join(HUB_FILENAMES)}")
 
 

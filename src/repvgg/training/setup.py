@@ -301,7 +301,8 @@ def _resume(run: Run, state: dict[str, Any], path: Path) -> None:
         run.state.metadata["recipe_values"] = asdict(opts.recipe)
     run.schedule.total_steps = p.total_epochs * run.steps_per_epoch
     run.elapsed_before = p.elapsed_s
-    run.log(f"resumed from {path} at epoch {p.epoch + 1}, step {p.step}")
+    if p.epoch < p.total_epochs:  # else train() says whether the run is complete or what it finishes
+        run.log(f"resumed from {path} at epoch {p.epoch + 1}, step {p.step}")
 
 
 def _check_same_run(run: Run, saved: dict[str, Any], path: Path) -> None:

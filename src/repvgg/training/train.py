@@ -30,6 +30,9 @@ def train(opts: TrainOptions, train_set: Dataset | None = None, val_set: Dataset
             run.log(f"the run in {run.rundir.path} is already complete ({p.epoch} epochs); summary in "
                     f"{run.rundir.summary} (pass a larger --epochs to train further)")
             return json.loads(run.rundir.summary.read_text())
+        if p.epoch >= p.total_epochs:
+            run.log(f"the run in {run.rundir.path} trained all {p.epoch} epochs; writing what its stop left out "
+                    f"(final models, their evaluation, the summary)")
         with run.stopper:
             while p.epoch < p.total_epochs:
                 train_one_epoch(run)
