@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..files import Outputs
-from .args import nonneg_int, output_file, positive_float, positive_int
+from .args import nonneg_int, positive_float, positive_int
 
 WRITES = True
 
@@ -17,29 +17,21 @@ def inputs(args: argparse.Namespace) -> list[str | None]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..deploy.engines import INT8_ENGINES
     from ..deploy.qat import QAT_LR_FRACTION, QATOptions
-    from ..deploy.quantize import DEFAULT_CALIB_IMAGES
+    from .quantize import add_int8_arguments
 
     p.add_argument("checkpoint", help="a training-time checkpoint (its recipe, strides and block are reused)")
     p.add_argument("--data", required=True, metavar="DIR", help="folder or archive with train/ and val/ (or test/); "
                    "its train/ split also calibrates the int8 artifact")
-    p.add_argument("--out", required=True, type=output_file, help="int8 output file: .xml (openvino) or .onnx "
-                   "(onnxruntime); without a suffix, the engine's is appended")
+    add_int8_arguments(p)
     p.add_argument("--run-dir", help="the fine-tuning run (resumed when run again); default: --out with suffix .qat")
     p.add_argument("--epochs", type=positive_int, default=QATOptions.epochs, help="fine-tuning epochs")
     p.add_argument("--lr", type=positive_float, help="peak learning rate for a global batch of 256 (cosine to 0); "
                    f"default: {QAT_LR_FRACTION:g} x the checkpoint recipe's")
     p.add_argument("--batch-size", type=positive_int, help="default: the checkpoint recipe's")
-    p.add_argument("--engine", choices=list(INT8_ENGINES), help="default: the one --out's suffix names, else the "
-                   "faster int8 engine here (probed once, cached)")
-    p.add_argument("--calib-images", type=positive_int, default=DEFAULT_CALIB_IMAGES,
-                   help="calibration images used at most")
-    p.add_argument("--val", metavar="DIR", help="also report float32 vs int8 top-1 on this folder")
     p.add_argument("--workers", type=nonneg_int, help="data-loading processes (default: the cores less one)")
     p.add_argument("--threads", type=positive_int, help="PyTorch threads (default: probed)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--cache-dir", help="where archives are unpacked")
 
 
 def run(args: argparse.Namespace, outputs: Outputs) -> None:

@@ -17,22 +17,29 @@ def inputs(args: argparse.Namespace) -> list[str | None]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..deploy.engines import INT8_ENGINES
-    from ..deploy.quantize import DEFAULT_CALIB_IMAGES, METHODS
+    from ..deploy.quantize import METHODS
 
     p.add_argument("checkpoint", help="any checkpoint (training-time ones are re-parameterized first)")
     p.add_argument("--calib", required=True, metavar="DIR", help="calibration images: a folder or archive "
                    "(its train/ split, else val/ or test/, else the class folders themselves)")
-    p.add_argument("--out", required=True, type=output_file, help="output file: .xml (openvino, with a .bin beside "
-                   "it) or .onnx (onnxruntime); without a suffix, the engine's is appended")
-    p.add_argument("--engine", choices=list(INT8_ENGINES), help="default: the one --out's suffix names, else the "
-                   "faster int8 engine here (probed once, cached)")
     p.add_argument("--method", help="activation calibration: " + "; ".join(
         f"{e}: {', '.join(m)}" for e, m in METHODS.items()) + " (default: each engine's first)")
+    p.add_argument("--model", help="architecture, when the file does not say")
+    add_int8_arguments(p)
+
+
+def add_int8_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of every command that ends in an int8 artifact (``quantize``, ``qat``)."""
+    from ..deploy.engines import INT8_ENGINES
+    from ..deploy.quantize import DEFAULT_CALIB_IMAGES
+
+    p.add_argument("--out", required=True, type=output_file, help="int8 output file: .xml (openvino, with a .bin "
+                   "beside it) or .onnx (onnxruntime); without a suffix, the engine's is appended")
+    p.add_argument("--engine", choices=list(INT8_ENGINES), help="default: the one --out's suffix names, else the "
+                   "faster int8 engine here (probed once, cached)")
     p.add_argument("--calib-images", type=positive_int, default=DEFAULT_CALIB_IMAGES,
                    help="calibration images used at most")
     p.add_argument("--val", metavar="DIR", help="also report float32 vs int8 top-1 on this folder")
-    p.add_argument("--model", help="architecture, when the file does not say")
     p.add_argument("--cache-dir", help="where archives are unpacked")
 
 
