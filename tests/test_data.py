@@ -1,5 +1,6 @@
-"""Data loading: plain and archived image folders (unpacked once, even by racing processes), colour modes,
-unreadable images skipped or fatal."""
+"""Data loading: plain and archived image folders (unpacked once, even by racing processes), colour modes, EXIF
+orientation and the kinds of image file read alike everywhere, unreadable images skipped or fatal, class folders
+without a readable image refused."""
 
 from __future__ import annotations
 
@@ -11,15 +12,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 from torch.utils.data import DataLoader
 
 from imagefolders import make_dataset, make_split
+from repvgg.deploy.predict import predict
 from repvgg.errors import RepVGGError
 from repvgg.training.data import (
+    BadImage,
     ImageFolder,
     check_bad,
     collate,
     eval_transform,
+    read_image,
     resolve_split,
     to_rgb,
     train_transform,
@@ -176,3 +181,68 @@ def test_symlink_cycle_counts_each_image_once(tmp_path: Path) -> None:
     samples = ImageFolder(root).samples
     assert [sum(t == c for _, t in samples) for c in range(3)] == [3, 3, 6]
     assert len({p for p, _ in samples}) == len(samples)
+
+
+def test_a_class_folder_without_a_readable_image_is_refused(tmp_path: Path) -> None:
+    """All of a class's files corrupt: the class used to vanish from training and scoring alike, so that a two-class
+    run reported val top-1 100%. Now the folder is named."""
+    root = make_split(tmp_path, "train", 3)
+    for path in (root / "class1").iterdir():
+        path.write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    with pytest.raises(RepVGGError, match=r"class folder .*train/class1 has no readable image: none of its 3 image "
+                                          r"files decodes \(the first: .*class1/000\.png: cannot identify"):
+        ImageFolder(root)
+    (root / "class1" / "001.png").write_bytes((root / "class0" / "000.png").read_bytes())
+    assert len(ImageFolder(root)) == 9  # one readable image is enough; the others are skipped when read
+    for path in (root / "class2").iterdir():
+        path.rename(path.with_suffix(".txt"))
+    with pytest.raises(RepVGGError, match=r"class folder .*train/class2 holds no image file \(the kinds read are "
+                                          r"\.bmp, \.gif"):
+        ImageFolder(root)
+
+
+def _exif_oriented(path: Path) -> np.ndarray:
+    """Save a 16x16 image, red on top and blue below, tagged EXIF orientation 6 (shown turned 90 degrees clockwise,
+    as a camera held upright stores it); returns the pixels as they are meant to be seen."""
+    pixels = np.zeros((16, 16, 3), np.uint8)
+    pixels[:8, :, 0] = 255
+    pixels[8:, :, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(path, exif=exif)
+    return np.rot90(pixels, k=-1)
+
+
+class RedSide(nn.Module):
+    """Two logits: the mean red of the image's top half and of its right half."""
+
+    num_classes = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([x[:, 0, :8, :].mean((1, 2)), x[:, 0, :, 8:].mean((1, 2))], dim=1)
+
+
+def test_exif_orientation_is_applied_by_every_reader(tmp_path: Path) -> None:
+    (tmp_path / "split" / "a").mkdir(parents=True)
+    upright = _exif_oriented(tmp_path / "split" / "a" / "photo.png")
+    assert np.array_equal(np.asarray(read_image(tmp_path / "split" / "a" / "photo.png")), upright)
+    image, _ = ImageFolder(tmp_path / "split", eval_transform(PREPROCESS))[0]
+    expected = eval_transform(PREPROCESS)(Image.fromarray(upright))
+    assert torch.equal(image, expected)
+    meta = {"preprocess": PREPROCESS, "class_names": ["red on top", "red on the right"]}
+    for source in (tmp_path / "split" / "a" / "photo.png", Image.open(tmp_path / "split" / "a" / "photo.png")):
+        assert predict(RedSide(), [source], "torch", meta, topk=1)[0][0][0] == "red on the right"
+
+
+def test_every_reader_reads_the_same_kinds_of_file(tmp_path: Path) -> None:
+    """A .gif in a class folder used to be left out by train and eval while predict read it."""
+    root = make_split(tmp_path, "train", 1)
+    Image.new("P", (16, 16), 3).save(root / "class0" / "anim.gif")
+    (root / "class0" / "notes.txt").write_text("not an image")
+    dataset = ImageFolder(root, eval_transform(PREPROCESS))
+    assert sorted(Path(p).name for p, _ in dataset.samples) == ["000.png", "000.png", "000.png", "anim.gif"]
+    assert all(not isinstance(dataset[i], BadImage) for i in range(len(dataset)))
+    meta = {"preprocess": PREPROCESS}
+    assert len(predict(RedSide(), [root / "class0" / "anim.gif"], "torch", meta)[0]) == 2
+    with pytest.raises(RepVGGError, match=r"notes\.txt is not an image file: the kinds read are \.bmp, \.gif"):
+        predict(RedSide(), [root / "class0" / "notes.txt"], "torch", meta)
