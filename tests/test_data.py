@@ -1,10 +1,12 @@
-"""Data loading: plain and archived image folders (unpacked once, even by racing processes), colour modes, EXIF
-orientation and the kinds of image file read alike everywhere, unreadable images skipped or fatal, class folders
-without a readable image refused."""
+"""Data loading: plain and archived image folders (unpacked once, even by racing processes; unsafe archives refused
+wherever they are), colour modes, EXIF orientation and the kinds of image file read alike everywhere, unreadable
+images skipped or fatal, class folders without a readable image refused."""
 
 from __future__ import annotations
 
+import io
 import multiprocessing
+import re
 import tarfile
 from pathlib import Path
 
@@ -16,7 +18,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from imagefolders import make_dataset, make_split
+from repvgg import create_model, save_checkpoint
+from repvgg.cli import main
 from repvgg.deploy.predict import predict
+from repvgg.deploy.quantize import calibration_batches
 from repvgg.errors import RepVGGError
 from repvgg.training.data import (
     BadImage,
@@ -82,6 +87,47 @@ def test_corrupt_archive_is_reported_and_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(RepVGGError, match="cannot unpack"):
         unpack_archive(bad, cache)
     assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def _unsafe_tar(archive: Path, images: Path, arcname: str) -> Path:
+    """A tar of ``images`` plus a member that would land outside the folder it is unpacked into."""
+    with tarfile.open(archive, "w") as tar:
+        tar.add(images, arcname=arcname)
+        escape = tarfile.TarInfo("../escaped.txt")
+        escape.size = 3
+        tar.addfile(escape, io.BytesIO(b"bad"))
+    return archive
+
+
+def test_an_unsafe_split_archive_is_reported_not_taken_for_a_class_folder(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """A folder holding an unsafe train.tar (or val.tar): the unpacking error surfaces in quantize's calibration and
+    in eval (it used to be swallowed, the folder then read as class folders: "Couldn't find any class folder")."""
+    src = make_dataset(tmp_path / "src", train=2, val=1)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    _unsafe_tar(calib / "train.tar", src / "train", "train")
+    for call in (lambda: calibration_batches(calib, None, 4, str(tmp_path / "cache")),
+                 lambda: resolve_split(calib, ("train", "val", "test"), tmp_path / "cache", fallback=True)):
+        with pytest.raises(RepVGGError, match=r"cannot unpack .*train\.tar: '\.\./escaped\.txt' .* outside"):
+            call()
+    (calib / "train.tar").rename(calib / "val.tar")
+    save_checkpoint(create_model("repvgg_a0", num_classes=3, deploy=True).eval(), tmp_path / "a0.pth")
+    assert main(["eval", "--data", str(calib), "--checkpoint", str(tmp_path / "a0.pth"), "--workers", "0",
+                 "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert re.search(r"cannot unpack .*val\.tar: '\.\./escaped\.txt' .* outside", capsys.readouterr().err)
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_the_fallback_is_the_folder_or_archive_of_class_folders_itself(tmp_path: Path) -> None:
+    src = make_split(tmp_path / "src", "train", 2)
+    assert resolve_split(src, ("val", "test"), fallback=True) == src
+    archive = _tar(src, tmp_path / "classes.tar", ".")
+    root = resolve_split(archive, ("train", "val", "test"), tmp_path / "cache", fallback=True)
+    assert ImageFolder(root).classes == ["class0", "class1", "class2"]
+    assert len(calibration_batches(archive, None, 5, str(tmp_path / "cache"))[0]) == 5
+    with pytest.raises(RepVGGError, match="no val or test folder"):
+        resolve_split(src, ("val", "test"))
 
 
 def _unpack(args: tuple[str, str]) -> str:

@@ -202,10 +202,13 @@ def _find_dir(root: Path, name: str) -> Path | None:
     return found[0] if found else None
 
 
-def resolve_split(data: str | os.PathLike, names: Sequence[str], cache_dir: str | os.PathLike | None = None) -> Path:
+def resolve_split(data: str | os.PathLike, names: Sequence[str], cache_dir: str | os.PathLike | None = None,
+                  fallback: bool = False) -> Path:
     """The ImageFolder root of the first split in ``names`` (e.g. ``("val", "test")``) under ``data``.
 
-    ``data`` is a folder holding the split folders or ``<split>.tar[.gz]`` archives, or an archive holding them.
+    ``data`` is a folder holding the split folders or ``<split>.tar[.gz]`` archives, or an archive holding them;
+    with ``fallback``, ``data`` itself (unpacked) when it holds none of them. An archive that cannot be unpacked
+    is an error either way.
     """
     data = Path(data)
     if not data.exists():
@@ -225,6 +228,8 @@ def resolve_split(data: str | os.PathLike, names: Sequence[str], cache_dir: str 
         found = _find_dir(data, name)
         if found:
             return found
+    if fallback:
+        return data
     raise RepVGGError(f"no {' or '.join(names)} folder (or .tar/.tar.gz archive) in {data}")
 
 

@@ -158,12 +158,7 @@ def _dataset_for(data: str, split: str | None, preprocess: dict[str, Any] | None
                  cache_dir: str | None) -> ImageFolder:
     """The folder to evaluate: ``split`` (default val, then test) under ``data``, or ``data`` itself."""
     names = (split,) if split else ("val", "test")
-    try:
-        root = resolve_split(data, names, cache_dir)
-    except RepVGGError:
-        if split or not Path(data).is_dir():
-            raise
-        root = Path(data)
+    root = resolve_split(data, names, cache_dir, fallback=not split)
     return ImageFolder(root, eval_transform(preprocess))
 
 
