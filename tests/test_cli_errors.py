@@ -134,7 +134,7 @@ ROWS = [
     Row("predict overflowing outputs", lambda f: predict(f.huge, f.image), 2, "outputs are not finite"),
     # eval: nothing readable, devices
     Row("eval only unreadable images", lambda f: evaluate(f, f.train, "--json", f"{f.out}/r.json", data=f.bad_data),
-        2, "no readable images"),
+        2, "class0 has no readable image"),
     Row("eval --device cuda without GPU", lambda f: evaluate(f, f.train, "--device", "cuda"), 2,
         "no CUDA GPU is available", no_cuda),
     Row("eval --device banana", lambda f: evaluate(f, f.train, "--device", "banana"), 2, "unknown device 'banana'"),
@@ -217,7 +217,7 @@ ROWS = [
         "calibration data not found"),
     Row("quantize calibration folder empty", lambda f: quantize(f, calib=f.out), 2, "not an image folder"),
     Row("quantize only unreadable images", lambda f: quantize(f, calib=f.bad_data), 2,
-        "no readable calibration images"),
+        "class0 has no readable image"),
     Row("quantize --engine tensorrt", lambda f: quantize(f, "--engine", "tensorrt"), 2,
         "invalid choice: 'tensorrt'"),
     Row("quantize --method mse", lambda f: quantize(f, "--method", "mse"), 2,

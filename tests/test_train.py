@@ -204,6 +204,20 @@ def test_all_images_unreadable_is_an_error(tmp_path: Path) -> None:
         train(_opts(tmp_path / "b"), Noisy(), [BadImage("v.png", "broken")] * 4, CLASSES)
 
 
+def test_a_class_folder_with_no_readable_image_stops_train_before_it_starts(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """It used to train and score on the other classes only: val top-1 100% with two classes, exit 0."""
+    data = make_dataset(tmp_path / "d", train=8, val=2)
+    for split in ("train", "val"):
+        for path in (data / split / "class2").iterdir():
+            path.write_bytes(b"corrupt")
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY_TRAIN]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert re.search(r"class folder .*d/train/class2 has no readable image: none of its 8 image files decodes", err)
+    assert not (tmp_path / "run").exists()
+
+
 def _final_state(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out / "last.pt", weights_only=True)["model"]
 

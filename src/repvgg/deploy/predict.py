@@ -8,11 +8,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
 from ..errors import RepVGGError
 from ..models.preprocess import eval_transform
+from ..training.data import READ_ERRORS, read_image, upright
 from .engines import class_names_for, create_engine
 from .probe import fastest_engine
 from .sources import Artifact
@@ -21,13 +22,14 @@ __all__ = ["predict"]
 
 
 def _load_image(path: str | os.PathLike) -> Image.Image:
+    """The image file read as training and evaluation read it, or a one-line error."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image
+        return read_image(path)
+    except RepVGGError:
+        raise
     except (FileNotFoundError, IsADirectoryError):
         raise RepVGGError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+    except READ_ERRORS as e:
         raise RepVGGError(f"cannot read image {path}: {e}") from None
 
 
@@ -47,7 +49,7 @@ def predict(model: nn.Module | Artifact, images: Sequence[str | os.PathLike | Im
         raise RepVGGError("the model has no classifier (no linear.* weights): there are no classes to predict")
     metadata = metadata or (model.metadata if isinstance(model, Artifact) else {})
     transform = eval_transform(metadata.get("preprocess"))
-    batch = torch.stack([transform(im if isinstance(im, Image.Image) else _load_image(im)) for im in images])
+    batch = torch.stack([transform(upright(im) if isinstance(im, Image.Image) else _load_image(im)) for im in images])
     run = model.run if isinstance(model, Artifact) else create_engine(
         model, engine or fastest_engine(batch_size=len(batch)), tuple(batch.shape[-2:]), batch_size=len(batch))
     logits = torch.from_numpy(np.ascontiguousarray(run(batch.numpy())))

@@ -77,12 +77,7 @@ def calibration_batches(data: str | os.PathLike, preprocess: dict[str, Any] | No
     folder itself; archives too), preprocessed like the checkpoint's evaluation, as float32 batches."""
     from ..training.data import BadImage, ImageFolder, resolve_split
 
-    try:
-        root = resolve_split(data, ("train", "val", "test"), cache_dir)
-    except RepVGGError:
-        if not Path(data).is_dir():
-            raise
-        root = Path(data)
+    root = resolve_split(data, ("train", "val", "test"), cache_dir, fallback=True)
     dataset = ImageFolder(root, eval_transform(preprocess))
     order = np.random.default_rng(0).permutation(len(dataset))
     images = []

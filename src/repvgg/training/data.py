@@ -1,5 +1,6 @@
-"""Data: image folders (plain or archived), bad-image handling, and training augmentation. What the network sees
-at evaluation (resize, crop, mean/std) is model metadata: :mod:`repvgg.models.preprocess`."""
+"""Data: the one image reader (and the file kinds it reads), image folders (plain or archived), bad-image handling,
+and training augmentation. What the network sees at evaluation (resize, crop, mean/std) is model metadata:
+:mod:`repvgg.models.preprocess`."""
 
 from __future__ import annotations
 
@@ -15,11 +16,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import default_collate
 from torchvision import datasets
-from torchvision.datasets.folder import has_file_allowed_extension
 from torchvision.transforms import v2
 
 from ..errors import RepVGGError
@@ -28,12 +28,41 @@ from ..models.preprocess import IMAGENET_PREPROCESS, to_rgb
 
 __all__ = ["train_transform",
            "resolve_split", "ImageFolder", "BadImage", "Batch", "collate", "check_bad", "unpack_archive",
-           "default_cache_dir", "ARCHIVE_SUFFIXES"]
+           "default_cache_dir", "ARCHIVE_SUFFIXES", "IMAGE_EXTENSIONS", "READ_ERRORS", "is_image_file", "upright",
+           "read_image"]
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+# The file kinds read as images, alike by training, evaluation, calibration and prediction (case-insensitive).
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jfif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+# What decoding a damaged or unsupported file can raise.
+READ_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
 BadImagePolicy = Literal["skip", "error"]
 TrainCrop = Literal["random_resized", "pad"]
 AutoAugment = Literal["none", "rand", "auto"]
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a file of a kind in :data:`IMAGE_EXTENSIONS`."""
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` as it is meant to be seen, in RGB: its EXIF orientation applied (cameras store photos as the sensor
+    saw them and tag the rotation), as every viewer does."""
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """The one image reader of training, evaluation, calibration and prediction: the file decoded, upright and RGB.
+
+    Raises :class:`RepVGGError` for a file name outside :data:`IMAGE_EXTENSIONS` and one of :data:`READ_ERRORS`
+    for a file that does not decode."""
+    if not is_image_file(path):
+        raise RepVGGError(f"{path} is not an image file: the kinds read are {', '.join(IMAGE_EXTENSIONS)}")
+    with open(path, "rb") as f:
+        image = Image.open(f)
+        image.load()
+    return upright(image)
 
 
 def train_transform(img_size: int, crop: TrainCrop = "random_resized", auto_augment: AutoAugment = "none",
@@ -100,10 +129,13 @@ def _find_dir(root: Path, name: str) -> Path | None:
     return found[0] if found else None
 
 
-def resolve_split(data: str | os.PathLike, names: Sequence[str], cache_dir: str | os.PathLike | None = None) -> Path:
+def resolve_split(data: str | os.PathLike, names: Sequence[str], cache_dir: str | os.PathLike | None = None,
+                  fallback: bool = False) -> Path:
     """The ImageFolder root of the first split in ``names`` (e.g. ``("val", "test")``) under ``data``.
 
-    ``data`` is a folder holding the split folders or ``<split>.tar[.gz]`` archives, or an archive holding them.
+    ``data`` is a folder holding the split folders or ``<split>.tar[.gz]`` archives, or an archive holding them;
+    with ``fallback``, ``data`` itself (unpacked) when it holds none of them. An archive that cannot be unpacked
+    is an error either way.
     """
     data = Path(data)
     if not data.exists():
@@ -123,6 +155,8 @@ def resolve_split(data: str | os.PathLike, names: Sequence[str], cache_dir: str 
         found = _find_dir(data, name)
         if found:
             return found
+    if fallback:
+        return data
     raise RepVGGError(f"no {' or '.join(names)} folder (or .tar/.tar.gz archive) in {data}")
 
 
@@ -135,13 +169,16 @@ class BadImage:
 
 
 class ImageFolder(datasets.ImageFolder):
-    """torchvision's ImageFolder whose undecodable images come back as :class:`BadImage` instead of raising."""
+    """torchvision's ImageFolder read with :func:`read_image` (files of :data:`IMAGE_EXTENSIONS`), whose
+    undecodable images come back as :class:`BadImage` instead of raising; every class folder must hold at least one
+    image that decodes."""
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None) -> None:
         try:
-            super().__init__(str(root), transform=transform, loader=self._load)
+            super().__init__(str(root), transform=transform, loader=read_image, is_valid_file=is_image_file)
         except (FileNotFoundError, OSError) as e:
             raise RepVGGError(f"not an image folder (class sub-folders of images expected): {root}: {e}") from None
+        self._check_classes_readable()
 
     @staticmethod
     def make_dataset(directory: str | os.PathLike, class_to_idx: dict[str, int],
@@ -149,35 +186,60 @@ class ImageFolder(datasets.ImageFolder):
                      allow_empty: bool = False) -> list[tuple[str, int]]:
         """torchvision's listing (symlinks followed), except that each real folder and file counts once per class:
         a symlink cycle cannot multiply the images."""
-        valid = is_valid_file or (lambda path: has_file_allowed_extension(path, extensions))
-        samples, empty = [], []
+        samples = []
         for name, index in sorted(class_to_idx.items()):
             folders, files = set(), {}
             for root, dirs, names in os.walk(os.path.join(directory, name), followlinks=True):
                 folders.add(os.path.realpath(root))
                 dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) not in folders)
                 for path in (os.path.join(root, n) for n in names):
-                    if valid(path):
+                    if is_image_file(path):
                         files.setdefault(os.path.realpath(path), path)
+            if not files and not allow_empty:
+                raise RepVGGError(f"class folder {os.path.join(directory, name)} holds no image file (the kinds read "
+                                  f"are {', '.join(IMAGE_EXTENSIONS)})")
             samples += [(path, index) for path in sorted(files.values())]
-            if not files:
-                empty.append(name)
-        if empty and not allow_empty:
-            raise FileNotFoundError(f"no image files for the classes {', '.join(empty)}")
         return samples
 
-    @staticmethod
-    def _load(path: str) -> Image.Image:
-        with open(path, "rb") as f:
-            image = Image.open(f)
-            image.load()
-        return to_rgb(image)
+    def _check_classes_readable(self) -> None:
+        """Refuse a class folder none of whose images decodes: the class could be neither learnt nor scored, and
+        top-1 over the other classes would look fine. Reads each class's files up to its first good one."""
+        by_class: dict[int, list[str]] = {}
+        for path, target in self.samples:
+            by_class.setdefault(target, []).append(path)
+        for target, paths in sorted(by_class.items()):
+            first = _read_error(paths[0])
+            if first is not None and all(_read_error(path) is not None for path in paths[1:]):
+                raise RepVGGError(f"class folder {os.path.join(self.root, self.classes[target])} has no readable "
+                                  f"image: none of its {len(paths)} image files decodes (the first: {first})")
 
     def __getitem__(self, index: int) -> tuple[Any, int] | BadImage:
+        """The transformed image and its target, or a :class:`BadImage` for a file that does not decode (an error
+        in a transform is a bug, raised as such, never counted as an unreadable image)."""
+        path, target = self.samples[index]
         try:
-            return super().__getitem__(index)
-        except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
-            return BadImage(self.samples[index][0], str(e).splitlines()[0] if str(e) else type(e).__name__)
+            image = self.loader(path)
+        except READ_ERRORS as e:
+            return BadImage(path, _reason(e))
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return image, target
+
+
+def _reason(error: Exception) -> str:
+    """The first line of an error's message, or its type when it has none."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _read_error(path: str) -> str | None:
+    """Why ``path`` does not decode (None: it does)."""
+    try:
+        read_image(path)
+    except READ_ERRORS as e:
+        return f"{path}: {_reason(e)}"
+    return None
 
 
 @dataclass

@@ -136,12 +136,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
 def _dataset_for(data: str, split: str | None, preprocess: dict[str, Any], cache_dir: str | None) -> ImageFolder:
     """The folder to evaluate: ``split`` (default val, then test) under ``data``, or ``data`` itself."""
     names = (split,) if split else ("val", "test")
-    try:
-        root = resolve_split(data, names, cache_dir)
-    except RepVGGError:
-        if split or not Path(data).is_dir():
-            raise
-        root = Path(data)
+    root = resolve_split(data, names, cache_dir, fallback=not split)
     return ImageFolder(root, eval_transform(preprocess))
 
 
