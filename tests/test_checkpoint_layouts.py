@@ -280,11 +280,11 @@ def test_files_that_are_not_checkpoints_are_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
-    ("in_chans", "3", r"in_chans must be an integer >= 1, got '3'"),
-    ("in_chans", [3], r"in_chans must be an integer >= 1, got \[3\]"),
-    ("in_chans", 0, r"in_chans must be an integer >= 1, got 0"),
-    ("num_classes", "3", r"num_classes must be an integer >= 0, got '3'"),
-    ("groups", "x", r"groups must be an integer >= 1, got 'x'"),
+    ("in_chans", "3", r"in_chans must be an integer of at least 1, got '3'"),
+    ("in_chans", [3], r"in_chans must be an integer of at least 1, got \[3\]"),
+    ("in_chans", 0, r"in_chans must be an integer of at least 1, got 0"),
+    ("num_classes", "3", r"num_classes must be an integer of at least 0, got '3'"),
+    ("groups", "x", r"groups must be an integer of at least 1, got 'x'"),
     ("architecture", 5, r"metadata architecture must be a model name, got 5"),
 ])
 def test_malformed_model_metadata_is_named(tmp_path: Path, key: str, value: object, message: str) -> None:
