@@ -133,9 +133,9 @@ class MMClassifier(nn.Module):
         self.backbone = nn.Module()
         shapes = config.block_shapes()
         block = dict(se=config.se is not None)
-        self.backbone.stem = MMRepVGGBlock(*shapes[0][1:], **block)
+        self.backbone.stem = MMRepVGGBlock(*shapes[0][1:5], **block)
         for i in range(1, 5):
-            self.backbone.add_module(f"stage_{i}", nn.Sequential(*(MMRepVGGBlock(*s[1:], **block)
+            self.backbone.add_module(f"stage_{i}", nn.Sequential(*(MMRepVGGBlock(*s[1:5], **block)
                                                                   for s in shapes if s.stage == i)))
         self.head = nn.Module()
         self.head.fc = nn.Linear(shapes[-1].out_channels, num_classes)

@@ -18,7 +18,7 @@ _LAZY = {
     "save_checkpoint": "models.checkpoints",
     "ConvertResult": "models.convert", "convert_checkpoint": "models.convert",
     "create_model": "models.factory",
-    "relative_difference": "models.reparam", "reparameterize": "models.reparam",
+    "output_difference": "models.reparam", "relative_difference": "models.reparam", "reparameterize": "models.reparam",
     "create_engine": "deploy.engines", "fastest_engine": "deploy.probe", "predict": "deploy.predict",
     "export_model": "deploy.export",
 }

@@ -20,6 +20,7 @@ from ..errors import RepVGGError
 from ..files import companions
 from ..models.checkpoints import check_metadata, model_metadata
 from ..models.preprocess import preprocess_for_size
+from ..models.reparam import is_deploy
 from ..optional import require
 
 __all__ = ["METADATA_KEY", "TORCHSCRIPT_EXTRA", "artifact_format", "artifact_metadata",
@@ -51,7 +52,9 @@ def artifact_metadata(model: nn.Module, metadata: Mapping[str, Any] | None, img_
     try:
         described = model_metadata(model)
     except RepVGGError:  # a custom architecture, not in the registry
-        described = {"num_classes": getattr(model, "num_classes", None), "deploy": True}
+        described = {}
+    if not described:  # any other network (a segmenter with a RepVGG backbone, say): what it says of itself
+        described = {"num_classes": getattr(model, "num_classes", None), "deploy": is_deploy(model)}
     preprocess = preprocess_for_size(metadata.get("preprocess"), img_size)
     carried = {k: metadata[k] for k in _CARRIED if k in metadata}
     check_metadata({}, {**described, **carried})

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import RepVGGError
 from ..optional import is_installed, require
-from .formats import onnx_bytes, to_openvino
+from .formats import onnx_bytes, single_output, to_openvino
 
 __all__ = ["EngineSpec", "ENGINE_TABLE", "ENGINES", "INT8_ENGINES", "INT8_SUFFIXES", "INT8_TOOLS", "FORMATS",
            "ARTIFACT_ENGINES", "Engine", "TorchEngine", "OnnxRuntimeEngine", "OpenVINOEngine", "available_engines",
@@ -78,7 +78,7 @@ class TorchEngine:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return self.model(torch.from_numpy(x).contiguous(memory_format=self.memory_format)).numpy()
+            return single_output(self.model, torch.from_numpy(x).contiguous(memory_format=self.memory_format)).numpy()
 
 
 class OnnxRuntimeEngine:
@@ -129,7 +129,8 @@ class OpenVINOEngine:
 
 def create_engine(model: nn.Module, engine: str, img_size: tuple[int, int] = (224, 224), batch_size: int = 1,
                   threads: int | None = None) -> Engine:
-    """Run ``model`` (deploy form, eval mode) on ``engine`` (:func:`repvgg.fastest_engine` names the fastest)."""
+    """Run ``model`` (deploy form, eval mode; any module with one tensor output) on ``engine``
+    (:func:`repvgg.fastest_engine` names the fastest)."""
     if engine not in ENGINES:
         raise RepVGGError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
     if engine == "torch":

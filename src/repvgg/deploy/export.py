@@ -22,7 +22,7 @@ from ..models.reparam import relative_difference
 from ..optional import require
 from .artifacts import METADATA_KEY, TORCHSCRIPT_EXTRA, artifact_metadata, with_onnx_metadata
 from .engines import FORMATS, load_artifact
-from .formats import onnx_bytes, save_openvino, to_openvino, to_torchscript, torchscript_bytes
+from .formats import onnx_bytes, save_openvino, single_output, to_openvino, to_torchscript, torchscript_bytes
 
 __all__ = ["ExportResult", "check_export_path", "export_model"]
 
@@ -44,6 +44,8 @@ def export_model(model: nn.Module, out: str | os.PathLike, fmt: str, img_size: t
                  metadata: Mapping[str, Any] | None = None) -> ExportResult:
     """Write ``model`` (deploy form) as ``fmt`` to ``out``, run the artifact through its own runtime on random
     input, and compare with PyTorch; raises :class:`RepVGGError` (leaving nothing behind) beyond ``tolerance``.
+    ``model`` is any module with one tensor output: a RepVGG classifier, or e.g. a segmenter with a RepVGG backbone
+    (converted with :func:`repvgg.reparameterize`) returning NxKxHxW logits.
 
     The file carries the checkpoint ``metadata`` (class names, preprocessing) with the architecture and library
     version: ONNX ``metadata_props``, OpenVINO ``rt_info`` or a TorchScript extra file, each under ``repvgg``."""
@@ -57,8 +59,7 @@ def export_model(model: nn.Module, out: str | os.PathLike, fmt: str, img_size: t
     model = model.eval()
     batch = 2 if dynamic_batch or fmt == "torchscript" else 1
     x = torch.randn(batch, input_channels(model), *img_size, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        reference = model(x).numpy()
+    reference = single_output(model, x).numpy()
     if not np.isfinite(reference).all():
         raise RepVGGError("model outputs are not finite (NaN or inf): the weights are broken; nothing written")
     result = ExportResult(fmt, [str(out)], 0.0, 0.0, tuple(x.shape))

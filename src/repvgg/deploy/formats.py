@@ -1,6 +1,9 @@
 """The deploy model in other formats: an ONNX graph (opset 17, input ``input``, output ``logits``), a frozen
 TorchScript module, an OpenVINO model. ONNX uses PyTorch's TorchScript-based exporter (``dynamo=False``): it runs
-offline in well under a second and emits a plain graph (Conv, Relu, GlobalAveragePool, Flatten, Gemm)."""
+offline in well under a second and emits a plain graph (Conv, Relu, GlobalAveragePool, Flatten, Gemm).
+
+Any module that takes one image batch and returns one tensor exports: a classifier's logits, a segmenter's NxKxHxW
+logits, a network holding RepVGG blocks anywhere (its input channels are those of its first conv)."""
 
 from __future__ import annotations
 
@@ -15,12 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import RepVGGError
 from ..files import atomic_folder, companions, replace_together, write_failure
 from ..models.profile import input_channels
 from ..optional import is_installed, require
 
-__all__ = ["ONNX_OPSET", "INPUT_NAME", "OUTPUT_NAME", "save_openvino", "onnx_bytes", "to_torchscript",
-           "torchscript_bytes", "to_openvino"]
+__all__ = ["ONNX_OPSET", "INPUT_NAME", "OUTPUT_NAME", "single_output", "save_openvino", "onnx_bytes",
+           "to_torchscript", "torchscript_bytes", "to_openvino"]
 
 
 ONNX_OPSET = 17
@@ -29,10 +33,24 @@ ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
+def single_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` without gradients, refused in one line unless it is one tensor: exported files and the engines
+    carry one output."""
+    with torch.no_grad():
+        output = model(x)
+    if not isinstance(output, torch.Tensor):
+        count = f" of {len(output)}" if isinstance(output, list | tuple | dict) else ""
+        raise RepVGGError(f"{type(model).__name__} returns a {type(output).__name__}{count}, not one tensor; export, "
+                          f"quantization and the engines need a model with one tensor output (wrap a backbone "
+                          f"with out_indices in a module that returns one tensor, e.g. its head's logits)")
+    return output
+
+
 def onnx_bytes(model: nn.Module, img_size: tuple[int, int] = (224, 224), dynamic_batch: bool = True,
                batch_size: int = 1) -> bytes:
     """The model as an ONNX graph (opset 17) with input ``input`` and output ``logits``."""
     x = torch.zeros(batch_size, input_channels(model), *img_size)
+    single_output(model.eval(), x)
     buffer = io.BytesIO()
     axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     with warnings.catch_warnings():
@@ -75,6 +93,7 @@ def to_torchscript(model: nn.Module, img_size: tuple[int, int] = (224, 224)) -> 
     """Trace and freeze the model (weights become constants; any batch size works). Numerics-changing passes
     and trace re-checking are off: :func:`export_model` verifies the saved artifact instead."""
     x = torch.zeros(1, input_channels(model), *img_size)
+    single_output(model.eval(), x)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in favour of torch.export
         return torch.jit.freeze(torch.jit.trace(model.eval(), x, check_trace=False), optimize_numerics=False)

@@ -11,8 +11,9 @@ from .checkpoints import (
 )
 from .convert import ConvertResult, convert_checkpoint
 from .factory import create_model
-from .reparam import relative_difference, reparameterize
+from .reparam import output_difference, relative_difference, reparameterize
 
 __all__ = ["MODEL_CONFIGS", "ConvertResult", "build_model", "RepVGG", "RepVGGBlock", "RepVGGConfig", "SqueezeExcite",
            "convert_checkpoint", "create_model", "describe_checkpoint", "list_models", "load_checkpoint",
-           "model_from_checkpoint", "read_checkpoint", "relative_difference", "reparameterize", "save_checkpoint"]
+           "model_from_checkpoint", "output_difference", "read_checkpoint", "relative_difference", "reparameterize",
+           "save_checkpoint"]

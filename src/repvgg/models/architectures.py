@@ -18,8 +18,8 @@ from ..errors import RepVGGError
 from .blocks import BLOCK_KINDS, BRANCHES, BlockKind, Branches, RepVGGBlock, SEPosition, check_int, is_int
 from .reparam import is_batchnorm
 
-__all__ = ["RepVGGConfig", "BlockShape", "RepVGG", "AuxHead", "MODEL_CONFIGS", "list_models", "build_model",
-           "get_config", "canonical_name"]
+__all__ = ["RepVGGConfig", "BlockShape", "OUTPUT_STRIDES", "stage_dilations", "RepVGG", "AuxHead", "MODEL_CONFIGS",
+           "list_models", "build_model", "get_config", "canonical_name"]
 
 STAGE_BASE_WIDTHS = (64, 128, 256, 512)
 GROUPED_LAYERS = tuple(range(2, 27, 2))  # layers 2, 4, ..., 26; layer 1 is the first block of stage1
@@ -50,15 +50,21 @@ class RepVGGConfig:
         """Conv groups of layer ``layer`` (1 = first block of stage1)."""
         return self.groups if layer in GROUPED_LAYERS else 1
 
-    def block_shapes(self, in_chans: int = 3, strides: Sequence[int] = (2, 2, 2, 2, 2)) -> list[BlockShape]:
+    def block_shapes(self, in_chans: int = 3, strides: Sequence[int] = (2, 2, 2, 2, 2),
+                     output_stride: int = 32) -> list[BlockShape]:
         """Every block, stage0 first: the one description that :class:`RepVGG` builds from and that
-        :func:`repvgg.models.profile.architecture_stats` counts from."""
+        :func:`repvgg.models.profile.architecture_stats` counts from. Stages dilated for ``output_stride`` are
+        described as :func:`stage_dilations` says."""
         channels = self.stage_channels
-        shapes = [BlockShape(0, in_chans, channels[0], strides[0], 1)]
+        plan = stage_dilations(strides, output_stride)
+        stride, first, dilation = plan[0]
+        shapes = [BlockShape(0, in_chans, channels[0], stride, 1, first, stride == strides[0])]
         for i, depth in enumerate(self.depths, start=1):
+            stride, first, dilation = plan[i]
             for j in range(depth):
                 shapes.append(BlockShape(i, channels[i - 1] if j == 0 else channels[i], channels[i],
-                                         strides[i] if j == 0 else 1, self.layer_groups(len(shapes))))
+                                         stride if j == 0 else 1, self.layer_groups(len(shapes)),
+                                         first if j == 0 else dilation, j > 0 or stride == strides[i]))
         return shapes
 
     def aux_taps(self) -> dict[str, tuple[int, int]]:
@@ -102,13 +108,36 @@ def _sequence_of(values: object, length: int | None, valid: Callable[[object], b
 
 
 class BlockShape(NamedTuple):
-    """One block's place and size: its stage (0-4), channels in and out, stride and conv groups."""
+    """One block's place and size: its stage (0-4), channels in and out, stride, conv groups, the dilation of its
+    3x3 conv, and whether it may have an identity branch (not where a stride-2 block was made stride 1 and dilated:
+    its weights stay those of the stride-2 block)."""
 
     stage: int
     in_channels: int
     out_channels: int
     stride: int
     groups: int
+    dilation: int = 1
+    identity: bool = True
+
+
+OUTPUT_STRIDES = (8, 16, 32)
+
+
+def stage_dilations(strides: Sequence[int], output_stride: int = 32) -> list[tuple[int, int, int]]:
+    """(stride, first block's dilation, later blocks' dilation) of stage0..stage4 for a total reduction of at most
+    ``output_stride``: a stage whose stride would reduce past it gets stride 1 and multiplies the dilation by that
+    stride instead. Its first block keeps the previous dilation and the later ones take the new one, the convention
+    of torchvision's and timm's dilated ResNets (and timm's RepVGG), so the first block sees what the stride-2
+    block saw."""
+    plan, reduction, dilation = [], 1, 1
+    for stride in strides:
+        first = dilation
+        if reduction * stride > output_stride:
+            dilation, stride = dilation * stride, 1
+        reduction *= stride
+        plan.append((stride, first, dilation))
+    return plan
 
 
 _A, _B, _D = (2, 4, 14, 1), (4, 6, 16, 1), (8, 14, 24, 1)
@@ -190,6 +219,9 @@ class RepVGG(nn.Module):
         strides: stride of the first layer of stage0..stage4; use e.g. ``(1, 1, 2, 2, 2)`` for 32x32 images.
         out_indices: stages (0-4) whose outputs ``forward`` returns as a list, for detection/segmentation necks;
             no head is built.
+        output_stride: the largest total reduction, 8, 16 or 32 (default): for dense prediction, the stages that
+            would reduce further keep their resolution with dilated 3x3 convs (see :func:`stage_dilations`); the
+            weights are the same at every output stride. ``feature_info`` gives the real reductions.
         deploy: build the plain 3x3-conv form directly.
         aux_weight: weight of each auxiliary loss (RepVGGplus); used by :meth:`loss`.
         branches: the training-time branches every block keeps (``"full"``, ``"3x3"``, ``"3x3+1x1"``,
@@ -200,25 +232,28 @@ class RepVGG(nn.Module):
     def __init__(self, config: RepVGGConfig, num_classes: int = 1000, in_chans: int = 3,
                  strides: Sequence[int] = (2, 2, 2, 2, 2), out_indices: Sequence[int] | None = None,
                  deploy: bool = False, aux_weight: float = 0.1, branches: Branches = "full",
-                 block: BlockKind = "repvgg") -> None:
+                 block: BlockKind = "repvgg", output_stride: int = 32) -> None:
         super().__init__()
-        _check_model_options(num_classes, in_chans, strides, out_indices, aux_weight, branches, block)
+        _check_model_options(num_classes, in_chans, strides, out_indices, aux_weight, branches, block, output_stride)
         self.branches, self.block = branches, block
         self.config = config
         self.deploy = deploy
         self.strides = tuple(strides)
+        self.output_stride = int(output_stride)
         self.out_indices = tuple(out_indices) if out_indices is not None else None
         self.grad_checkpointing = False
         self.aux_weight = aux_weight
         channels = config.stage_channels
         block = dict(se=config.se, se_reduction=config.se_reduction, deploy=deploy, branches=branches, kind=block)
-        shapes = config.block_shapes(in_chans, strides)
-        self.stage0 = RepVGGBlock(*shapes[0][1:], **block)
+        shapes = config.block_shapes(in_chans, strides, output_stride)
+        blocks = [RepVGGBlock(*s[1:5], dilation=s.dilation, identity=s.identity, **block) for s in shapes]
+        self.stage0 = blocks[0]
         for i in range(1, 5):
-            self.add_module(f"stage{i}", nn.Sequential(*(RepVGGBlock(*s[1:], **block) for s in shapes if s.stage == i)))
+            self.add_module(f"stage{i}", nn.Sequential(*(b for b, s in zip(blocks, shapes, strict=True)
+                                                         if s.stage == i)))
         reduction = 1
         self.feature_info = []
-        for i, stride in enumerate(self.strides):
+        for i, (stride, _, _) in enumerate(stage_dilations(strides, output_stride)):
             reduction *= stride
             self.feature_info.append(dict(num_chs=channels[i], reduction=reduction, module=f"stage{i}"))
         self.num_features = channels[4]
@@ -252,12 +287,12 @@ class RepVGG(nn.Module):
             return x
         return stage(x)
 
-    def _forward_stages(self, x: Tensor) -> tuple[list[Tensor], dict[str, Tensor]]:
-        """Run every stage; return each stage's output and the auxiliary heads' logits (training only)."""
+    def _forward_stages(self, x: Tensor, last: int = 4) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """Run stage0..stage ``last``; return each one's output and the auxiliary heads' logits (training only)."""
         use_aux = bool(self.aux) and self.training
         taps = {stage: (name, n) for name, (stage, n) in self.aux_taps.items()} if use_aux else {}
         outputs, aux = [], {}
-        for i, stage in enumerate(self.stages):
+        for i, stage in enumerate(self.stages[:last + 1]):
             if i in taps:
                 name, n = taps[i]
                 x = self._run_stage(stage[:n], x)
@@ -279,10 +314,12 @@ class RepVGG(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor] | dict[str, Tensor]:
         """Logits; a list of stage outputs when ``out_indices`` is set; for RepVGGplus in training, a dict of
-        ``main`` plus one entry per auxiliary head (see :meth:`loss`)."""
-        outputs, aux = self._forward_stages(x)
+        ``main`` plus one entry per auxiliary head (see :meth:`loss`). Stages after the last of ``out_indices``
+        are not run."""
         if self.out_indices is not None:
+            outputs, _ = self._forward_stages(x, max(self.out_indices))
             return [outputs[i] for i in self.out_indices]
+        outputs, aux = self._forward_stages(x)
         logits = self.forward_head(outputs[-1])
         if aux:
             return {"main": logits, **{f"{name}_aux": v for name, v in aux.items()}}
@@ -314,7 +351,7 @@ class RepVGG(nn.Module):
 
 
 def _check_model_options(num_classes: object, in_chans: object, strides: object, out_indices: object,
-                         aux_weight: object, branches: object, block: object) -> None:
+                         aux_weight: object, branches: object, block: object, output_stride: object) -> None:
     """Reject :class:`RepVGG` arguments that would fail later with a traceback or build a network that means
     nothing, with one message naming the argument."""
     check_int("num_classes", num_classes, 0)
@@ -324,6 +361,8 @@ def _check_model_options(num_classes: object, in_chans: object, strides: object,
     if out_indices is not None and not (_sequence_of(out_indices, None, lambda i: is_int(i) and 0 <= i <= 4)
                                         and len(out_indices) > 0):
         raise RepVGGError(f"out_indices must be stage numbers in 0..4, got {out_indices!r}")
+    if not is_int(output_stride) or output_stride not in OUTPUT_STRIDES:
+        raise RepVGGError(f"output_stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got {output_stride!r}")
     if not (_is_real(aux_weight) and math.isfinite(aux_weight) and aux_weight >= 0):
         raise RepVGGError(f"aux_weight must be a finite number of at least 0, got {aux_weight!r}")
     if branches not in BRANCHES or block not in BLOCK_KINDS:
@@ -335,8 +374,8 @@ def build_model(name: str, num_classes: int = 1000, deploy: bool = False, **opti
     """Build a registered architecture by name (``repvgg_a0`` or the official ``RepVGG-A0``), randomly
     initialized; :func:`repvgg.create_model` adds published or local weights on top.
 
-    ``options`` are passed to :class:`RepVGG` (``in_chans``, ``strides``, ``out_indices``, ``aux_weight``,
-    ``branches``, ``block``); ``groups`` overrides the config's grouped-conv setting.
+    ``options`` are passed to :class:`RepVGG` (``in_chans``, ``strides``, ``out_indices``, ``output_stride``,
+    ``aux_weight``, ``branches``, ``block``); ``groups`` overrides the config's grouped-conv setting.
     """
     config = get_config(name)
     if "groups" in options:

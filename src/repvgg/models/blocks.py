@@ -29,9 +29,9 @@ class ConvBN(nn.Sequential):
     """A bias-free conv followed by BatchNorm: one branch of the training-time block."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, groups: int = 1) -> None:
+                 padding: int = 0, groups: int = 1, dilation: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
 
     def fused(self) -> tuple[Tensor, Tensor]:
@@ -56,21 +56,28 @@ class SqueezeExcite(nn.Module):
 class RepVGGBlock(nn.Module):
     """``ReLU(BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x))``, optionally with SE before or after the ReLU.
 
-    The identity branch exists only when ``in_channels == out_channels`` and ``stride == 1``. ``branches`` keeps
-    a subset of the training-time branches (the paper's ablation: ``"3x3"``, ``"3x3+1x1"``, ``"3x3+identity"``,
-    ``"full"``). ``kind="qarepvgg"`` is the quantization-friendly block of QARepVGG (Chu et al., 2022): no BN on
-    the 1x1 and identity branches, one BN after their sum, ``ReLU(BN(BN(conv3x3(x)) + conv1x1(x) + x))``.
-    Every variant converts exactly to one 3x3 conv. ``deploy=True`` builds that conv directly;
-    ``switch_to_deploy()`` converts in place.
+    The identity branch exists only when ``in_channels == out_channels`` and ``stride == 1``, unless
+    ``identity=False`` leaves it out (the block that replaces a stride-2 block in a dilated backbone keeps that
+    block's weights). ``dilation`` spaces the 3x3 taps (padding follows, so the size is kept as at dilation 1);
+    the 1x1 and identity branches read the centre tap only, so they are unchanged. ``branches`` keeps a subset of
+    the training-time branches (the paper's ablation: ``"3x3"``, ``"3x3+1x1"``, ``"3x3+identity"``, ``"full"``).
+    ``kind="qarepvgg"`` is the quantization-friendly block of QARepVGG (Chu et al., 2022): no BN on the 1x1 and
+    identity branches, one BN after their sum, ``ReLU(BN(BN(conv3x3(x)) + conv1x1(x) + x))``. Every variant
+    converts exactly to one (dilated) 3x3 conv. ``deploy=True`` builds that conv directly; ``switch_to_deploy()``
+    (or ``reparameterize()``, timm's name for it) converts in place.
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1,
                  se: SEPosition | None = None, se_reduction: int = 16, deploy: bool = False,
-                 branches: Branches = "full", kind: BlockKind = "repvgg") -> None:
+                 branches: Branches = "full", kind: BlockKind = "repvgg", dilation: int = 1,
+                 identity: bool = True) -> None:
         super().__init__()
         _check_block_options(in_channels, out_channels, stride, groups, se, se_reduction, branches, kind)
+        check_int("dilation", dilation, 1)
+        if not isinstance(identity, bool):
+            raise RepVGGError(f"identity must be True or False, got {identity!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.stride, self.groups = stride, groups
+        self.stride, self.groups, self.dilation = stride, groups, dilation
         self.branches, self.kind = branches, kind
         self.deploy = deploy
         se_module = SqueezeExcite(out_channels, out_channels // se_reduction) if se else nn.Identity()
@@ -78,15 +85,15 @@ class RepVGGBlock(nn.Module):
         self.post_se = se_module if se == "post" else nn.Identity()
         self.nonlinearity = nn.ReLU()
         if deploy:
-            self.rbr_reparam = nn.Conv2d(in_channels, out_channels, 3, stride, 1, groups=groups, bias=True)
+            self.rbr_reparam = nn.Conv2d(in_channels, out_channels, 3, stride, dilation, dilation, groups, bias=True)
             return
-        self.rbr_dense = ConvBN(in_channels, out_channels, 3, stride, 1, groups)
+        self.rbr_dense = ConvBN(in_channels, out_channels, 3, stride, dilation, groups, dilation)
         self.rbr_1x1: nn.Module | None = None
         self.rbr_identity: nn.Module | None = None
         if branches in ("full", "3x3+1x1"):
             self.rbr_1x1 = ConvBN(in_channels, out_channels, 1, stride, 0, groups) if kind == "repvgg" else \
                 nn.Conv2d(in_channels, out_channels, 1, stride, 0, groups=groups, bias=False)
-        if branches in ("full", "3x3+identity") and in_channels == out_channels and stride == 1:
+        if branches in ("full", "3x3+identity") and identity and in_channels == out_channels and stride == 1:
             self.rbr_identity = nn.BatchNorm2d(in_channels) if kind == "repvgg" else nn.Identity()
         if kind == "qarepvgg":
             self.bn = nn.BatchNorm2d(out_channels)
@@ -128,8 +135,8 @@ class RepVGGBlock(nn.Module):
             return
         kernel, bias = self.equivalent_kernel_bias()
         conv = self.rbr_dense.conv
-        self.rbr_reparam = nn.Conv2d(self.in_channels, self.out_channels, 3, self.stride, 1, groups=self.groups,
-                                     bias=True, device="meta")
+        self.rbr_reparam = nn.Conv2d(self.in_channels, self.out_channels, 3, self.stride, self.dilation,
+                                     self.dilation, self.groups, bias=True, device="meta")
         self.rbr_reparam.weight = nn.Parameter(kernel.detach().clone())
         self.rbr_reparam.bias = nn.Parameter(bias.detach().clone())
         self.rbr_reparam.train(conv.training)
@@ -137,6 +144,10 @@ class RepVGGBlock(nn.Module):
         if self.kind == "qarepvgg":
             del self.bn
         self.deploy = True
+
+    def reparameterize(self) -> None:
+        """timm's name for :meth:`switch_to_deploy`, so that ``timm.utils.reparameterize_model`` converts the block."""
+        self.switch_to_deploy()
 
 
 def is_int(value: object) -> bool:

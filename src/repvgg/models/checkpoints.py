@@ -299,8 +299,8 @@ def model_metadata(model: nn.Module) -> dict[str, Any]:
     if not isinstance(model, RepVGG):
         return {}
     return dict(architecture=canonical_name(model.config.official_name), num_classes=model.num_classes,
-                in_chans=model.stage0.in_channels, strides=list(model.strides), groups=model.config.groups,
-                branches=model.branches, block=model.block, deploy=is_deploy(model))
+                in_chans=model.stage0.in_channels, strides=list(model.strides), output_stride=model.output_stride,
+                groups=model.config.groups, branches=model.branches, block=model.block, deploy=is_deploy(model))
 
 
 def check_metadata(described: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
@@ -420,7 +420,7 @@ def model_from_checkpoint(source: str | os.PathLike | Mapping[str, Any] | Checkp
     if not num_classes and not headless:
         raise RepVGGError(f"{label} has no classifier (no linear.* weights); pass --headless (headless=True) to use "
                           f"it as a backbone")
-    build = {k: meta[k] for k in ("in_chans", "strides", "groups", "branches", "block") if k in meta}
+    build = {k: meta[k] for k in ("in_chans", "strides", "output_stride", "groups", "branches", "block") if k in meta}
     stem = ckpt.state_dict.get("stage0.rbr_dense.conv.weight", ckpt.state_dict.get("stage0.rbr_reparam.weight"))
     if "in_chans" not in build and stem is not None:
         build["in_chans"] = stem.shape[1]

@@ -14,8 +14,8 @@ from .reparam import relative_difference, reparameterize
 __all__ = ["ConvertResult", "convert_checkpoint"]
 
 # Metadata that describes the model itself: rewritten from the converted model, never copied from the source.
-_MODEL_KEYS = ("architecture", "num_classes", "in_chans", "strides", "groups", "branches", "block", "deploy", "format",
-               "library_version", "source", "source_format")
+_MODEL_KEYS = ("architecture", "num_classes", "in_chans", "strides", "output_stride", "groups", "branches", "block",
+               "deploy", "format", "library_version", "source", "source_format")
 
 
 @dataclass(frozen=True)

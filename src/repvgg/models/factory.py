@@ -16,7 +16,8 @@ def create_model(name: str, num_classes: int = 1000, deploy: bool = False, pretr
     ``pretrained``: True loads the published ImageNet weights (Hugging Face Hub, cached), or give a Hub id or a
     checkpoint path (see :func:`repvgg.models.pretrained.load_pretrained`); a model for other classes keeps
     its own new classifier. ``options`` are passed to :class:`RepVGG` (``in_chans``, ``strides``, ``out_indices``,
-    ``aux_weight``, ``branches``, ``block``); ``groups`` overrides the config's grouped-conv setting.
+    ``output_stride``, ``aux_weight``, ``branches``, ``block``); ``groups`` overrides the config's grouped-conv
+    setting. Weights load at any ``output_stride`` (dilation changes no weight).
     ``pretrained=False`` (or None) builds random weights; an empty string is refused, not taken for False.
     """
     if pretrained is False or pretrained is None:

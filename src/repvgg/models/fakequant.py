@@ -66,8 +66,8 @@ class ActivationFakeQuant(nn.Module):
 
 class FakeQuantBlock(RepVGGBlock):
     """A training-time :class:`RepVGGBlock` whose forward is its int8 deploy conv: the fake-quantized equivalent
-    kernel on the fake-quantized input. It shares the block's parameters and state-dict keys, converts like it,
-    and its deploy form runs in float."""
+    kernel on the fake-quantized input (with the block's stride and dilation). It shares the block's parameters and
+    state-dict keys, converts like it, and its deploy form runs in float."""
 
     input_quant: ActivationFakeQuant
 
@@ -87,13 +87,15 @@ class FakeQuantBlock(RepVGGBlock):
         if self.deploy:
             return super().forward(x)
         kernel, bias = self.equivalent_kernel_bias()
-        out = F.conv2d(self.input_quant(x), fake_quant_weight(kernel), bias, self.stride, 1, 1, self.groups)
+        out = F.conv2d(self.input_quant(x), fake_quant_weight(kernel), bias, self.stride, self.dilation, self.dilation,
+                       self.groups)
         return self.post_se(self.nonlinearity(self.se(out)))
 
 
 def prepare_qat(model: nn.Module) -> nn.Module:
-    """Replace every training-time :class:`RepVGGBlock` inside ``model`` (in place) by its
-    :class:`FakeQuantBlock`; returns ``model``. Its state dict and checkpoints stay those of the plain model."""
+    """Replace every training-time :class:`RepVGGBlock` inside ``model`` (any network: a RepVGG, or a segmenter or
+    detector holding RepVGG blocks anywhere) by its :class:`FakeQuantBlock`, in place; the other layers are left
+    alone. Returns ``model``; its state dict and checkpoints stay those of the plain model."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is RepVGGBlock and not child.deploy:

@@ -64,20 +64,21 @@ def _se_params(channels: int, config: RepVGGConfig) -> tuple[int, int]:
 
 
 def architecture_stats(config: RepVGGConfig | str, num_classes: int = 1000, img_size: tuple[int, int] = (224, 224),
-                       in_chans: int = 3, strides: Sequence[int] = (2, 2, 2, 2, 2)) -> ArchitectureStats:
+                       in_chans: int = 3, strides: Sequence[int] = (2, 2, 2, 2, 2),
+                       output_stride: int = 32) -> ArchitectureStats:
     """What :func:`count_params` and :func:`count_macs` measure on the built model, from the config's block shapes
     (tests check both agree on every architecture): a whole model list in milliseconds."""
     config = get_config(config) if isinstance(config, str) else config
-    shapes = config.block_shapes(in_chans, strides)
+    shapes = config.block_shapes(in_chans, strides, output_stride)
     train = deploy = macs = 0
     h, w = img_size
     for b in shapes:
         kernel = b.in_channels // b.groups * b.out_channels  # weights of a 1x1 conv
         se_params, se_macs = _se_params(b.out_channels, config)
-        identity = 2 * b.in_channels if b.in_channels == b.out_channels and b.stride == 1 else 0
+        identity = 2 * b.in_channels if b.identity and b.in_channels == b.out_channels and b.stride == 1 else 0
         train += 10 * kernel + 4 * b.out_channels + identity + se_params  # 3x3 + 1x1 convs, two BNs, identity BN
         deploy += 9 * kernel + b.out_channels + se_params  # one 3x3 conv with bias
-        h, w = (h - 1) // b.stride + 1, (w - 1) // b.stride + 1  # 3x3, padding 1
+        h, w = (h - 1) // b.stride + 1, (w - 1) // b.stride + 1  # 3x3, padding = dilation
         macs += 9 * kernel * h * w + se_macs
     head = (shapes[-1].out_channels + 1) * num_classes
     channels = config.stage_channels

@@ -7,6 +7,7 @@ quantization-aware training as well as the one-off conversion to deploy form.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ __all__ = [
     "reparameterize",
     "is_deploy",
     "relative_difference",
+    "output_difference",
     "randomize_bn",
 ]
 
@@ -92,8 +94,11 @@ def is_deploy(model: nn.Module) -> bool:
 def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Convert every re-parameterizable module inside ``model`` (any network) to its plain deploy form.
 
-    Modules opt in by defining ``switch_to_deploy()``; the outermost are switched first so that models
-    can drop training-only parts (auxiliary heads) before their blocks are fused. Returns ``model`` in eval mode.
+    A module opts in by one of the conventions in use: ``fuse()`` returning the module that replaces it (timm),
+    ``reparameterize()`` converting in place (timm, and this library's blocks), or ``switch_to_deploy()`` (the
+    official RepVGG, mmpretrain, this library). The outermost are converted first, so that models can drop
+    training-only parts (auxiliary heads) before their blocks are fused; other layers are left alone. Returns the
+    converted model in eval mode (a new module when ``model`` itself is replaced by its ``fuse()``).
     """
     if not isinstance(model, nn.Module):
         raise RepVGGError(f"reparameterize needs a torch.nn.Module, got {type(model).__name__}")
@@ -101,10 +106,60 @@ def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
     model.eval()
     with torch.no_grad():
-        for module in list(model.modules()):
-            if hasattr(module, "switch_to_deploy"):
-                module.switch_to_deploy()
+        model = _convert_tree(model)
     return model.eval()
+
+
+def _convert_tree(module: nn.Module) -> nn.Module:
+    """``module`` converted by its own convention, then its children (the converted ones put in their place)."""
+    fuse = getattr(module, "fuse", None)
+    if callable(fuse):
+        module = fuse()
+    else:
+        method = next((getattr(module, n) for n in ("reparameterize", "switch_to_deploy")
+                       if callable(getattr(module, n, None))), None)
+        if method is not None:
+            method()
+    for name, child in list(module.named_children()):
+        converted = _convert_tree(child)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
+
+
+def output_difference(reference: nn.Module, x: Tensor, other: nn.Module | None = None) -> float:
+    """How far ``other`` (default: ``reparameterize(reference)``) is from ``reference`` on input ``x``: the largest
+    :func:`relative_difference` over their output tensors (one, or a list, tuple or dict of them), both run in eval
+    mode without gradients. For any network: a backbone's feature maps, a segmenter's logits, a detector's heads."""
+    other = reparameterize(reference) if other is None else other
+    ref, out = _flat_outputs(reference, x), _flat_outputs(other, x)
+    if len(ref) != len(out) or any(r.shape != o.shape for r, o in zip(ref, out, strict=False)):
+        raise RepVGGError(f"the two models' outputs differ in number or shape: "
+                          f"{[tuple(r.shape) for r in ref]} vs {[tuple(o.shape) for o in out]}")
+    return max(relative_difference(r, o) for r, o in zip(ref, out, strict=True))
+
+
+def _flat_outputs(model: nn.Module, x: Tensor) -> list[Tensor]:
+    """Every tensor ``model`` returns for ``x`` in eval mode (its training mode restored afterwards)."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            output = model.eval()(x)
+    finally:
+        model.train(was_training)
+    tensors, pending = [], [output]
+    while pending:
+        item = pending.pop(0)
+        if isinstance(item, Tensor):
+            tensors.append(item)
+        elif isinstance(item, Mapping | list | tuple):
+            pending[:0] = list(item.values() if isinstance(item, Mapping) else item)
+        else:
+            raise RepVGGError(f"model outputs must be tensors (or lists, tuples or dicts of them), got "
+                              f"{type(item).__name__}")
+    if not tensors:
+        raise RepVGGError("the model returned no tensor")
+    return tensors
 
 
 def randomize_bn(model: nn.Module, generator: torch.Generator | None = None) -> None:
