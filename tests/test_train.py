@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 from imagefolders import PYTHON, REPO, TINY_TRAIN, make_dataset, subprocess_env
@@ -28,7 +29,7 @@ from repvgg.files import TMP_SUFFIX
 from repvgg.models.fakequant import prepare_qat
 from repvgg.training import setup
 from repvgg.training.data import BadImage
-from repvgg.training.loop import Stopper
+from repvgg.training.loop import Stopper, recompute_bn_statistics
 from repvgg.training.options import Callback, TrainOptions
 from repvgg.training.recipes import RECIPES, WarmupCosine, custom_l2_penalty, param_groups, recipe_with
 from repvgg.training.rundir import RunDir
@@ -159,6 +160,56 @@ def test_short_training_run_end_to_end(data: Path, tmp_path: Path, capsys: pytes
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["progress"]["epoch"] == 2 and state["progress"]["step"] == 0 and state["ema"] is not None
     assert main(["plot", str(out)]) == 0 and (out / "curves.png").stat().st_size > 1000
+
+
+def test_bn_statistics_are_recomputed_with_the_weights_as_they_are() -> None:
+    """The plain average of the batch statistics, for the BatchNorms the forward reaches and that are not kept;
+    everything else stays in eval mode and keeps its statistics."""
+    net = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4),
+                        nn.Dropout(0.5))
+    unreached = nn.BatchNorm2d(4)
+    net.add_module("unreached", unreached)
+    net.forward = lambda x: net[3](net[2](net[1](net[0](x))))  # type: ignore[method-assign]
+    for bn in (net[0][1], net[2], unreached):
+        bn.running_mean.fill_(5.0)
+        bn.running_var.fill_(9.0)
+    batches = [torch.randn(6, 3, 4, 4) * 3 + 1, torch.randn(10, 3, 4, 4)]
+    with torch.no_grad():
+        inputs = [net[1](net[0].eval()(x)) for x in batches]
+    assert recompute_bn_statistics(net, batches, keep=["0"]) == 16
+    torch.testing.assert_close(net[2].running_mean, sum(h.mean((0, 2, 3)) for h in inputs) / 2)
+    torch.testing.assert_close(net[2].running_var, sum(h.var((0, 2, 3)) for h in inputs) / 2)
+    for bn in (net[0][1], unreached):
+        assert bn.running_mean.eq(5.0).all() and bn.running_var.eq(9.0).all()
+    assert net[2].momentum == 0.1 and not any(m.training for m in net.modules())
+    assert recompute_bn_statistics(nn.Sequential(nn.Conv2d(3, 4, 1)), batches) == 0  # no BatchNorm to update
+
+
+def test_a_short_run_saves_the_batchnorm_statistics_of_its_final_weights(tmp_path: Path) -> None:
+    """Six steps, all warm-up: the running statistics still describe earlier weights (and their initial 0 and 1),
+    and in eval mode the mismatch compounds to a validation loss in the hundreds at chance top-1, while the
+    training loss is about 1. The final models get statistics recomputed with the final weights, and the run says
+    so with both top-1s."""
+    logs: list[str] = []
+    recipe = dataclasses.replace(TINY, warmup_epochs=2)
+    summary = train(_opts(tmp_path / "run", recipe, log=logs.append), Noisy(), VAL, CLASSES)
+    assert "warning: the 2-epoch warm-up spans the whole 2-epoch run: the learning rate ends at its peak" in logs[0]
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    running = create_model("repvgg_a0", num_classes=3, strides=TINY.strides)
+    running.load_state_dict(state)
+    final, _ = model_from_checkpoint(tmp_path / "run" / "model.pth")
+    assert all(torch.equal(v, state[k]) for k, v in final.state_dict().items() if "running" not in k
+               and "num_batches" not in k)
+    x, y = torch.stack([image for image, _ in VAL]), torch.tensor([target for _, target in VAL])
+    with torch.no_grad():
+        loss = {name: nn.functional.cross_entropy(net.eval()(x), y).item()
+                for name, net in (("running", running), ("final", final))}
+    assert loss["final"] < 2 and loss["running"] > 100
+    assert summary["bn_statistics_images"] == 24
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["running_statistics_top1"] == row["val_top1"]
+    assert (f"BatchNorm statistics of the final weights recomputed over 24 training images: top-1 "
+            f"{summary['train_top1']:.2f}% (with the running statistics of training: {row['val_top1']:.2f}%)") in logs
 
 
 def test_resume_of_a_model_file_or_a_code_pickle_is_refused(tmp_path: Path) -> None:
@@ -410,9 +461,10 @@ def test_fine_tuning_replaces_the_classifier_freezes_stages_and_scales_the_backb
     assert any("replaced its 7-class classifier by a new 3-class one" in line for line in logs)
     tuned = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     before = source.state_dict()
+    final = model_from_checkpoint(tmp_path / "run" / "model.pth")[0].state_dict()
     for key, value in tuned["model"].items():
         if key.startswith(("stage0.", "stage1.")):
-            assert torch.equal(value, before[key]), key  # weights and BN statistics kept
+            assert torch.equal(value, before[key]) and torch.equal(final[key], before[key]), key  # all kept
     assert not torch.equal(tuned["model"]["stage2.0.rbr_dense.conv.weight"], before["stage2.0.rbr_dense.conv.weight"])
     lrs = {round(g["initial_lr"], 6) for g in tuned["optimizer"]["param_groups"]}
     assert lrs == {round(0.2 * 8 / 256, 6), round(0.1 * 0.2 * 8 / 256, 6)}

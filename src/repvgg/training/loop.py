@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import math
 import os
@@ -18,12 +19,13 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from tqdm import tqdm
@@ -44,9 +46,11 @@ from .rundir import RunDir
 from .sampling import SeededSamples, ShardSampler
 from .state import Progress, RunState
 
-__all__ = ["TrainStep", "Stopper", "Run", "train_one_epoch", "end_of_epoch", "evaluate_sharded", "finish"]
+__all__ = ["TrainStep", "Stopper", "Run", "train_one_epoch", "end_of_epoch", "evaluate_sharded", "finish",
+           "recompute_bn_statistics"]
 
 LR_SAMPLES_PER_EPOCH = 50
+BN_STATISTICS_IMAGES = 10_000  # training images (at most one epoch) the final BatchNorm statistics average over
 
 
 class TrainStep:
@@ -365,26 +369,96 @@ def evaluate_sharded(run: Run, model: nn.Module) -> EvalResult:
     return result
 
 
+@torch.no_grad()
+def recompute_bn_statistics(model: nn.Module, batches: Iterable[Tensor], keep: Sequence[str] = ()) -> int:
+    """Set the running statistics of every BatchNorm that ``model``'s forward reaches to their plain average over
+    ``batches``, computed with the weights as they are; BatchNorms under the module names in ``keep`` are left alone.
+    Returns the images averaged over (0 when no BatchNorm was reached).
+
+    Training's running statistics are a moving average over the last steps: when the weights still moved fast at
+    the end (a run ending at its peak learning rate), they describe earlier weights, and in eval mode the mismatch
+    compounds layer after layer. Unlike torch's ``update_bn``, the rest of the model stays in eval mode and a
+    BatchNorm the forward never reaches (QAT blocks fold theirs) keeps its statistics."""
+    norms = {m: [b.clone() for b in m.buffers()] for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+             and not any(name == k or name.startswith(k + ".") for k in keep)}
+    reached: set[nn.Module] = set()
+    hooks = [m.register_forward_hook(lambda m, *_: reached.add(m)) for m in norms]
+    momenta = {m: m.momentum for m in norms}
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average
+        m.train()
+    seen = 0
+    try:
+        for images in batches:
+            model(images)
+            seen += len(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, saved in norms.items():
+            m.momentum = momenta[m]
+            m.eval()
+            if m not in reached:
+                for buffer, value in zip(m.buffers(), saved, strict=True):
+                    buffer.copy_(value)
+    return seen if reached else 0
+
+
+def _final_bn_statistics(run: Run, model: nn.Module) -> int:
+    """Recompute ``model``'s BatchNorm statistics (frozen stages excepted) over up to ``BN_STATISTICS_IMAGES``
+    training images with the training augmentation, each process on its shard, then weighted over processes;
+    returns the images used."""
+    p, d = run.progress, run.d
+    sampler = DistributedSampler(run.train_set, num_replicas=d.world, rank=d.rank, shuffle=True, seed=run.opts.seed,
+                                 drop_last=True)
+    sampler.set_epoch(p.epoch)
+    run.train_set.set_epoch(p.epoch)
+    steps = min(run.steps_per_epoch, math.ceil(BN_STATISTICS_IMAGES / (run.per_rank * d.world)))
+    loader = itertools.islice(run.loader(run.train_set, sampler, drop_last=True), steps)
+    batches = (b.images.to(run.device).contiguous(memory_format=torch.channels_last if run.step_fn.channels_last
+                                                  else torch.contiguous_format) for b in loader if len(b))
+    keep = [name for name, m in run.raw.named_modules() if any(m is f for f in run.frozen)]
+    with run.step_fn.autocast():
+        seen = recompute_bn_statistics(model, batches, keep)
+    total = int(d.all_sum([seen], run.device)[0])
+    if d.world > 1 and total:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                for buffer in (m.running_mean, m.running_var):
+                    buffer.mul_(seen / total)
+                    dist.all_reduce(buffer)
+    return total
+
+
 def finish(run: Run) -> dict[str, Any]:
-    """Save the final training-time and deploy models, evaluate both (reusing the last epoch's evaluation of the
-    final weights when there is one), write summary.json, and return the summary."""
+    """Recompute the final weights' BatchNorm statistics, save the final training-time and deploy models, evaluate
+    both, write summary.json, and return the summary."""
     p, d = run.progress, run.d
     final = plain_bn(copy.deepcopy(run.state.ema.module if run.state.ema is not None else run.raw)).eval()
     if isinstance(final, RepVGG):
         final.set_grad_checkpointing(False)
     if not all(bool(t.isfinite().all()) for t in final.state_dict().values() if t.is_floating_point()):
         raise RepVGGError("the trained weights hold NaN or infinite values; nothing final was written")
+    running = p.last_eval["top1"] if p.last_eval and p.last_eval["epoch"] == p.epoch else None
+    bn_images = _final_bn_statistics(run, final)
     deploy = reparameterize(final)
-    last = p.last_eval if p.last_eval and p.last_eval["epoch"] == p.epoch else None
-    train_eval = last or _eval_dict(evaluate_sharded(run, final))
+    train_eval = _eval_dict(evaluate_sharded(run, final))
     deploy_eval = _eval_dict(evaluate_sharded(run, deploy))
     out = run.rundir
     summary = dict(model=run.opts.model, recipe=run.opts.recipe.name, epochs=p.epoch, wall_time_s=run.elapsed(),
                    processes=d.world, skipped_images=p.skipped_total,
-                   weights="ema" if run.state.ema is not None else "last",
+                   weights="ema" if run.state.ema is not None else "last", bn_statistics_images=bn_images,
+                   running_statistics_top1=running,
                    train_top1=train_eval["top1"], train_top5=train_eval["top5"], deploy_top1=deploy_eval["top1"],
                    deploy_top5=deploy_eval["top5"], top1_difference=abs(train_eval["top1"] - deploy_eval["top1"]),
                    checkpoint=str(out.model), deploy_checkpoint=str(out.deploy))
+    if bn_images:
+        was = f" (with the running statistics of training: {running:.2f}%)" if running is not None else ""
+        run.log(f"BatchNorm statistics of the final weights recomputed over {bn_images} training images: top-1 "
+                f"{train_eval['top1']:.2f}%{was}")
     if d.main:
         save_checkpoint(final, out.model, epochs=p.epoch, top1=summary["train_top1"], **run.checkpoint_meta)
         save_checkpoint(deploy, out.deploy, epochs=p.epoch, top1=summary["deploy_top1"], **run.checkpoint_meta)

@@ -75,6 +75,9 @@ def setup_run(opts: TrainOptions, train_set: Dataset | None = None, val_set: Dat
                           f"lower --batch-size")
     log = opts.log if d.main else (lambda s: None)
     _warn_small_images(train_set, r, log)
+    if r.warmup_epochs >= r.epochs:
+        log(f"warning: the {r.warmup_epochs:g}-epoch warm-up spans the whole {r.epochs}-epoch run: the learning rate "
+            f"ends at its peak instead of decaying (lower --warmup-epochs or raise --epochs)")
     saved = _saved_state(opts, device, log)
     saved_mode = _resumed_mode(opts, *saved, device, log) if saved is not None else None
     torch.manual_seed(opts.seed + d.rank)
