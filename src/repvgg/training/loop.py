@@ -34,7 +34,7 @@ from ..errors import Interrupted, RepVGGError
 from ..files import atomic_write
 from ..models.architectures import RepVGG
 from ..models.checkpoints import save_checkpoint
-from ..models.reparam import reparameterize
+from ..models.reparam import is_batchnorm, reparameterize
 from .data import Batch, check_bad, collate
 from .device import AmpMode, autocast, check_amp
 from .distributed import Dist, plain_bn
@@ -380,7 +380,7 @@ def recompute_bn_statistics(model: nn.Module, batches: Iterable[Tensor], keep: S
     compounds layer after layer. Unlike torch's ``update_bn``, the rest of the model stays in eval mode and a
     BatchNorm the forward never reaches (QAT blocks fold theirs) keeps its statistics."""
     norms = {m: [b.clone() for b in m.buffers()] for name, m in model.named_modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+             if is_batchnorm(m) and m.track_running_stats
              and not any(name == k or name.startswith(k + ".") for k in keep)}
     reached: set[nn.Module] = set()
     hooks = [m.register_forward_hook(lambda m, *_: reached.add(m)) for m in norms]
@@ -426,7 +426,7 @@ def _final_bn_statistics(run: Run, model: nn.Module) -> int:
     total = int(d.all_sum([seen], run.device)[0])
     if d.world > 1 and total:
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            if is_batchnorm(m) and m.track_running_stats:
                 for buffer in (m.running_mean, m.running_var):
                     buffer.mul_(seen / total)
                     dist.all_reduce(buffer)
