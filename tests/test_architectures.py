@@ -11,7 +11,16 @@ import torch
 from torch import nn
 
 from conftest import trained_looking
-from repvgg import RepVGG, RepVGGBlock, RepVGGError, SqueezeExcite, create_model, list_models, reparameterize
+from repvgg import (
+    RepVGG,
+    RepVGGBlock,
+    RepVGGError,
+    SqueezeExcite,
+    create_model,
+    list_models,
+    reparameterize,
+    save_checkpoint,
+)
 from repvgg.models.architectures import AuxHead, get_config
 from repvgg.models.profile import count_params
 from repvgg.models.reparam import relative_difference
@@ -215,3 +224,51 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         model(x).sum().backward()
         grads.append(model.stage1[0].rbr_dense.conv.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_list_models_filters_like_timm() -> None:
+    assert list_models("*b1*") == ["repvgg_b1", "repvgg_b1g2", "repvgg_b1g4"]
+    assert list_models("*b1*", pretrained=True) == ["repvgg_b1", "repvgg_b1g4"]  # B1g2: official release file only
+    assert list_models(["RepVGG-A*", "*d2se"]) == ["repvgg_a0", "repvgg_a1", "repvgg_a2", "repvgg_d2se"]
+    assert list_models(pretrained=True) == [n for n in list_models() if n not in
+                                           ("repvgg_b1g2", "repvgg_b2g2", "repvgg_b3g2", "repvggplus_l2pse")]
+    assert list_models("resnet*") == []
+
+
+@pytest.mark.parametrize("deploy", [False, True])
+def test_features_only_returns_every_stage_or_out_indices(deploy: bool) -> None:
+    model = create_model("repvgg_a0", features_only=True, deploy=deploy).eval()
+    feats = model(torch.randn(1, 3, 64, 96))
+    assert [f.shape[1] for f in feats] == model.feature_info.channels() == [48, 48, 96, 192, 1280]
+    assert [96 // f.shape[-1] for f in feats] == model.feature_info.reduction() == [2, 4, 8, 16, 32]
+    assert model.num_classes == 0 and isinstance(model.get_classifier(), nn.Identity)
+    picked = create_model("repvgg_a0", features_only=True, out_indices=(2, 4), deploy=deploy).eval()
+    picked.load_state_dict(model.state_dict())
+    out = picked(torch.randn(1, 3, 64, 96))
+    assert picked.feature_info.channels() == [96, 1280] and [f.shape[1] for f in out] == [96, 1280]
+    assert len(picked.feature_info) == 5 and picked.feature_info[3]["num_chs"] == 192  # every stage, as before
+
+
+def test_features_only_loads_pretrained_weights_into_the_backbone(tmp_path) -> None:
+    source = trained_looking(create_model("repvgg_a0", num_classes=5))
+    save_checkpoint(source, tmp_path / "a0.pth")
+    backbone = create_model("repvgg_a0", pretrained=str(tmp_path / "a0.pth"), features_only=True).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(backbone(x)[-1], source.forward_features(x))
+
+
+def test_get_classifier_is_the_linear_head() -> None:
+    model = create_model("repvgg_a0", num_classes=7)
+    assert model.get_classifier() is model.linear and model.get_classifier().out_features == 7
+    model.reset_classifier(3)
+    assert model.get_classifier().out_features == 3
+
+
+def test_drop_path_and_dropout_are_refused_not_ignored() -> None:
+    with pytest.raises(RepVGGError, match=r"drop_path_rate=0\.1 is not supported: RepVGG has no drop-path"):
+        create_model("repvgg_a0", drop_path_rate=0.1)
+    with pytest.raises(RepVGGError, match=r"drop_rate=0\.2 is not supported: RepVGG has no dropout"):
+        create_model("repvgg_a0", drop_rate=0.2)
+    model = create_model("repvgg_a0", num_classes=2, drop_path_rate=0.0, drop_rate=0)  # asking for nothing is fine
+    assert model.num_classes == 2

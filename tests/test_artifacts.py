@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import trained_looking
 from imagefolders import make_dataset
-from repvgg import __version__, create_model, save_checkpoint
+from repvgg import __version__, create_model, resolve_data_config, save_checkpoint
 from repvgg.cli import main
 from repvgg.deploy.artifacts import artifact_format, read_artifact_metadata
 from repvgg.deploy.formats import onnx_bytes
@@ -148,3 +148,14 @@ def test_a_corrupt_model_file_is_one_line(suffix: str, tmp_path: Path, capsys: p
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"{bad} is not a readable" in err[0], (argv, err)
+
+
+def test_info_tells_what_an_exported_file_carries(artifacts: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    """`repvgg info a0.onnx`: the file's own format (not the metadata's schema name) and the carried metadata."""
+    for fmt, path in artifacts.items():
+        assert main(["info", str(path)]) == 0
+        rows = dict(line.strip().split(": ", 1) for line in capsys.readouterr().out.splitlines())
+        assert rows["format"] == fmt and rows["architecture"] == "repvgg_a0" and rows["num_classes"] == "3"
+        assert rows["class_names"] == str(CLASSES) and rows["library_version"] == __version__
+        assert rows["files"] == str([str(path), str(path.with_suffix(".bin"))] if fmt == "openvino" else [str(path)])
+        assert resolve_data_config(open_artifact(path)) == {**PREPROCESS, "crop": 16, "resize": 16}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,8 +12,10 @@ import pytest
 import torch
 
 from conftest import trained_looking
+from imagefolders import make_dataset
 from repvgg import create_model, list_models, model_from_checkpoint, save_checkpoint
 from repvgg.cli import main
+from repvgg.deploy.export import default_export_path
 from repvgg.models import ConvertResult, convert_checkpoint, describe_checkpoint, relative_difference
 
 
@@ -149,3 +152,48 @@ def test_options_may_stand_among_the_positionals(tmp_path, capsys) -> None:
                  str(tmp_path / "y.png"), "--top", "1"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0] == "engine: torch" and f"{tmp_path / 'y.png'}:" in out and out.count("%") == 2
+
+
+def test_eval_takes_the_checkpoint_positionally_like_every_command(tmp_path, capsys) -> None:
+    """`repvgg eval CKPT --data DIR`, as predict, export, info and bench take it; --checkpoint still works."""
+    data = make_dataset(tmp_path / "data", train=1, val=2)
+    ckpt = tmp_path / "m.pth"
+    save_checkpoint(trained_looking(create_model("repvgg_a0", num_classes=3)), ckpt,
+                    class_names=["class0", "class1", "class2"], preprocess={"resize": 16, "crop": 16})
+    results = []
+    for how in ([str(ckpt)], ["--checkpoint", str(ckpt)], [str(ckpt), "--checkpoint", str(ckpt)]):
+        out = tmp_path / f"{len(results)}.json"
+        assert main(["eval", *how, "--data", str(data), "--workers", "0", "--json", str(out)]) == 0
+        results.append(json.loads(out.read_text()))
+    assert results[0]["checkpoint"] == str(ckpt) and results[0]["images"] == 6
+    assert results[0]["top1"] == results[1]["top1"] == results[2]["top1"]
+    capsys.readouterr()
+    assert main(["eval", str(ckpt), "--checkpoint", str(tmp_path / "other.pth"), "--data", str(data)]) == 2
+    assert f"two model files given, {ckpt} and --checkpoint {tmp_path / 'other.pth'}: name one" in \
+        capsys.readouterr().err
+
+
+def test_export_writes_beside_the_checkpoint_by_default(tmp_path, capsys) -> None:
+    ckpt = tmp_path / "runs" / "model.pt"  # a checkpoint named like a TorchScript file
+    ckpt.parent.mkdir()
+    save_checkpoint(create_model("repvgg_a0", num_classes=3), ckpt, preprocess={"resize": 16, "crop": 16})
+    assert main(["export", str(ckpt), "--format", "torchscript"]) == 0
+    assert f"-> {tmp_path / 'runs' / 'model.torchscript.pt'} (torchscript" in capsys.readouterr().out
+    assert main(["export", str(ckpt), "--format", "torchscript"]) == 2  # the next run keeps it: --overwrite
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_default_export_names() -> None:
+    assert default_export_path("repvgg_a0", "onnx") == Path("repvgg_a0.onnx")  # published weights: current folder
+    assert default_export_path("RepVGG-A0", "openvino") == Path("repvgg_a0.xml")
+    assert default_export_path("timm/repvgg_b1.rvgg_in1k", "torchscript") == Path("repvgg_b1.rvgg_in1k.pt")
+
+
+def test_default_export_name_is_never_the_source(tmp_path) -> None:
+    for name in ("a0.pth", "pytorch_model.bin", "m.pt"):
+        (tmp_path / name).write_bytes(b"")
+    assert default_export_path(tmp_path / "a0.pth", "onnx") == tmp_path / "a0.onnx"
+    assert default_export_path(tmp_path / "a0.pth", "openvino") == tmp_path / "a0.xml"
+    # the IR's .bin would replace timm's pytorch_model.bin; TorchScript's .pt the checkpoint itself
+    assert default_export_path(tmp_path / "pytorch_model.bin", "openvino") == tmp_path / "pytorch_model.openvino.xml"
+    assert default_export_path(tmp_path / "m.pt", "torchscript") == tmp_path / "m.torchscript.pt"

@@ -3,7 +3,9 @@ and bad input."""
 
 from __future__ import annotations
 
+import csv
 import importlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from conftest import trained_looking
 from repvgg import create_model, save_checkpoint
 from repvgg.cli import main
 from repvgg.deploy.engines import ENGINES, available_engines, class_names_for, create_engine
-from repvgg.deploy.predict import predict
+from repvgg.deploy.predict import image_files, predict
 from repvgg.deploy.probe import fastest_engine
 
 CLASSES = ["ant", "bee", "cat", "dog", "eel", "fox"]
@@ -127,3 +129,61 @@ def test_bad_predict_input(ckpt, images, tmp_path, capsys, monkeypatch) -> None:
     assert main(["predict", str(ckpt), images[0], "--engine", "openvino"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install 'repvgg[openvino]'" in err
+
+
+def test_image_files_expands_folders_and_patterns(tmp_path, monkeypatch) -> None:
+    for name in ("b/2.png", "b/deep/1.JPG", "a.png", "b/notes.txt", "c/3.webp"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert image_files(["b"]) == ["b/2.png", "b/deep/1.JPG"]  # recursive, sorted, image kinds only
+    assert image_files(["*.png", "c/*", "b/**/*.JPG"]) == ["a.png", "c/3.webp", "b/deep/1.JPG"]
+    assert image_files(["*"]) == ["a.png", "b/2.png", "b/deep/1.JPG", "c/3.webp"]  # folders matched: searched
+    assert image_files(["a.png", "b", "*.png"]) == ["a.png", "b/2.png", "b/deep/1.JPG"]  # each file once
+    assert image_files(["missing.png"]) == ["missing.png"]  # reading it names the problem
+    with pytest.raises(repvgg.RepVGGError, match=r"no image file matches x/\*\.jpg"):
+        image_files(["x/*.jpg"])
+    with pytest.raises(repvgg.RepVGGError, match="no image files in the folder empty"):
+        image_files(["empty"])
+
+
+def test_predict_reads_folders_and_patterns_and_saves_json_and_csv(ckpt, images, tmp_path, capsys) -> None:
+    folder = Path(images[0]).parent
+    (folder / "notes.txt").write_text("not an image")
+    out_json, out_csv = tmp_path / "top.json", tmp_path / "top.csv"
+    argv = ["predict", str(ckpt), str(folder), str(folder / "img1.*"), "--engine", "torch", "--top", "2"]
+    assert main([*argv, "--json", str(out_json), "--csv", str(out_csv)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2:] == [f"results -> {out_json}", f"results -> {out_csv}"]
+    printed = parse("\n".join(out[:-2]))
+    assert list(printed) == images  # the folder's images (the .txt left out); img1 through the pattern only once
+    saved = json.loads(out_json.read_text())
+    assert saved["model"] == str(ckpt) and saved["engine"] == "torch"
+    assert [row["path"] for row in saved["images"]] == images
+    for row in saved["images"]:
+        assert [t["class"] for t in row["top"]] == [name for name, _ in printed[row["path"]]]
+        assert [t["probability"] for t in row["top"]] == pytest.approx([p for _, p in printed[row["path"]]], abs=1e-4)
+    rows = list(csv.reader(out_csv.open()))
+    assert rows[0] == ["path", "class_1", "probability_1", "class_2", "probability_2"]
+    direct = predict(repvgg.reparameterize(repvgg.model_from_checkpoint(ckpt)[0]), images, "torch",
+                     repvgg.read_checkpoint(ckpt).metadata, topk=2, batch_size=2)  # in two batches
+    for row, top in zip(rows[1:], direct, strict=True):
+        assert row[1::2] == [name for name, _ in top]
+        assert [float(p) for p in row[2::2]] == pytest.approx([p for _, p in top], abs=1e-6)
+    assert main([*argv, "--json", str(out_json)]) == 2  # an existing result file is kept without --overwrite
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*argv, "--csv", images[1]]) == 2  # nor is an input image ever written over
+    assert f"is the same file as the input {images[1]}" in capsys.readouterr().err
+
+
+def test_with_pretrained_every_positional_is_an_image(ckpt, images, capsys) -> None:
+    assert main(["predict", "--pretrained", str(ckpt), *images[:2], "--engine", "torch"]) == 0
+    assert list(parse(capsys.readouterr().out)) == images[:2]
+    assert main(["predict", images[0]]) == 2
+    assert "is an image, not a model: name a checkpoint or exported file first, or use --pretrained" in \
+        capsys.readouterr().err
+    assert main(["predict"]) == 2
+    assert "no model given" in capsys.readouterr().err
+    assert main(["predict", str(ckpt)]) == 2
+    assert "no images given" in capsys.readouterr().err

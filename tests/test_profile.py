@@ -31,3 +31,15 @@ def test_headless_and_custom_configs() -> None:
         assert (stats.train_params, stats.deploy_params) == (count_params(train), count_params(deploy))
         assert stats.macs == count_macs(deploy, (32, 32))
     assert architecture_stats("RepVGG-A0").deploy_params == 8_309_384  # the paper's 8.30M, truncated
+
+
+def test_quantization_aware_blocks_count_as_the_conv_they_run() -> None:
+    """A quantization-aware block runs its fused kernel through a functional conv, which module hooks never saw: its
+    MACs counted 0 and QAT's epoch line read '0% of the float32 matmul rate'."""
+    from repvgg.models.fakequant import prepare_qat
+    from repvgg.models.reparam import reparameterize
+
+    model = create_model("repvgg_a0", num_classes=10, strides=(1, 1, 2, 2, 2))
+    deploy_macs = count_macs(reparameterize(model), (32, 32))
+    assert count_macs(prepare_qat(model), (32, 32)) == deploy_macs == architecture_stats(
+        "repvgg_a0", 10, (32, 32), strides=(1, 1, 2, 2, 2)).macs

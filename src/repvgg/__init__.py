@@ -11,13 +11,14 @@ from .errors import RepVGGError
 
 # public name -> the module that defines it
 _LAZY = {
-    "RepVGG": "models.architectures", "RepVGGConfig": "models.architectures", "list_models": "models.architectures",
+    "RepVGG": "models.architectures", "RepVGGConfig": "models.architectures",
     "RepVGGBlock": "models.blocks", "SqueezeExcite": "models.blocks",
     "describe_checkpoint": "models.checkpoints", "load_checkpoint": "models.checkpoints",
     "model_from_checkpoint": "models.checkpoints", "read_checkpoint": "models.checkpoints",
     "save_checkpoint": "models.checkpoints",
     "ConvertResult": "models.convert", "convert_checkpoint": "models.convert",
-    "create_model": "models.factory",
+    "create_model": "models.factory", "list_models": "models.factory",
+    "create_transform": "models.preprocess", "resolve_data_config": "models.preprocess",
     "output_difference": "models.reparam", "relative_difference": "models.reparam", "reparameterize": "models.reparam",
     "create_engine": "deploy.engines", "fastest_engine": "deploy.probe", "predict": "deploy.predict",
     "export_model": "deploy.export",

@@ -11,7 +11,7 @@ from ..errors import RepVGGError
 from ..files import check_output_path
 
 __all__ = ["DefaultsFormatter", "HelpFormatter", "PRETRAINED_HELP", "positive_int", "nonneg_int", "positive_float",
-           "nonneg_float", "prob_float", "output_file", "figure_file"]
+           "nonneg_float", "prob_float", "output_file", "figure_file", "add_checkpoint", "checkpoint_of"]
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -109,3 +109,18 @@ def figure_file(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not an image file name: use one of "
                                          f"{', '.join(FIGURE_SUFFIXES)}")
     return output_file(text)
+
+
+def add_checkpoint(p: argparse.ArgumentParser, help_text: str) -> None:
+    """The model file a command reads, positionally as every command takes it (``repvgg eval CKPT``) or with
+    ``--checkpoint``; :func:`checkpoint_of` reads it back."""
+    p.add_argument("checkpoint_path", nargs="?", metavar="CHECKPOINT", help=help_text)
+    p.add_argument("--checkpoint", metavar="FILE", help="the same file as an option (either form)")
+
+
+def checkpoint_of(args: argparse.Namespace) -> str | None:
+    """The file of :func:`add_checkpoint`, given either way; two different files are an error."""
+    given, option = args.checkpoint_path, args.checkpoint
+    if given and option and given != option:
+        raise RepVGGError(f"two model files given, {given} and --checkpoint {option}: name one")
+    return given or option

@@ -11,13 +11,13 @@ from dataclasses import asdict
 from typing import Any
 
 from ..files import Outputs, atomic_write
-from .args import PRETRAINED_HELP, figure_file, nonneg_int, output_file, positive_int
+from .args import PRETRAINED_HELP, add_checkpoint, checkpoint_of, figure_file, nonneg_int, output_file, positive_int
 
 WRITES = True
 
 
 def inputs(args: argparse.Namespace) -> list[str | None]:
-    return [args.checkpoint, args.pretrained]
+    return [checkpoint_of(args), args.pretrained]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,9 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--data", required=True, help="folder with val/ or test/ class folders (or archives of them), "
                    "or a class-folder root itself")
-    p.add_argument("--pretrained", metavar="WEIGHTS", help=PRETRAINED_HELP + "; instead of --checkpoint")
-    p.add_argument("--checkpoint", help="training-time or deploy checkpoint (this library's, official, timm or "
-                   "mmpretrain), or an exported .onnx/.xml/TorchScript file")
+    add_checkpoint(p, "training-time or deploy checkpoint (this library's, official, timm or mmpretrain), or an "
+                      "exported .onnx/.xml/TorchScript file")
+    p.add_argument("--pretrained", metavar="WEIGHTS", help=PRETRAINED_HELP + "; instead of CHECKPOINT")
     p.add_argument("--model", help="architecture, for files without metadata")
     p.add_argument("--split", help="sub-folder to evaluate (default val, then test)")
     p.add_argument("--img-size", type=positive_int, help="override the checkpoint's crop size")
@@ -71,10 +71,11 @@ def run(args: argparse.Namespace, outputs: Outputs) -> None:
 
     json_out = outputs.file(args.json, "--json") if args.json else None
     confusion_out = outputs.file(args.confusion, "--confusion") if args.confusion else None
-    if bool(args.checkpoint) == bool(args.pretrained):
-        raise RepVGGError("give --checkpoint or --pretrained (one of the two)")
-    model, ckpt = load_model_source(args.checkpoint, args.model, args.pretrained)
-    name = label(args.checkpoint, args.pretrained)
+    checkpoint = checkpoint_of(args)
+    if bool(checkpoint) == bool(args.pretrained):
+        raise RepVGGError("give a checkpoint (CHECKPOINT or --checkpoint) or --pretrained (one of the two)")
+    model, ckpt = load_model_source(checkpoint, args.model, args.pretrained)
+    name = label(checkpoint, args.pretrained)
     settings = settings_from_args(args, confusion=bool(args.per_class or args.confusion))
     try:
         done = evaluate_folder(model, ckpt.metadata, settings, progress=True, report=tqdm.write)

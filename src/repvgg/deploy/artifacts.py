@@ -118,5 +118,5 @@ def describe_artifact(path: str | os.PathLike) -> dict[str, Any] | None:
         raise RepVGGError(f"model file not found: {path}")
     files = [str(f) for f in companions(path)]
     size = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
-    return {"file": str(path), "format": fmt, "files": files, "size_mb": round(size / 2**20, 2),
-            **read_artifact_metadata(path, fmt)}
+    carried = {k: v for k, v in read_artifact_metadata(path, fmt).items() if k != "format"}  # "repvgg": its schema
+    return {"file": str(path), "format": fmt, "files": files, "size_mb": round(size / 2**20, 2), **carried}

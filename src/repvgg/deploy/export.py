@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import RepVGGError
-from ..files import atomic_write
+from ..files import atomic_write, companions
 from ..models.profile import input_channels
 from ..models.reparam import relative_difference
 from ..optional import require
@@ -24,7 +24,7 @@ from .artifacts import METADATA_KEY, TORCHSCRIPT_EXTRA, artifact_metadata, with_
 from .engines import FORMATS, load_artifact
 from .formats import onnx_bytes, save_openvino, single_output, to_openvino, to_torchscript, torchscript_bytes
 
-__all__ = ["ExportResult", "check_export_path", "export_model"]
+__all__ = ["ExportResult", "check_export_path", "default_export_path", "export_model"]
 
 
 
@@ -89,6 +89,25 @@ def check_export_path(out: str | os.PathLike, fmt: str) -> Path:
     out = Path(out)
     if fmt == "openvino" and out.suffix != ".xml":
         raise RepVGGError(f"OpenVINO output must end in .xml (a .bin is written beside it), got {out}")
+    return out
+
+
+def default_export_path(source: str | os.PathLike, fmt: str) -> Path:
+    """Where ``repvgg export`` writes when no ``--out`` is given: beside a checkpoint file, named after it with
+    ``fmt``'s suffix (``runs/x/model.pth`` -> ``runs/x/model.onnx``); for published weights named by model or Hub id,
+    in the current folder after their name (``repvgg_a0.onnx``). When that name, or its companion (an IR's ``.bin``),
+    would be the source itself (``model.pt`` to TorchScript, ``pytorch_model.bin`` to OpenVINO), the format's name
+    goes before the suffix (``model.torchscript.pt``)."""
+    if fmt not in FORMATS:
+        raise RepVGGError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    path = Path(source)
+    if path.is_file():
+        stem = path.parent / path.stem
+    else:  # a model name or a Hub id (timm/repvgg_a0.rvgg_in1k)
+        stem = Path(path.name.replace("-", "_").lower() if "/" not in str(source) else path.name)
+    out = stem.with_name(stem.name + FORMATS[fmt])
+    if any(os.path.realpath(f) == os.path.realpath(path) for f in companions(out)):
+        out = stem.with_name(f"{stem.name}.{fmt}{FORMATS[fmt]}")
     return out
 
 

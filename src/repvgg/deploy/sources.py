@@ -51,6 +51,7 @@ class Artifact:
     engine: str
     metadata: dict[str, Any]
     path: str
+    batch_limit: int | None = None  # the fixed batch size it was exported with (larger batches run in chunks)
 
 
 def open_artifact(path: str | os.PathLike, engine: str | None = None, batch_size: int = 1) -> Artifact:
@@ -72,7 +73,7 @@ def open_artifact(path: str | os.PathLike, engine: str | None = None, batch_size
         raise RepVGGError(f"{path} is {fmt}: it runs on {' or '.join(engines)}, not {engine}")
     run = load_artifact(path, "openvino" if engine == "openvino" else fmt, batch_size)
     limit = _batch_limit(run)
-    return Artifact(_in_chunks(run, limit) if limit else run, fmt, engine, metadata, path)
+    return Artifact(_in_chunks(run, limit) if limit else run, fmt, engine, metadata, path, limit)
 
 
 class ArtifactModel(nn.Module):

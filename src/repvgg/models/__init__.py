@@ -1,6 +1,6 @@
 """Phase 1, models and conversion: blocks, architectures as data, exact re-parameterization, checkpoints."""
 
-from .architectures import MODEL_CONFIGS, RepVGG, RepVGGConfig, build_model, list_models
+from .architectures import MODEL_CONFIGS, RepVGG, RepVGGConfig, build_model
 from .blocks import RepVGGBlock, SqueezeExcite
 from .checkpoints import (
     describe_checkpoint,
@@ -10,10 +10,11 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .convert import ConvertResult, convert_checkpoint
-from .factory import create_model
+from .factory import create_model, list_models
+from .preprocess import create_transform, resolve_data_config
 from .reparam import output_difference, relative_difference, reparameterize
 
 __all__ = ["MODEL_CONFIGS", "ConvertResult", "build_model", "RepVGG", "RepVGGBlock", "RepVGGConfig", "SqueezeExcite",
-           "convert_checkpoint", "create_model", "describe_checkpoint", "list_models", "load_checkpoint",
-           "model_from_checkpoint", "output_difference", "read_checkpoint", "relative_difference", "reparameterize",
-           "save_checkpoint"]
+           "convert_checkpoint", "create_model", "create_transform", "describe_checkpoint", "list_models",
+           "load_checkpoint", "model_from_checkpoint", "output_difference", "read_checkpoint", "relative_difference",
+           "reparameterize", "resolve_data_config", "save_checkpoint"]

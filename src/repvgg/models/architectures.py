@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import math
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from numbers import Real
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -18,8 +20,8 @@ from ..errors import RepVGGError
 from .blocks import BLOCK_KINDS, BRANCHES, BlockKind, Branches, RepVGGBlock, SEPosition, check_int, is_int
 from .reparam import is_batchnorm
 
-__all__ = ["RepVGGConfig", "BlockShape", "OUTPUT_STRIDES", "stage_dilations", "RepVGG", "AuxHead", "MODEL_CONFIGS",
-           "list_models", "build_model", "get_config", "canonical_name"]
+__all__ = ["RepVGGConfig", "BlockShape", "OUTPUT_STRIDES", "stage_dilations", "RepVGG", "AuxHead", "FeatureInfo",
+           "MODEL_CONFIGS", "build_model", "get_config", "canonical_name", "NOT_IN_REPVGG"]
 
 STAGE_BASE_WIDTHS = (64, 128, 256, 512)
 GROUPED_LAYERS = tuple(range(2, 27, 2))  # layers 2, 4, ..., 26; layer 1 is the first block of stage1
@@ -176,11 +178,6 @@ def get_config(name: str) -> RepVGGConfig:
     return MODEL_CONFIGS[canonical_name(name)]
 
 
-def list_models() -> list[str]:
-    """Names of every registered architecture, in registry order."""
-    return list(MODEL_CONFIGS)
-
-
 @contextlib.contextmanager
 def _keep_bn_statistics(module: nn.Module) -> Iterator[None]:
     """Undo what a recomputed forward pass does to BatchNorm running statistics, so that gradient checkpointing
@@ -207,6 +204,24 @@ class AuxHead(nn.Sequential):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten(1)
         self.fc = nn.Linear(channels, num_classes)
+
+
+class FeatureInfo(list):
+    """Every stage's ``num_chs``, ``reduction`` and ``module`` (one dict per stage, as timm's models list them), with
+    ``channels()`` and ``reduction()`` of the stages the model returns (``out_indices``, else all), as timm's
+    ``features_only`` models answer them."""
+
+    def __init__(self, stages: Sequence[dict], out_indices: Sequence[int] | None) -> None:
+        super().__init__(stages)
+        self.out_indices = tuple(range(len(stages)) if out_indices is None else out_indices)
+
+    def channels(self) -> list[int]:
+        """Channels of each returned feature map."""
+        return [self[i]["num_chs"] for i in self.out_indices]
+
+    def reduction(self) -> list[int]:
+        """Input side over feature-map side of each returned feature map."""
+        return [self[i]["reduction"] for i in self.out_indices]
 
 
 class RepVGG(nn.Module):
@@ -243,6 +258,9 @@ class RepVGG(nn.Module):
         self.out_indices = tuple(out_indices) if out_indices is not None else None
         self.grad_checkpointing = False
         self.aux_weight = aux_weight
+        # what the weights expect the images to be (resize, crop, mean, std), when they came with it (create_model's
+        # pretrained weights, model_from_checkpoint); None: the ImageNet defaults. See repvgg.resolve_data_config.
+        self.preprocess: dict[str, Any] | None = None
         channels = config.stage_channels
         block = dict(se=config.se, se_reduction=config.se_reduction, deploy=deploy, branches=branches, kind=block)
         shapes = config.block_shapes(in_chans, strides, output_stride)
@@ -251,11 +269,10 @@ class RepVGG(nn.Module):
         for i in range(1, 5):
             self.add_module(f"stage{i}", nn.Sequential(*(b for b, s in zip(blocks, shapes, strict=True)
                                                          if s.stage == i)))
-        reduction = 1
-        self.feature_info = []
-        for i, (stride, _, _) in enumerate(stage_dilations(strides, output_stride)):
-            reduction *= stride
-            self.feature_info.append(dict(num_chs=channels[i], reduction=reduction, module=f"stage{i}"))
+        reductions = list(itertools.accumulate((s for s, _, _ in stage_dilations(strides, output_stride)),
+                                               operator.mul))
+        self.feature_info = FeatureInfo([dict(num_chs=channels[i], reduction=reductions[i], module=f"stage{i}")
+                                         for i in range(5)], self.out_indices)
         self.num_features = channels[4]
         self.num_classes = 0 if self.out_indices is not None else num_classes
         self.gap = nn.AdaptiveAvgPool2d(1)
@@ -332,6 +349,10 @@ class RepVGG(nn.Module):
         return sum((self.aux_weight if name != "main" else 1.0) * criterion(out, target)
                    for name, out in output.items())
 
+    def get_classifier(self) -> nn.Module:
+        """The classifier (``nn.Identity`` when the model has none), as timm's models return it."""
+        return self.linear
+
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier (and any auxiliary heads) for ``num_classes`` outputs; 0 removes it."""
         check_int("num_classes", num_classes, 0)
@@ -370,6 +391,24 @@ def _check_model_options(num_classes: object, in_chans: object, strides: object,
                           f"{', '.join(BLOCK_KINDS)}; got branches={branches!r}, block={block!r}")
 
 
+# timm options with no counterpart in RepVGG: refused with the reason unless they ask for nothing (0)
+NOT_IN_REPVGG = {
+    "drop_path_rate": "RepVGG has no drop-path (stochastic depth): neither the paper nor the official code trains "
+                      "with it (timm's RepVGG block has it as an experiment), and this library builds the paper's "
+                      "block",
+    "drop_rate": "RepVGG has no dropout before its classifier: neither the paper nor the official code uses it",
+}
+
+
+def _refuse_timm_options(options: dict) -> None:
+    """Take the timm options :data:`NOT_IN_REPVGG` out of ``options``: accepted at 0 (they ask for nothing),
+    refused with the reason otherwise, rather than silently ignored."""
+    for key, reason in NOT_IN_REPVGG.items():
+        value = options.pop(key, 0)
+        if value not in (0, None):
+            raise RepVGGError(f"{key}={value!r} is not supported: {reason}")
+
+
 def build_model(name: str, num_classes: int = 1000, deploy: bool = False, **options) -> RepVGG:
     """Build a registered architecture by name (``repvgg_a0`` or the official ``RepVGG-A0``), randomly
     initialized; :func:`repvgg.create_model` adds published or local weights on top.
@@ -378,6 +417,7 @@ def build_model(name: str, num_classes: int = 1000, deploy: bool = False, **opti
     ``aux_weight``, ``branches``, ``block``); ``groups`` overrides the config's grouped-conv setting.
     """
     config = get_config(name)
+    _refuse_timm_options(options)
     if "groups" in options:
         config = replace(config, groups=options.pop("groups"))
     known = set(inspect.signature(RepVGG).parameters) - {"config"}

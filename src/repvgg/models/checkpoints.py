@@ -430,6 +430,7 @@ def model_from_checkpoint(source: str | os.PathLike | Mapping[str, Any] | Checkp
     except RepVGGError as e:
         raise RepVGGError(f"{label}: {e}") from None
     load_checkpoint(model, ckpt.state_dict)
+    model.preprocess = meta.get("preprocess")
     return model.eval(), ckpt
 
 

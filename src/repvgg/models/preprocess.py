@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
+from torch import nn
 
 from ..errors import RepVGGError
 
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     from torchvision import transforms
 
 __all__ = ["IMAGENET_PREPROCESS", "CROP_FRACTION", "resize_for", "preprocess_settings", "preprocess_for_size",
-           "input_size", "to_rgb", "eval_transform"]
+           "input_size", "to_rgb", "eval_transform", "resolve_data_config", "create_transform"]
 
 IMAGENET_PREPROCESS: dict[str, Any] = {
     "resize": 256,  # shorter side before the centre crop
@@ -111,3 +112,47 @@ def eval_transform(preprocess: dict[str, Any] | None = None) -> transforms.Compo
         transforms.ToTensor(),
         transforms.Normalize(p["mean"], p["std"]),
     ])
+
+
+def _preprocess_of(source: Any) -> Any:
+    """The ``preprocess`` settings a model, checkpoint, artifact or metadata mapping carries (None: not said)."""
+    if source is None:
+        return None
+    if isinstance(source, Mapping):
+        if "preprocess" in source:
+            return source["preprocess"]
+        return source if set(source) & set(IMAGENET_PREPROCESS) else None  # settings themselves, else metadata
+    if isinstance(getattr(source, "metadata", None), Mapping):  # a Checkpoint, or an exported file opened
+        return _preprocess_of(source.metadata)
+    if isinstance(source, nn.Module):
+        return getattr(source, "preprocess", None)
+    hint = ": read the file first (repvgg.read_checkpoint(path))" if isinstance(source, str) else ""
+    raise RepVGGError(f"resolve_data_config takes a model, a checkpoint, an opened exported file, their metadata or "
+                      f"preprocessing settings, not {type(source).__name__}{hint}")
+
+
+def resolve_data_config(source: Any = None) -> dict[str, Any]:
+    """What ``source`` expects its images to be, as timm's function of that name resolves a model's: ``resize``,
+    ``crop``, ``mean`` and ``std`` (checked; the ImageNet defaults fill what it does not say).
+
+    ``source`` is a model (its ``preprocess``, set when its weights came with it: ``create_model(pretrained=...)``,
+    ``model_from_checkpoint``), a checkpoint or an opened exported file (their ``metadata``), a metadata mapping,
+    preprocessing settings themselves, or None."""
+    return preprocess_settings(_preprocess_of(source))
+
+
+def create_transform(config: Mapping[str, Any] | None = None, **settings: Any) -> transforms.Compose:
+    """The evaluation transform (:func:`eval_transform`) of a data config (:func:`resolve_data_config`) with
+    ``settings`` over it (``create_transform(**config)`` works as with timm); a ``crop`` given without ``resize``
+    resizes by the crop rule (:func:`resize_for`). Only resize, crop, mean and std exist: anything else (timm's
+    ``is_training``, ``interpolation``) is refused, not ignored."""
+    merged = {**(config or {}), **settings}
+    unknown = sorted(set(merged) - set(IMAGENET_PREPROCESS))
+    if unknown:
+        raise RepVGGError(f"create_transform takes {', '.join(IMAGENET_PREPROCESS)}, not {', '.join(unknown)} (it "
+                          f"makes the evaluation transform; training augmentation is "
+                          f"repvgg.training.data.train_transform)")
+    p = preprocess_settings(merged)
+    if "crop" in settings and "resize" not in settings:
+        p["resize"] = resize_for(min(input_size({"preprocess": p})))
+    return eval_transform(p)

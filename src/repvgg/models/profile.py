@@ -1,5 +1,6 @@
 """Model statistics: parameter counts and multiply-accumulates (MACs) of convs and linears, measured on any
-module by forward hooks, or computed for a registered architecture from its config alone (no tensors: instant)."""
+module by torch's FLOP counter, or computed for a registered architecture from its config alone (no tensors:
+instant)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .architectures import RepVGGConfig, get_config
 
@@ -20,30 +22,18 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, img_size: tuple[int, int] = (224, 224), in_chans: int = 3) -> int:
-    """MACs of one image through every Conv2d and Linear (elementwise ops, BN and pooling are not counted)."""
-    total = 0
-
-    def conv_hook(m: nn.Conv2d, _inp, out: torch.Tensor) -> None:
-        nonlocal total
-        total += out.numel() // out.shape[0] * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-
-    def linear_hook(m: nn.Linear, _inp, out: torch.Tensor) -> None:
-        nonlocal total
-        total += out.numel() // out.shape[0] * m.in_features
-
-    hooks = [m.register_forward_hook(conv_hook if isinstance(m, nn.Conv2d) else linear_hook)
-             for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    """MACs of one image through every convolution and matrix product, as torch's ``FlopCounterMode`` counts them
+    (elementwise ops, BN and pooling are not counted): functional ones too, such as the single fused conv that a
+    quantization-aware block trains as, which module hooks would miss."""
     was_training = model.training
     try:
         model.eval()
         param = next(model.parameters())
-        with torch.no_grad():
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(torch.zeros(1, in_chans, *img_size, dtype=param.dtype, device=param.device))
     finally:
-        for h in hooks:
-            h.remove()
         model.train(was_training)
-    return total
+    return counter.get_total_flops() // 2
 
 
 @dataclass(frozen=True)

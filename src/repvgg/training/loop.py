@@ -337,7 +337,8 @@ def _write_epoch(run: Run, row: dict[str, Any], top1: float | None) -> None:
     run.state.save(run.rundir.last)
     val = f", val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%" if "val_top1" in row else ""
     val += f", EMA top-1 {row['ema_val_top1']:.2f}%" if "ema_val_top1" in row else ""
-    of_matmul = f" ({row['train_of_matmul']:.0%} of matmul)" if row.get("train_of_matmul") else ""
+    of_matmul = (f" ({row['train_of_matmul']:.0%} of the float32 matmul rate)" if row.get("train_of_matmul")
+                 else "")
     run.log(f"epoch {p.epoch}/{p.total_epochs}: train loss {row['train_loss']:.4f}{val}, "
             f"{row['train_images_per_s']:.0f} img/s{of_matmul}, {row['epoch_time_s']:.0f}s"
             + (f", {p.skipped_total} unreadable images skipped" if p.skipped_total else ""))
