@@ -7,6 +7,7 @@ keeps its bytes. Then the debris rule, and a full disk for every command that wr
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -206,19 +207,43 @@ def test_resume_keeps_a_users_tmp_file(env: Env, tmp_path: Path) -> None:
 UNSHARE = shutil.which("unshare")
 
 
-FILES_MARK = "--- files left on the disk ---"
+# Runs every case in one process inside a private mount namespace (the tmpfs is gone afterwards): before each
+# command the disk is filled to the last byte; after it, what the command left is listed, then removed.
+DRIVER = """
+import contextlib, io, json, os, shutil, sys, traceback
+from pathlib import Path
+from repvgg.cli import main
+disk, cases, results = Path(sys.argv[1]), json.loads(sys.argv[2]), {}
+for name, argv in cases:
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    with contextlib.suppress(OSError):
+        while True:
+            os.write(fd, bytes(4096))
+    os.close(fd)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+        except BaseException:
+            code, err = "escaped", io.StringIO(traceback.format_exc())
+    left = [str(p) for p in disk.rglob("*") if p.name != "filler"]
+    results[name] = {"code": code, "stderr": err.getvalue(), "left": left}
+    for p in disk.iterdir():
+        if p.name != "filler":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+print(json.dumps(results))
+"""
 
 
-def _on_full_disk(disk: Path, argv: list[str]) -> tuple[subprocess.CompletedProcess, list[str]]:
-    """Run ``repvgg ARGV`` with ``disk`` a tmpfs filled to the last byte (in a private mount namespace, gone
-    afterwards); returns the run and the files the command left on that disk."""
-    script = (f'mount -t tmpfs -o size=256k tmpfs "{disk}" || exit 99; '
-              f'dd if=/dev/zero of="{disk}/filler" bs=4k 2>/dev/null; '
-              f'"{PYTHON}" -m repvgg.cli "$@"; rc=$?; echo "{FILES_MARK}"; '
-              f'find "{disk}" -mindepth 1 ! -name filler; exit $rc')
-    done = subprocess.run([UNSHARE, "--mount", "--map-root-user", "sh", "-c", script, "sh", *argv],
-                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
-    return done, done.stdout.split(FILES_MARK)[-1].split()
+def _on_full_disk(disk: Path, cases: list[tuple[str, list[str]]]) -> dict[str, dict]:
+    """Each case's exit code, stderr and the files it left, run with ``disk`` a full tmpfs."""
+    script = f'mount -t tmpfs -o size=256k tmpfs "{disk}" || exit 99; exec "{PYTHON}" -c "$0" "$@"'
+    done = subprocess.run([UNSHARE, "--mount", "--map-root-user", "sh", "-c", script, DRIVER, str(disk),
+                           json.dumps(cases)], capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _can_mount() -> bool:
@@ -249,15 +274,21 @@ FULL = [
 ]
 
 
-@pytest.mark.skipif(not _can_mount(), reason="needs unshare and tmpfs mounts in a user namespace")
-@pytest.mark.parametrize("name,argv", FULL, ids=[n for n, _ in FULL])
-def test_full_disk(name: str, argv: Callable, env: Env, tmp_path: Path) -> None:
-    disk = tmp_path / "disk"
+@pytest.fixture(scope="module")
+def full_disk(env: Env, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict]]:
+    disk = tmp_path_factory.mktemp("full") / "disk"
     disk.mkdir()
-    done, left = _on_full_disk(disk, argv(env, disk))
-    err = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and err, done.stderr
-    assert "No space left on device" in err[-1] and str(disk) in err[-1] and "Traceback" not in done.stderr, err
-    assert not [f for f in left if TMP_SUFFIX in f], f"temporary files left behind: {left}"
+    return disk, _on_full_disk(disk, [(name, argv(env, disk)) for name, argv in FULL])
+
+
+@pytest.mark.skipif(not _can_mount(), reason="needs unshare and tmpfs mounts in a user namespace")
+@pytest.mark.parametrize("name", [n for n, _ in FULL])
+def test_full_disk(name: str, full_disk: tuple[Path, dict[str, dict]]) -> None:
+    disk, results = full_disk
+    done = results[name]
+    err = done["stderr"].strip().splitlines()
+    assert done["code"] == 2 and err, done
+    assert "No space left on device" in err[-1] and str(disk) in err[-1] and "Traceback" not in done["stderr"], err
+    assert not [f for f in done["left"] if TMP_SUFFIX in f], f"temporary files left behind: {done['left']}"
     finished = (".pth", ".safetensors", ".onnx", ".pt", ".xml", ".bin", ".json", ".png")
-    assert not [f for f in left if f.endswith(finished)], f"half-written outputs left: {left}"
+    assert not [f for f in done["left"] if f.endswith(finished)], f"half-written outputs left: {done['left']}"
