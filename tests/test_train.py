@@ -303,7 +303,29 @@ def test_sigterm_to_the_whole_process_group_still_saves_mid_epoch(tmp_path: Path
 
 
 CHANNELS_LAST = StepMode("none", True, 1)
+
+
+def test_the_speed_probe_is_announced_and_measured_once_per_machine_and_network(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_probe_cache: Path) -> None:
+    """A second run of the same network on the same machine reads the first run's timing instead of measuring."""
+    calls: list[list[StepMode]] = []
+    monkeypatch.setattr(setup, "probe_modes", _probe_preferring(CHANNELS_LAST, calls))
+    first, second = [], []
+    train(_opts(tmp_path / "a", ONE_EPOCH, log=first.append, **PROBED), Noisy(), VAL, CLASSES)
+    train(_opts(tmp_path / "b", ONE_EPOCH, log=second.append, **PROBED), Noisy(), VAL, CLASSES)
+    assert len(calls) == 1 and (fresh_probe_cache / "train_probe.json").is_file()
+    assert any(line.startswith("speed probe: timing") for line in first)
+    assert not any(line.startswith("speed probe: timing") for line in second)
+    assert any("measured earlier here" in line for line in second)
+    assert all(any(f"step: {CHANNELS_LAST.label}" in line for line in logs) for logs in (first, second))
 PROBED = {"amp": None, "channels_last": None, "threads": None, "probe": True}  # the default flags
+
+
+@pytest.fixture
+def fresh_probe_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty user cache folder: no speed-probe timing measured by an earlier test."""
+    monkeypatch.setenv("REPVGG_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
 def _probe_preferring(favourite: StepMode, calls: list[list[StepMode]]) -> Callable:
@@ -317,6 +339,7 @@ def _probe_preferring(favourite: StepMode, calls: list[list[StepMode]]) -> Calla
     return probe
 
 
+@pytest.mark.usefixtures("fresh_probe_cache")
 def test_a_resume_continues_in_the_step_mode_its_probe_chose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The probe chose channels-last before the stop and would choose NCHW now: the resume keeps the saved mode,
     probes nothing, and ends bit-identical to an uninterrupted channels-last run."""
@@ -337,6 +360,7 @@ def test_a_resume_continues_in_the_step_mode_its_probe_chose(tmp_path: Path, mon
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+@pytest.mark.usefixtures("fresh_probe_cache")
 def test_step_mode_flags_on_a_new_run_a_resume_and_an_older_state(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A new run's probe keeps the flags given (before the fix, a faster float32 NCHW replaced --channels-last); a

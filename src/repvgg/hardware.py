@@ -1,21 +1,27 @@
 """Measuring on the machine at hand: its CPU model and the vector/matrix extensions that decide which precision and
-engine are fast, its float32 matmul rate (the yardstick that makes throughput comparable across machines), and
-side-by-side timing of alternatives."""
+engine are fast, its float32 matmul rate (the yardstick that makes throughput comparable across machines),
+side-by-side timing of alternatives, and the cache that keeps such timings per machine."""
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import hashlib
+import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["CPU_FEATURES", "cpu_info", "machine_description", "matmul_gflops", "time_interleaved",
-           "measure_throughput"]
+from .files import atomic_write, cache_dir
+
+__all__ = ["CPU_FEATURES", "cpu_info", "machine_description", "measurement_key", "cached_speeds", "matmul_gflops",
+           "time_interleaved", "measure_throughput"]
 
 K = TypeVar("K")
 
@@ -53,6 +59,35 @@ def machine_description() -> dict[str, Any]:
     cpu = cpu_info()
     return {"cpu": cpu["model"], "cpu_features": cpu["features"], "cpu_count": cpu["cores"],
             "torch_threads": torch.get_num_threads(), "versions": versions}
+
+
+def measurement_key(what: Mapping[str, Any]) -> str:
+    """The short key a cached measurement is stored under: a hash of what it depends on."""
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_speeds(name: str, what: Mapping[str, Any], measure: Callable[[], dict[str, Any]],
+                  path: str | os.PathLike | None = None) -> tuple[dict[str, Any], bool]:
+    """(speeds, whether they were cached): a side-by-side timing of the machine at hand, kept in ``name`` in the
+    user cache folder under ``what`` it depends on (CPU model and flags, threads, versions, model, sizes), so it is
+    measured once. A cache that cannot be read is measured again; one that cannot be written costs a measurement
+    per call, nothing else."""
+    path = Path(path) if path else cache_dir() / name
+    key = measurement_key(what)
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    cache = cache if isinstance(cache, dict) else {}
+    entry = cache.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("images_per_s"), dict):
+        return entry["images_per_s"], True
+    speeds = measure()
+    cache[key] = {"machine": dict(what), "images_per_s": speeds,
+                  "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    with contextlib.suppress(OSError):
+        atomic_write(path, json.dumps(cache, indent=2) + "\n")
+    return speeds, False
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 3) -> float:

@@ -6,10 +6,6 @@ batch 1 where OpenVINO wins on batches."""
 
 from __future__ import annotations
 
-import contextlib
-import datetime
-import hashlib
-import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata as dist_metadata
@@ -19,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..files import atomic_write, cache_dir
-from ..hardware import cpu_info, measure_throughput
+from ..files import cache_dir
+from ..hardware import cached_speeds, cpu_info, measure_throughput, measurement_key
 from .engines import ENGINES, Engine, available_engines, create_engine
 
 __all__ = ["PROBE_FILE", "PROBE_BATCH_SIZES", "Speeds", "probe_path", "machine_key", "measure_engines",
@@ -52,7 +48,7 @@ def machine_key(engines: Sequence[str], threads: int | None = None, precision: s
                "engines": {e: _version(e) for e in sorted(engines)}}
     if precision != "float32":
         machine["precision"] = precision
-    return hashlib.sha256(json.dumps(machine, sort_keys=True).encode()).hexdigest()[:16], machine
+    return measurement_key(machine), machine
 
 
 def measure_engines(engines: Sequence[str], img_size: tuple[int, int] = (64, 64),
@@ -73,30 +69,13 @@ def measure_engines(engines: Sequence[str], img_size: tuple[int, int] = (64, 64)
     return speeds
 
 
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return cache if isinstance(cache, dict) else {}
-
-
 def engine_speeds(engines: Sequence[str], measure: Callable[[Sequence[str]], Speeds] = measure_engines,
                   path: str | os.PathLike | None = None, precision: str = "float32") -> Speeds:
     """The engines' speeds on the machine at hand: cached when measured before with the same CPU, threads, engine
     versions and precision, else measured now with ``measure`` and cached (written atomically)."""
-    path = Path(path) if path else probe_path()
-    key, machine = machine_key(engines, precision=precision)
-    cache = _read(path)
-    entry = cache.get(key)
-    if isinstance(entry, dict) and isinstance(entry.get("images_per_s"), dict):
-        return {int(b): dict(v) for b, v in entry["images_per_s"].items()}
-    speeds = measure(engines)
-    cache[key] = {"machine": machine, "images_per_s": {str(b): v for b, v in speeds.items()},
-                  "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-    with contextlib.suppress(OSError):  # a read-only cache folder costs a probe per run, nothing else
-        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(cache, indent=2) + "\n"))
-    return speeds
+    _, machine = machine_key(engines, precision=precision)
+    speeds, _ = cached_speeds(PROBE_FILE, machine, lambda: {str(b): v for b, v in measure(engines).items()}, path)
+    return {int(b): dict(v) for b, v in speeds.items()}
 
 
 def pick_fastest(names: Sequence[str], speeds: Callable[[], Speeds], batch_size: int = 1) -> str:

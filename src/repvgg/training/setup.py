@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 
 from ..errors import RepVGGError
 from ..files import remove_debris
-from ..hardware import matmul_gflops
+from ..hardware import cached_speeds, cpu_info, matmul_gflops, measurement_key
 from ..models.architectures import RepVGG
 from ..models.checkpoints import model_metadata
 from ..models.factory import create_model
@@ -36,6 +36,8 @@ from .rundir import RunDir
 from .sampling import SeededSamples
 from .speed import StepMode, candidate_modes, probe_modes, training_flops_per_image
 from .state import Progress, RunState, read_state
+
+TRAIN_PROBE_FILE = "train_probe.json"  # the speed probe's timings, in the user cache folder
 
 __all__ = ["setup_run", "load_datasets", "freeze_stages", "start_weights"]
 
@@ -173,20 +175,31 @@ def freeze_stages(model: nn.Module, n: int) -> list[nn.Module]:
 
 def _choose_mode(opts: TrainOptions, raw: nn.Module, num_classes: int, per_rank: int, device: torch.device, d: Dist,
                  log: Any) -> StepMode:
-    """The fastest step mode among those left open, measured side by side on the machine at hand (leaving the random
-    streams as they were, so that a probed run trains as one given its mode); warns when a mode the user asked for
-    is slower than float32. Without a probe: float32, NCHW, torch's threads, unless given."""
+    """The fastest step mode among those left open, measured side by side on the machine at hand once (the timing is
+    cached per CPU, threads, torch version, network and batch, so a second run does not pay again); warns when a mode
+    the user asked for is slower than float32. Without a probe: float32, NCHW, torch's threads, unless given."""
     modes = candidate_modes(device, opts.amp, opts.channels_last, opts.threads)
     if not opts.probe or d.world > 1 or len(modes) == 1:
         return _fixed_mode(opts)
-    size = opts.recipe.img_size
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        images = torch.randn(min(per_rank, 128), input_channels(raw), size, size, device=device)
-        targets = torch.randint(0, num_classes, (len(images),), device=device)
-        speeds = probe_modes(raw, modes, images, targets)
+    batch, size = min(per_rank, 128), opts.recipe.img_size
+    cpu = cpu_info()
+    what = {"cpu": cpu["model"], "features": cpu["features"], "torch": torch.__version__, "device": device.type,
+            "threads": torch.get_num_threads(), "network": measurement_key({"repr": repr(raw)}), "batch": batch,
+            "img_size": size, "modes": [m.label for m in modes]}
+
+    def measure() -> dict[str, float]:
+        log(f"speed probe: timing {len(modes)} step modes side by side on a batch of {batch} (once for this "
+            f"machine and network; --no-probe skips it) ...")
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            images = torch.randn(batch, input_channels(raw), size, size, device=device)
+            targets = torch.randint(0, num_classes, (len(images),), device=device)
+            return {m.label: v for m, v in probe_modes(raw, modes, images, targets).items()}
+
+    by_label, cached = cached_speeds(TRAIN_PROBE_FILE, what, measure)
+    speeds = {m: by_label[m.label] for m in modes}
     chosen = max((m for m in speeds if not _flags_against(opts, m)), key=speeds.get)  # not the extra float32
     fp32 = max(v for m, v in speeds.items() if m.amp == "none")
-    log("speed probe (training images/s, side by side): " +
+    log(f"speed probe (training images/s, side by side{', measured earlier here' if cached else ''}): " +
         ", ".join(f"{m.label} {v:.0f}" for m, v in sorted(speeds.items(), key=lambda kv: -kv[1])))
     if opts.amp not in (None, "none") and speeds[chosen] < fp32:
         log(f"warning: --amp {opts.amp} measured slower than float32 here ({speeds[chosen]:.0f} vs {fp32:.0f} "
