@@ -8,7 +8,8 @@ and an interrupted one resumes where it stopped, so the command can simply be ru
 
     python benchmarks/ablation.py  # --epochs 4 --seeds 0 1 2 --train-subset 20000 --batch-size 128 --warmup-epochs 0.5
 
-Writes ``benchmarks/results/ablation.{json,md,png}``.
+Writes ``runs/results/ablation.{json,md,png}`` (``benchmarks/results/`` with ``--update-results``, the committed
+results).
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ import torch
 from torch import nn
 
 from repvgg import create_model, model_from_checkpoint
-from repvgg.commands.args import HelpFormatter, nonneg_float, nonneg_int, positive_int
+from repvgg.commands.args import (
+    HelpFormatter,
+    add_results_arguments,
+    existing_data,
+    nonneg_float,
+    nonneg_int,
+    positive_int,
+    results_folder,
+)
 from repvgg.files import atomic_write
 from repvgg.hardware import cpu_info, matmul_gflops, measure_throughput
 from repvgg.models.blocks import BRANCHES
@@ -40,6 +49,7 @@ from repvgg.training.speed import StepMode, candidate_modes, probe_modes, step_r
 from repvgg.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
+COMMITTED_RESULTS, OWN_RESULTS = ROOT / "benchmarks" / "results", ROOT / "runs" / "results"
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
 BASELINE = "resnet18"
 QAREPVGG = "qarepvgg"  # the full block in its quantization-friendly form (QARepVGG), for the quantization study
@@ -244,13 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=positive_int, default=32, help="image side of the speed and memory measurements")
     p.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds of the speed measurements")
     p.add_argument("--run-root", default=str(ROOT / "runs" / "ablation"), help="one run folder per variant and seed")
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder for the report files")
+    add_results_arguments(p, COMMITTED_RESULTS, OWN_RESULTS)
     p.add_argument("--measure-memory", metavar="VARIANT", help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    existing_data(args.data, "CIFAR-10")
     if args.measure_memory:
         _measure_memory(args)
         return
@@ -267,8 +278,9 @@ def main(argv: list[str] | None = None) -> None:
                   machine=dict(**cpu_info(), matmul_fp32_gflops=matmul_gflops(), torch=torch.__version__,
                                python=platform.python_version()),
                   command=" ".join(["python", *sys.argv]))
-    write_report(Path(args.results), result)
-    print(Path(args.results, "ablation.md").read_text())
+    out = results_folder(args, COMMITTED_RESULTS, OWN_RESULTS)
+    write_report(out, result)
+    print((out / "ablation.md").read_text())
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ and deploy form, with the speed probe's side-by-side figures and the machine the
     python benchmarks/cifar10.py --resume        # continue an interrupted run, then report
     python benchmarks/cifar10.py --report-only   # rebuild the report from the run directory
 
-Writes ``benchmarks/results/cifar10_a0.{json,md,png}``. Target: at least 90% test top-1 for the deploy model within
+Writes ``runs/results/cifar10_a0.{json,md,png}`` (``benchmarks/results/`` with ``--update-results``, the committed
+results). Target: at least 90% test top-1 for the deploy model within
 15 epochs.
 """
 
@@ -25,7 +26,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from repvgg import create_model, model_from_checkpoint
-from repvgg.commands.args import HelpFormatter, nonneg_int, positive_int
+from repvgg.commands.args import (
+    HelpFormatter,
+    add_results_arguments,
+    existing_data,
+    nonneg_int,
+    positive_int,
+    results_folder,
+)
 from repvgg.errors import RepVGGError
 from repvgg.files import atomic_write
 from repvgg.hardware import cpu_info, matmul_gflops
@@ -42,6 +50,7 @@ from repvgg.training.speed import StepMode, candidate_modes, probe_modes
 from repvgg.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
+COMMITTED_RESULTS, OWN_RESULTS = ROOT / "benchmarks" / "results", ROOT / "runs" / "results"
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
 TARGET_TOP1, TARGET_EPOCHS = 90.0, 15
 PROBE_FILE = "speed_probe.json"
@@ -150,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=nonneg_int, default=1, help="data-loading worker processes")
     p.add_argument("--run-dir", default=str(ROOT / "runs" / "cifar10_a0"),
                    help="run directory: checkpoints, metrics and the speed probe")
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder for the report files")
+    add_results_arguments(p, COMMITTED_RESULTS, OWN_RESULTS)
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from --run-dir")
     return p
@@ -158,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    existing_data(args.data, "CIFAR-10")
     args.recipe = recipe_with("cifar", epochs=args.epochs, batch_size=args.batch_size)
     opts = TrainOptions(data=args.data, out_dir=args.run_dir, model="repvgg_a0", recipe=args.recipe,
                         workers=args.workers, probe=False,
@@ -174,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"trained in {(time.monotonic() - t0) / 60:.1f} min", flush=True)
     torch.set_num_threads(probe_result["chosen_mode"]["threads"])
     result = report(Path(args.run_dir), Path(val_set.root), probe_result, args)
-    out = Path(args.results)
+    out = results_folder(args, COMMITTED_RESULTS, OWN_RESULTS)
     atomic_write(out / "cifar10_a0.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     write_markdown(out / "cifar10_a0.md", result)
     plot_run(args.run_dir, out / "cifar10_a0.png")

@@ -1,5 +1,6 @@
 """Deployment speed against its acceptance targets: runs ``repvgg bench``'s measurement, prints its table, checks the
-targets below at the largest batch size and writes the report (with the verdicts) as JSON plus a chart.
+targets below at the largest batch size and writes the report (with the verdicts) as JSON plus a chart, into
+``runs/results/bench_a0.{json,png}`` (``benchmarks/results/`` with ``--update-results``, the committed results).
 
     .venv/bin/python benchmarks/deploy_speed.py [--batch-sizes 1 16] [--rounds 5] [--no-memory]
 
@@ -15,9 +16,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from repvgg.commands.args import HelpFormatter, output_file, positive_int
+from repvgg.commands.args import HelpFormatter, add_results_arguments, positive_int, results_folder
 from repvgg.deploy.benchmark import BASELINES, BENCH_ENGINES, format_table, plot_report, run_benchmark
 from repvgg.files import atomic_write
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED_RESULTS, OWN_RESULTS = ROOT / "benchmarks" / "results", ROOT / "runs" / "results"
 
 # summary ratio -> the least value accepted
 TARGETS = {
@@ -46,9 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="deploy engines to time")
     parser.add_argument("--baselines", nargs="*", default=list(BASELINES), help="torchvision models timed alongside")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--json", type=output_file, default="benchmarks/results/bench_a0.json", help="results file")
-    parser.add_argument("--plot", type=output_file, default="benchmarks/results/bench_a0.png",
-                        help="chart file ('' for none)")
+    add_results_arguments(parser, COMMITTED_RESULTS, OWN_RESULTS)
+    parser.add_argument("--no-plot", action="store_true", help="no chart beside the JSON report")
     return parser
 
 
@@ -61,11 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     report["targets"] = check_targets(report["summary"])
     for key, t in report["targets"].items():
         print(f"{key}: {t['value']:.2f}x, target >= {t['target']}x: {'met' if t['met'] else 'NOT met'}")
-    atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
-    print(f"results -> {args.json}")
-    if args.plot:
-        plot_report(report, args.plot)
-        print(f"chart -> {args.plot}")
+    out = results_folder(args, COMMITTED_RESULTS, OWN_RESULTS)
+    atomic_write(out / "bench_a0.json", json.dumps(report, indent=2) + "\n")
+    print(f"results -> {out / 'bench_a0.json'}")
+    if not args.no_plot:
+        plot_report(report, out / "bench_a0.png")
+        print(f"chart -> {out / 'bench_a0.png'}")
     return 0 if all(t["met"] for t in report["targets"].values()) else 1
 
 

@@ -2,7 +2,8 @@
 
 Each model gets random weights and BatchNorm statistics far from 0/1 (means ~N(0, 0.5), variances in
 [0.5, 2.5], gammas in [0.5, 1.5], betas ~N(0, 0.5)); the error is max|train - deploy| / max|train| over
-several seeds and input shapes (batch 1 and non-square included). Writes benchmarks/results/exactness.json.
+several seeds and input shapes (batch 1 and non-square included). Writes runs/results/exactness.json
+(benchmarks/results/ with --update-results, the committed results).
 
     .venv/bin/python benchmarks/exactness.py [--models repvgg_a0 ...] [--seeds 2]
 
@@ -19,9 +20,12 @@ from pathlib import Path
 import torch
 
 from repvgg import create_model, list_models, reparameterize
-from repvgg.commands.args import HelpFormatter, output_file, positive_int
+from repvgg.commands.args import HelpFormatter, add_results_arguments, positive_int, results_folder
 from repvgg.files import atomic_write
 from repvgg.models.reparam import randomize_bn, relative_difference
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED_RESULTS, OWN_RESULTS = ROOT / "benchmarks" / "results", ROOT / "runs" / "results"
 
 SHAPES = ((1, 3, 224, 224), (2, 3, 96, 160), (1, 3, 75, 61))
 
@@ -48,8 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", nargs="+", default=list_models(),
                         help="architectures to check (default: every one)")
     parser.add_argument("--seeds", type=positive_int, default=2, help="random initializations per model")
-    parser.add_argument("--out", type=output_file, default="benchmarks/results/exactness.json",
-                        help="results file (models already in it are kept)")
+    add_results_arguments(parser, COMMITTED_RESULTS, OWN_RESULTS)
     return parser
 
 
@@ -57,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     report = {"shapes": [list(s) for s in SHAPES], "seeds": args.seeds, "torch": torch.__version__,
               "max_relative_error": {}}
-    previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    out = results_folder(args, COMMITTED_RESULTS, OWN_RESULTS) / "exactness.json"
+    previous = json.loads(out.read_text()) if out.exists() else {}
     if {k: previous.get(k) for k in ("shapes", "seeds")} == {k: report[k] for k in ("shapes", "seeds")}:
         report["max_relative_error"] = previous["max_relative_error"]  # runs model by model add up
     print(f"{'model':<18}{'float32':>12}{'float64':>12}{'seconds':>9}")
@@ -66,8 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         err = report["max_relative_error"][name] = worst_error(name, args.seeds)
         print(f"{name:<18}{err['float32']:>12.2e}{err['float64']:>12.2e}{time.perf_counter() - start:>9.1f}",
               flush=True)
-        atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
-    print(f"wrote {args.out}")
+        atomic_write(out, json.dumps(report, indent=2))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ again. The ablation runs come first:
     python benchmarks/ablation.py --epochs 4 --seeds 0 1 2 --train-subset 20000 --batch-size 128 --warmup-epochs 0.5
     python benchmarks/quantization.py
 
-Writes ``benchmarks/results/quantization.{json,md,png}``. Targets (checked here): the best int8 model within 0.5
+Writes ``runs/results/quantization.{json,md,png}`` (``benchmarks/results/`` with ``--update-results``, the committed
+results). Targets (checked here): the best int8 model within 0.5
 points of its float32 deploy model's top-1 (1.0 at most); int8 at least 1.8x the images/s of the fastest float32
 engine on the same CPU, at batch 1 and 16; the naive PTQ loss is reported as measured.
 """
@@ -32,7 +33,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from repvgg.commands.args import HelpFormatter, nonneg_int, positive_int
+from repvgg.commands.args import (
+    HelpFormatter,
+    add_results_arguments,
+    existing_data,
+    nonneg_int,
+    positive_int,
+    results_folder,
+)
 from repvgg.deploy.engines import INT8_SUFFIXES, Engine, available_engines, create_engine
 from repvgg.deploy.qat import QAT_METHOD, QATOptions, finetune_qat, qat_recipe
 from repvgg.deploy.quantize import (
@@ -55,6 +63,7 @@ from repvgg.training.sampling import fixed_subset
 from repvgg.training.setup import load_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
+COMMITTED_RESULTS, OWN_RESULTS = ROOT / "benchmarks" / "results", ROOT / "runs" / "results"
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
 DEFAULT_RUN_ROOT = ROOT / "runs" / "ablation"
 ENTRIES = ("full", "qarepvgg")  # the ablation's RepVGG-A0 and QARepVGG-A0
@@ -424,12 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed-sizes", type=positive_int, nargs="+", default=[32, 224],
                    help="image sides of the speed runs")
     p.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds of the speed measurements")
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder for the report files")
+    add_results_arguments(p, COMMITTED_RESULTS, OWN_RESULTS)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    existing_data(args.data, "CIFAR-10")
     if args.threads:
         torch.set_num_threads(args.threads)
     if not int8_engines_installed():
@@ -455,8 +465,9 @@ def main(argv: list[str] | None = None) -> None:
                   machine=dict(**cpu_info(), matmul_fp32_gflops=matmul_gflops(), torch=torch.__version__,
                                python=platform.python_version()),
                   command=" ".join(["python", "benchmarks/quantization.py", *(sys.argv[1:] if argv is None else argv)]))
-    write_report(Path(args.results), result)
-    print(Path(args.results, "quantization.md").read_text())
+    out = results_folder(args, COMMITTED_RESULTS, OWN_RESULTS)
+    write_report(out, result)
+    print((out / "quantization.md").read_text())
     print("\n".join(line for r in models.values() for line in target_lines(r["name"], r["targets"])))
 
 

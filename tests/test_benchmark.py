@@ -4,6 +4,7 @@ exported (float32 or int8) files are timed as they are: their own strides, input
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from imagefolders import PYTHON, REPO, make_dataset, subprocess_env
 from repvgg import RepVGGError, create_model, model_from_checkpoint, reparameterize, save_checkpoint
 from repvgg.cli import main
+from repvgg.commands.args import add_results_arguments, results_folder
 from repvgg.deploy.benchmark import (
     BenchConfig,
     _peak_memory,
@@ -72,15 +74,31 @@ def test_bench_smoke(tmp_path, capsys) -> None:
 
 
 def test_deploy_speed_script_checks_the_targets(tmp_path) -> None:
-    out = tmp_path / "speed.json"
+    out = tmp_path / "bench_a0.json"
     result = subprocess.run([PYTHON, str(REPO / "benchmarks" / "deploy_speed.py"), "--img-size", "32", "32",
                              "--batch-sizes", "1", "2", "--rounds", "1", "--images-per-round", "2", "--engines",
-                             "torch", "--baselines", "resnet18", "--no-memory", "--json", str(out), "--plot", ""],
+                             "torch", "--baselines", "resnet18", "--no-memory", "--results", str(tmp_path),
+                             "--no-plot"],
                             capture_output=True, text=True, timeout=300, env=subprocess_env())
     targets = json.loads(out.read_text())["targets"]
     assert {"deploy_vs_train", "deploy_vs_resnet18"} <= set(targets)  # default_vs_fastest: only if it ran
     assert result.returncode == (0 if all(t["met"] for t in targets.values()) else 1), result.stderr
     assert "deploy_vs_train:" in result.stdout and "target >= 2.0x" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_a0.json"]
+
+
+def test_benchmarks_write_into_the_users_folder_unless_asked_and_name_missing_data(tmp_path) -> None:
+    """A user's run does not write over the committed results, and a checkout without the default data set is told
+    which option to pass."""
+    parser = argparse.ArgumentParser()
+    add_results_arguments(parser, Path("committed"), Path("own"))
+    assert results_folder(parser.parse_args([]), Path("committed"), Path("own")) == Path("own")
+    assert results_folder(parser.parse_args(["--update-results"]), Path("committed"), Path("own")) == Path("committed")
+    assert results_folder(parser.parse_args(["--results", "x"]), Path("committed"), Path("own")) == Path("x")
+    result = subprocess.run([PYTHON, str(REPO / "benchmarks" / "cifar10.py"), "--data", str(tmp_path / "none")],
+                            capture_output=True, text=True, timeout=300, env=subprocess_env())
+    assert result.returncode == 1 and result.stderr.strip() == f"error: CIFAR-10 not found at {tmp_path / 'none'}; " \
+        "pass --data DIR"
 
 
 def test_peak_memory_is_measured_in_a_fresh_process() -> None:
