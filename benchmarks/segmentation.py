@@ -8,13 +8,13 @@ most once while the split has enough. PTQ calibrates on the first training canva
 
     python benchmarks/segmentation.py                                      # train, convert, export, quantize, report
     python benchmarks/segmentation.py --epochs 3 --train-canvases 6000     # a longer run
-    python benchmarks/segmentation.py --results benchmarks/results         # the committed report
+    python benchmarks/segmentation.py --update-results                     # the committed report
 
 Writes the training state (``training.pth``), the exported files (``segmenter.onnx``, ``segmenter.xml``) and the int8
 ones (``segmenter_int8.onnx``, ``segmenter_int8.xml``) into ``--out``, and ``segmentation.{json,md}`` into
-``--results``. A finished training with the same settings is reused and an interrupted one resumes after its last
-finished epoch, so the command can simply be run again. With the defaults it takes about 4 minutes on a 2-core CPU
-(training about 2.5 of them).
+``runs/results/`` (``benchmarks/results/`` with ``--update-results``). A finished training with the same settings is
+reused and an interrupted one resumes after its last finished epoch, so the command can simply be run again. With
+the defaults it takes about 4 minutes on a 2-core CPU (training about 2.5 of them).
 """
 
 from __future__ import annotations
@@ -37,7 +37,16 @@ from PIL import Image
 from torch import nn
 
 from repvgg import create_model, output_difference, reparameterize
-from repvgg.commands.args import HelpFormatter, nonneg_float, nonneg_int, positive_float, positive_int
+from repvgg.commands.args import (
+    HelpFormatter,
+    add_results_arguments,
+    existing_data,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    results_folder,
+)
 from repvgg.deploy.artifacts import artifact_metadata
 from repvgg.deploy.engines import INT8_SUFFIXES, INT8_TOOLS, Engine, TorchEngine, available_engines, load_artifact
 from repvgg.deploy.export import export_model
@@ -50,6 +59,7 @@ from repvgg.training.data import ImageFolder, read_image, resolve_split
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
+COMMITTED_RESULTS, OWN_RESULTS = ROOT / "benchmarks" / "results", ROOT / "runs" / "results"
 BACKBONE, OUTPUT_STRIDE, STAGE = "repvgg_a0", 8, 3  # stage 3: A0's 14 blocks, dilated to stay at 1/8
 MEAN = np.array(IMAGENET_PREPROCESS["mean"], np.float32).reshape(1, 3, 1, 1)
 STD = np.array(IMAGENET_PREPROCESS["std"], np.float32).reshape(1, 3, 1, 1)
@@ -427,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", default=str(DEFAULT_DATA), help="folder with train/ and test/ (or their archives)")
     p.add_argument("--out", default="runs/segmentation", help="folder for the training state and the model files")
-    p.add_argument("--results", help="folder for segmentation.{json,md} (default: --out)")
+    add_results_arguments(p, COMMITTED_RESULTS, OWN_RESULTS)
     p.add_argument("--train-canvases", type=positive_int, default=4000, help="training canvases")
     p.add_argument("--test-canvases", type=positive_int, default=1000, help="test canvases (mIoU over all of them)")
     p.add_argument("--calib-canvases", type=positive_int, default=64, help="training canvases that calibrate int8")
@@ -448,10 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    existing_data(args.data, "CIFAR-10")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     result = run(args)
     result["command"] = " ".join(["python", "benchmarks/segmentation.py", *(sys.argv[1:] if argv is None else argv)])
-    folder = Path(args.results or args.out)
+    folder = results_folder(args, COMMITTED_RESULTS, OWN_RESULTS)
     write_report(folder, result)
     print((folder / "segmentation.md").read_text())
     return result
