@@ -8,7 +8,7 @@ import pytest
 
 from imagefolders import REPO
 
-SCRIPTS = ["cifar10", "ablation", "quantization", "deploy_speed", "exactness"]
+SCRIPTS = ["cifar10", "ablation", "quantization", "deploy_speed", "exactness", "train_speed"]
 
 
 def load(name: str):
