@@ -180,7 +180,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def summarize(args: argparse.Namespace, measured: dict[str, Any], matmul: dict[str, float]) -> list[dict[str, Any]]:
-    """One row per (block, step mode): medians, ratios to the minimal loop, GFLOP/s and shares of matmul rates."""
+    """One row per (block, step mode): median images/s, GFLOP/s and shares of the matmul rates, and the median over
+    rounds of each path's images/s over the minimal loop's in the same round (measured minutes apart at most, so
+    that a change in the machine's load between rounds does not enter the ratio)."""
     rows = []
     size = (args.recipe.img_size, args.recipe.img_size)
     for branches in args.branches:
@@ -189,13 +191,14 @@ def summarize(args: argparse.Namespace, measured: dict[str, Any], matmul: dict[s
         for mode in measured["modes"]:
             row: dict[str, Any] = {"branches": branches, "step_mode": mode.label, **asdict(mode),
                                    "training_flops_per_image": flops}
-            minimal = statistics.median(measured["rates"][branches, mode, "minimal"])
+            minimal = measured["rates"][branches, mode, "minimal"]
             for path in (*PATHS, "minimal"):
                 samples = measured["rates"][branches, mode, path]
                 ips = statistics.median(samples)
                 gflops = ips * flops / 1e9
-                row[path] = {"images_per_s": ips, "samples": samples, "vs_minimal": ips / minimal,
-                             "gflops": gflops, "of_matmul_fp32": gflops / matmul["float32"],
+                ratios = [a / b for a, b in zip(samples, minimal, strict=True)]
+                row[path] = {"images_per_s": ips, "samples": samples, "gflops": gflops,
+                             "vs_minimal": statistics.median(ratios), "of_matmul_fp32": gflops / matmul["float32"],
                              "of_matmul_bf16": gflops / matmul["bfloat16"]}
             row["train_vs_minimal"] = row[measured["default_path"]]["vs_minimal"]
             rows.append(row)
@@ -223,7 +226,8 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
                      f"{r['loader']['images_per_s']:.0f} | {r['minimal']['images_per_s']:.0f} | "
                      f"{r['memory']['vs_minimal']:.2f}x | {r['loader']['vs_minimal']:.2f}x | {d['gflops']:.1f} | "
                      f"{d['of_matmul_fp32']:.0%} | {d['of_matmul_bf16']:.0%} |")
-    lines += ["", "Images/s of training (forward, backward, optimizer step, and getting the batch). "
+    lines += ["", "Images/s of training (forward, backward, optimizer step, and getting the batch), medians over the "
+              "rounds; the ratios are medians of each round's ratio. "
               f"Target: `repvgg train` ({t['path']} path) at least {t['least']}x the minimal loop in every row: "
               f"**{'met' if t['met'] else 'not met'}** (lowest {t['lowest']:.2f}x)."]
     atomic_write(path, "\n".join(lines) + "\n")

@@ -5,6 +5,7 @@ the decoded-image cache, the automatic choice and its limits, unreadable images,
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -107,23 +108,36 @@ def test_a_subset_of_a_held_set_keeps_each_samples_seed(data: Path) -> None:
 def test_decoded_images_are_cached_by_file_contents_and_settings(data: Path) -> None:
     logs: list[str] = []
     first, _ = _held(data, logs)
-    assert sum("decoded the" in line for line in logs) == 2
+    assert sum("decoding the" in line for line in logs) == 2
     logs.clear()
     again, _ = _held(data, logs)  # the cache: nothing decoded
-    assert not any("decoded the" in line for line in logs) and torch.equal(first.images, again.images)
+    assert not any("decoding the" in line for line in logs) and torch.equal(first.images, again.images)
     assert again.bad.keys() == first.bad.keys() and next(iter(again.bad.values())).path.endswith("broken.png")
     changed = data / "train" / "class0" / "000.png"
     _rgb(changed, 16, 16, seed=9)
     os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
     logs.clear()
     third, _ = _held(data, logs)
-    assert sum("decoded the" in line for line in logs) == 1  # the training folder changed, the validation one not
+    assert sum("decoding the" in line for line in logs) == 1  # the training folder changed, the validation one not
     assert not torch.equal(third.images, first.images)
     for cached in (cache_dir("decoded")).glob("train-*.pt"):
         cached.write_bytes(b"truncated")
     logs.clear()
     assert torch.equal(_held(data, logs)[0].images, third.images)
-    assert sum("decoded the" in line for line in logs) == 1  # a broken cache file is decoded again
+    assert sum("decoding the" in line for line in logs) == 1  # a broken cache file is decoded again
+
+
+def test_a_cache_that_cannot_be_written_is_only_noted(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full_disk(path: Path, write: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(memory, "atomic_write", full_disk)
+    for _ in range(2):  # nothing was cached: the second time decodes again
+        logs: list[str] = []
+        assert len(_held(data, logs)[0]) == 20
+        assert sum("decoding the" in line for line in logs) == 2
+        assert any(line.startswith("note: the decoded images could not be cached (") and "No space left on device"
+                   in line and line.endswith("the next run decodes them again") for line in logs)
 
 
 def test_auto_chooses_memory_when_the_recipe_and_the_memory_allow(data: Path,

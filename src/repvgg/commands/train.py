@@ -52,7 +52,7 @@ def _machinery_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory: decode the images once into memory (cached) and augment whole batches in the "
                    "training process; loader: read and augment each image in --workers processes; auto: memory when "
                    f"the recipe's augmentation allows it (pad crop and flip) and the decoded images fit "
-                   f"in {MEMORY_SHARE:.0%} of the available memory")
+                   f"in {MEMORY_SHARE:.0%}% of the available memory")
     g.add_argument("--workers", type=nonneg_int, default=default_workers(),
                    help="data-loading processes per training process (the loader path)")
     g.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], default="auto",

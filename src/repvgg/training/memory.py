@@ -207,11 +207,12 @@ def hold_in_memory(train: ImageFolder, val: ImageFolder, recipe: Recipe, path: D
     missing = unsupported(recipe)
     if missing and path == "memory":
         raise RepVGGError(f"--data-path memory: {missing}; use --data-path loader (or --crop pad --auto-augment none)")
-    nbytes = decoded_bytes(recipe, len(train), len(val)) * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    nbytes, processes = decoded_bytes(recipe, len(train), len(val)), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     available = available_memory()
-    if not missing and path == "auto" and nbytes > MEMORY_SHARE * available:
-        missing = (f"the decoded images ({nbytes / 2**20:.0f} MiB) exceed {MEMORY_SHARE:.0%} of the available "
-                   f"memory ({available / 2**30:.1f} GiB)")
+    if not missing and path == "auto" and nbytes * processes > MEMORY_SHARE * available:
+        copies = f" in each of {processes} processes" if processes > 1 else ""
+        missing = (f"the decoded images ({nbytes / 2**20:.0f} MiB{copies}) exceed {MEMORY_SHARE:.0%} of the "
+                   f"available memory ({available / 2**30:.1f} GiB)")
     if missing:
         log(f"data: loading processes, as {missing}")
         return None
@@ -222,8 +223,8 @@ def hold_in_memory(train: ImageFolder, val: ImageFolder, recipe: Recipe, path: D
             raise
         log(f"data: loading processes, as {e}")
         return None
-    log(f"data: in memory ({nbytes / 2**20:.0f} MiB decoded, cached in {cache_dir('decoded')}); batches "
-        f"augmented as whole tensors in the training process, no loading processes")
+    log(f"data: in memory ({nbytes / 2**20:.0f} MiB decoded); batches augmented as whole tensors in the training "
+        f"process, no loading processes")
     return held
 
 
@@ -231,6 +232,7 @@ def _decode_both(train: ImageFolder, val: ImageFolder, recipe: Recipe, bad_image
                  log: Callable[[str], None]) -> tuple[InMemoryTrain, InMemoryEval]:
     p = preprocess_settings(preprocess_of(recipe))
     size = recipe.img_size
+
     def train_decode(image: Image.Image) -> Tensor:  # train_transform's ToImage and Resize, without their dispatch
         return v2f.resize_image(v2f.pil_to_tensor(image), [size], antialias=True)
 
@@ -254,6 +256,7 @@ def decode_folder(folder: ImageFolder, decode: Callable[[Any], Tensor], shape: t
     cached = _read_cache(path, (len(folder), *shape))
     if cached is not None:
         return cached
+    log(f"decoding the {len(folder)} images of {folder.root} into memory, once (cached in {path.parent})")
     start = time.monotonic()
     decoded = _decode(folder, decode, shape, settings)
     bad = list(decoded.bad.values())
@@ -263,7 +266,7 @@ def decode_folder(folder: ImageFolder, decode: Callable[[Any], Tensor], shape: t
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
     except OSError as e:
         log(f"note: the decoded images could not be cached ({os_error_message(e)}); the next run decodes them again")
-    log(f"decoded the {len(folder)} images of {folder.root} in {time.monotonic() - start:.0f}s")
+    log(f"decoded in {time.monotonic() - start:.0f}s")
     return decoded
 
 
