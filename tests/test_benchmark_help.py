@@ -8,7 +8,7 @@ import pytest
 
 from imagefolders import REPO
 
-SCRIPTS = ["cifar10", "ablation", "quantization", "deploy_speed", "exactness", "segmentation"]
+SCRIPTS = ["cifar10", "ablation", "quantization", "deploy_speed", "exactness", "segmentation", "train_speed"]
 
 
 def load(name: str):

@@ -38,6 +38,7 @@ STRIDES = (1, 2, 2, 2, 2)
 PROBED = [*(flag for flag in TINY_TRAIN if flag != "--no-probe"), "--strides", *map(str, STRIDES)]
 PREPROCESS = {"resize": 16, "crop": 16, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 ENGINE = next(iter(int8_engines_installed()), None)
+DATA_PATHS = ["loader", "memory", "loader", "memory"]  # the data path of ``train`` up to each stop
 TIMEOUT_S = 300
 
 
@@ -128,14 +129,17 @@ def _uninterrupted(kind: str, inputs: Path, folder: Path, mode: StepMode) -> dic
 def test_a_run_stopped_by_each_signal_resumes_in_its_own_step_mode_to_the_uninterrupted_weights(
         kind: str, inputs: Path, tmp_path: Path) -> None:
     """One run, stopped four times and resumed four times: after the first stop every resume runs where torch's
-    default (and a probe's choice) would be two threads, and must keep the step mode that the first probe chose."""
+    default (and a probe's choice) would be two threads, and must keep the step mode that the first probe chose;
+    ``train`` switches between the loader and the in-memory data path at every stop (``qat`` holds its images in
+    memory), the uninterrupted run holds them in memory."""
     argv, run = _command(kind, inputs, tmp_path / "split")
     resume = [*argv, "--resume"] if kind == "train" else argv  # qat: the same command again
     elsewhere = {**subprocess_env(), "OMP_NUM_THREADS": "2"}
     mode, saved_at = None, (0, 0)
     for n, (sig, at) in enumerate(STOPS):
         (tmp_path / sig).mkdir()
-        status, output = _stopped_run(resume if n else argv, tmp_path / sig, sig, at,
+        path = ["--data-path", DATA_PATHS[n]] if kind == "train" else []
+        status, output = _stopped_run([*(resume if n else argv), *path], tmp_path / sig, sig, at,
                                       elsewhere if n else subprocess_env())
         signum = getattr(signal, sig)
         assert status == (-signum if sig == "SIGKILL" else 128 + signum), f"{sig}: {output[-3000:]}"

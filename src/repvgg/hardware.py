@@ -1,6 +1,6 @@
 """Measuring on the machine at hand: its CPU model and the vector/matrix extensions that decide which precision and
-engine are fast, its float32 matmul rate (the yardstick that makes throughput comparable across machines),
-side-by-side timing of alternatives, and the cache that keeps such timings per machine."""
+engine are fast, its float32 and bfloat16 matmul rates (the yardsticks that make throughput comparable across
+machines), side-by-side timing of alternatives, and the cache that keeps such timings per machine."""
 
 from __future__ import annotations
 
@@ -90,9 +90,10 @@ def cached_speeds(name: str, what: Mapping[str, Any], measure: Callable[[], dict
     return speeds, False
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 3) -> float:
-    """Float32 GFLOP/s of an n x n matrix multiply on the current torch threads (median of ``repeats``)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 2048, repeats: int = 3, dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of an n x n matrix multiply in ``dtype`` (float32, or bfloat16: the yardstick of bf16 autocast) on the
+    current torch threads (median of ``repeats``)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)
     times = []
     for _ in range(repeats):

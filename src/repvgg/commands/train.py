@@ -44,11 +44,17 @@ def _recipe_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _machinery_arguments(p: argparse.ArgumentParser) -> None:
+    from ..training.memory import MEMORY_SHARE
     from ..training.options import default_workers
 
     g = p.add_argument_group("machinery")
+    g.add_argument("--data-path", choices=["auto", "memory", "loader"], default="auto",
+                   help="memory: decode the images once into memory (cached) and augment whole batches in the "
+                   "training process; loader: read and augment each image in --workers processes; auto: memory when "
+                   f"the recipe's augmentation allows it (pad crop and flip) and the decoded images fit "
+                   f"in {MEMORY_SHARE:.0%}% of the available memory")
     g.add_argument("--workers", type=nonneg_int, default=default_workers(),
-                   help="data-loading processes per training process")
+                   help="data-loading processes per training process (the loader path)")
     g.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], default="auto",
                    help="mixed precision; auto: whichever the speed probe measures fastest (fp16: CUDA only)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -109,7 +115,7 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
                         recipe=recipe_with(args.recipe, **overrides), block=args.block, branches=args.branches,
                         pretrained=args.pretrained,
                         freeze_stages=args.freeze_stages, backbone_lr_scale=args.backbone_lr_scale,
-                        workers=args.workers, amp=None if args.amp == "auto" else args.amp,
+                        workers=args.workers, data_path=args.data_path, amp=None if args.amp == "auto" else args.amp,
                         channels_last=args.channels_last, threads=args.threads, probe=args.probe,
                         grad_checkpointing=args.grad_checkpointing, sync_bn=args.sync_bn, seed=args.seed,
                         resume=args.resume, bad_images=args.bad_images, cache_dir=args.cache_dir,

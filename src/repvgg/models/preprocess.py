@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from torchvision import transforms
 
 __all__ = ["IMAGENET_PREPROCESS", "CROP_FRACTION", "resize_for", "preprocess_settings", "preprocess_for_size",
-           "input_size", "to_rgb", "eval_transform", "resolve_data_config", "create_transform"]
+           "input_size", "to_rgb", "eval_crop", "eval_transform", "resolve_data_config", "create_transform"]
 
 IMAGENET_PREPROCESS: dict[str, Any] = {
     "resize": 256,  # shorter side before the centre crop
@@ -100,18 +100,23 @@ def input_size(metadata: Mapping[str, Any] | None = None) -> tuple[int, int]:
     return (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
 
 
-def eval_transform(preprocess: dict[str, Any] | None = None) -> transforms.Compose:
-    """PIL image -> normalized tensor: resize the shorter side, centre-crop, to tensor, normalize (RGB)."""
+def eval_crop(preprocess: dict[str, Any] | None = None) -> transforms.Compose:
+    """PIL image -> the RGB PIL image the network sees, before scaling and normalization: resize the shorter side,
+    centre-crop (what a decoded in-memory evaluation set stores)."""
     p = preprocess_settings(preprocess)
     from torchvision import transforms  # here, so that reading metadata (repvgg list, info) needs no torchvision
 
-    return transforms.Compose([
-        transforms.Lambda(to_rgb),
-        transforms.Resize(p["resize"]),
-        transforms.CenterCrop(p["crop"]),
-        transforms.ToTensor(),
-        transforms.Normalize(p["mean"], p["std"]),
-    ])
+    return transforms.Compose([transforms.Lambda(to_rgb), transforms.Resize(p["resize"]),
+                               transforms.CenterCrop(p["crop"])])
+
+
+def eval_transform(preprocess: dict[str, Any] | None = None) -> transforms.Compose:
+    """PIL image -> normalized tensor: resize the shorter side, centre-crop, to tensor, normalize (RGB)."""
+    p = preprocess_settings(preprocess)
+    from torchvision import transforms
+
+    return transforms.Compose([*eval_crop(p).transforms, transforms.ToTensor(), transforms.Normalize(p["mean"],
+                                                                                                    p["std"])])
 
 
 def _preprocess_of(source: Any) -> Any:

@@ -27,7 +27,7 @@ from ..files import cache_dir
 from ..models.preprocess import IMAGENET_PREPROCESS, to_rgb
 
 __all__ = ["train_transform",
-           "resolve_split", "ImageFolder", "BadImage", "Batch", "collate", "check_bad", "unpack_archive",
+           "resolve_split", "ImageFolder", "BadImage", "Batch", "collate", "check_bad", "unreadable", "unpack_archive",
            "default_cache_dir", "ARCHIVE_SUFFIXES", "IMAGE_EXTENSIONS", "READ_ERRORS", "is_image_file", "upright",
            "read_image"]
 
@@ -37,6 +37,7 @@ IMAGE_EXTENSIONS = (".bmp", ".gif", ".jfif", ".jpeg", ".jpg", ".pgm", ".png", ".
 # What decoding a damaged or unsupported file can raise.
 READ_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
 BadImagePolicy = Literal["skip", "error"]
+DataPath = Literal["auto", "memory", "loader"]  # decoded images held in memory, or per-image loading processes
 TrainCrop = Literal["random_resized", "pad"]
 AutoAugment = Literal["none", "rand", "auto"]
 
@@ -268,6 +269,11 @@ def check_bad(batch: Batch, policy: BadImagePolicy, report: Callable[[str], None
     """Report each bad image in ``batch``; raise under the ``error`` policy; return how many were skipped."""
     for bad in batch.bad:
         if policy == "error":
-            raise RepVGGError(f"cannot read image {bad.path}: {bad.reason} (use --bad-images skip to skip such files)")
+            raise unreadable(bad)
         report(f"skipping unreadable image {bad.path}: {bad.reason}")
     return len(batch.bad)
+
+
+def unreadable(bad: BadImage) -> RepVGGError:
+    """The error for an unreadable image under ``--bad-images error``."""
+    return RepVGGError(f"cannot read image {bad.path}: {bad.reason} (use --bad-images skip to skip such files)")

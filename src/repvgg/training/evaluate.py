@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,7 +91,7 @@ def _logits(model: nn.Module, images: Tensor) -> Tensor:
     return (out["main"] if isinstance(out, dict) else out).float()
 
 
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
+def evaluate(model: nn.Module, loader: Iterable[Batch], device: torch.device, num_classes: int,
              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
              channels_last: bool = False, bad_images: BadImagePolicy = "skip",
              report: Callable[[str], None] = print, confusion: bool = False, progress: bool = False,

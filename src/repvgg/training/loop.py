@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from ..errors import Interrupted, RepVGGError
@@ -39,6 +39,7 @@ from .data import Batch, check_bad, collate
 from .device import AmpMode, autocast, check_amp
 from .distributed import Dist, plain_bn
 from .evaluate import EvalResult, evaluate
+from .memory import memory_batches
 from .metrics import MetricsLog
 from .options import TrainOptions
 from .recipes import WarmupCosine, custom_l2_penalty
@@ -168,8 +169,13 @@ class Run:
     def elapsed(self) -> float:
         return self.elapsed_before + time.monotonic() - self.t_start
 
-    def loader(self, dataset: Dataset, sampler: Sampler | None, drop_last: bool) -> DataLoader:
-        """Batches of this process's share; a private generator keeps loading off the global RNG stream."""
+    def loader(self, dataset: Dataset, sampler: Iterable[int] | None, drop_last: bool) -> Iterable[Batch]:
+        """Batches of this process's share: built as whole tensors when ``dataset`` is held in memory, else by a
+        DataLoader (its private generator keeps loading off the global RNG stream)."""
+        indices = sampler if sampler is not None else range(len(dataset))
+        batches = memory_batches(dataset, indices, self.per_rank, drop_last)
+        if batches is not None:
+            return batches
         return DataLoader(dataset, batch_size=self.per_rank, sampler=sampler, num_workers=self.opts.workers,
                           collate_fn=collate, pin_memory=self.device.type == "cuda", drop_last=drop_last,
                           generator=torch.Generator().manual_seed(self.opts.seed), worker_init_fn=shield_worker)
@@ -360,8 +366,8 @@ def _fit_time_budget(run: Run, last_epoch_s: float) -> None:
 def evaluate_sharded(run: Run, model: nn.Module) -> EvalResult:
     """Each process evaluates every world-th validation sample; counts are summed over processes."""
     d = run.d
-    shard = Subset(run.val_set, range(d.rank, len(run.val_set), d.world))
-    result = evaluate(model, run.loader(shard, None, drop_last=False), run.device, run.num_classes,
+    shard = range(d.rank, len(run.val_set), d.world)
+    result = evaluate(model, run.loader(run.val_set, shard, drop_last=False), run.device, run.num_classes,
                       autocast=run.step_fn.autocast, channels_last=run.step_fn.channels_last,
                       bad_images=run.opts.bad_images, report=lambda s: None)
     result = result.all_reduce(d.all_sum, run.device)

@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from ..models.blocks import BlockKind, Branches
-from .data import BadImagePolicy
+from .data import BadImagePolicy, DataPath
 from .device import AmpMode
 from .recipes import RECIPES, Recipe
 
@@ -55,6 +55,7 @@ class TrainOptions:
     freeze_stages: int = 0  # stage0..stage(N-1) keep their pretrained weights and BN statistics
     backbone_lr_scale: float = 1.0  # learning rate of everything but the classifier, relative to --lr
     workers: int = field(default_factory=default_workers)
+    data_path: DataPath = "auto"  # images decoded into memory (when they fit), or per-image loading processes
     amp: AmpMode | None = None
     channels_last: bool | None = None
     threads: int | None = None

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler, Subset
 
-__all__ = ["ShardSampler", "SeededSamples", "fixed_subset"]
+__all__ = ["ShardSampler", "SeededSamples", "sample_seed", "fixed_subset"]
 
 
 class ShardSampler(Sampler[int]):
@@ -28,8 +28,14 @@ class ShardSampler(Sampler[int]):
         return max(0, len(self.sampler) - self.skip)
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample ``index``'s augmentation in ``epoch`` of a run seeded with ``seed``."""
+    return ((seed * 1_000_003 + epoch) * 100_000_007 + index) % 2**63
+
+
 class SeededSamples(Dataset):
-    """``dataset[i]`` with torch's RNG seeded from (seed, epoch, i) for the duration of the call."""
+    """``dataset[i]`` with torch's RNG seeded from (seed, epoch, i) for the duration of the call; :meth:`generator`
+    gives the same stream to code that augments whole batches."""
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
         self.dataset, self.seed, self.epoch = dataset, seed, 0
@@ -42,8 +48,12 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 100_000_007 + index) % 2**63)
+            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
             return self.dataset[index]
+
+    def generator(self, index: int) -> torch.Generator:
+        """A generator drawing what ``self[index]``'s augmentation draws from torch's seeded RNG, in this epoch."""
+        return torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
 
 
 def fixed_subset(dataset: Dataset, size: int | None, seed: int = 0) -> Dataset:

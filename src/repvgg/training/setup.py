@@ -4,7 +4,7 @@ choice of precision, memory format and threads, optimizer and schedule, and with
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from .data import ImageFolder, resolve_split, train_transform
 from .device import check_amp
 from .distributed import Dist, init_distributed
 from .loop import Run, TrainStep
+from .memory import InMemoryEval, InMemoryTrain, hold_in_memory, in_memory
 from .metrics import MetricsLog
 from .options import TrainOptions, describe
 from .recipes import Recipe, WarmupCosine, param_groups, preprocess_of, recipe_differences
@@ -42,8 +43,10 @@ TRAIN_PROBE_FILE = "train_probe.json"  # the speed probe's timings, in the user 
 __all__ = ["setup_run", "load_datasets", "freeze_stages", "start_weights"]
 
 
-def load_datasets(opts: TrainOptions) -> tuple[ImageFolder, ImageFolder, list[str]]:
-    """The train and val/test ImageFolders under ``opts.data`` with the recipe's transforms."""
+def load_datasets(opts: TrainOptions, log: Callable[[str], None] | None = None
+                  ) -> tuple[ImageFolder | InMemoryTrain, ImageFolder | InMemoryEval, list[str]]:
+    """The train and val/test sets under ``opts.data`` with the recipe's transforms: decoded into memory when
+    ``opts.data_path`` allows (see :mod:`.memory`), else ImageFolders read per image; ``log`` says which."""
     if not opts.data:
         raise RepVGGError("--data is required: a folder with train/ and val/ (or test/) class folders")
     r = opts.recipe
@@ -54,7 +57,8 @@ def load_datasets(opts: TrainOptions) -> tuple[ImageFolder, ImageFolder, list[st
     if val_set.classes != train_set.classes:
         raise RepVGGError(f"class folders differ between {train_dir} ({len(train_set.classes)} classes) and "
                           f"{val_dir} ({len(val_set.classes)} classes)")
-    return train_set, val_set, list(train_set.classes)
+    held = hold_in_memory(train_set, val_set, r, opts.data_path, opts.bad_images, log or opts.log)
+    return (*(held or (train_set, val_set)), list(train_set.classes))
 
 
 def setup_run(opts: TrainOptions, train_set: Dataset | None = None, val_set: Dataset | None = None,
@@ -67,15 +71,18 @@ def setup_run(opts: TrainOptions, train_set: Dataset | None = None, val_set: Dat
         raise RepVGGError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU)")
     if r.batch_size % d.world:
         raise RepVGGError(f"global batch size {r.batch_size} is not divisible by the {d.world} processes")
+    log = opts.log if d.main else (lambda s: None)
     if train_set is None or val_set is None:
-        train_set, val_set, class_names = load_datasets(opts)
+        train_set, val_set, class_names = load_datasets(opts, log)
+    elif opts.data_path == "memory" and not in_memory(train_set):
+        raise RepVGGError("--data-path memory decodes the image folders of --data; datasets passed to train() are "
+                          "read as they are (load them with load_datasets to hold them in memory)")
     names = list(class_names or [])
     if len(names) < 2:
         raise RepVGGError(f"need at least 2 classes to train, found {len(names)}")
     if len(train_set) // r.batch_size < 1:
         raise RepVGGError(f"{len(train_set)} training images are fewer than one batch of {r.batch_size}; "
                           f"lower --batch-size")
-    log = opts.log if d.main else (lambda s: None)
     _warn_small_images(train_set, r, log)
     if r.warmup_epochs >= r.epochs:
         log(f"warning: the {r.warmup_epochs:g}-epoch warm-up spans the whole {r.epochs}-epoch run: the learning rate "
