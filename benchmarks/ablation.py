@@ -261,10 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    existing_data(args.data, "CIFAR-10")
-    if args.measure_memory:
+    if args.measure_memory:  # a subprocess of the study: random images, no data set
         _measure_memory(args)
         return
+    existing_data(args.data, "CIFAR-10")
     probe_model = build("full", 10, args)
     x, y = torch.randn(args.measure_batch, 3, args.img_size, args.img_size), torch.randint(0, 10, (args.measure_batch,))
     speeds = probe_modes(probe_model, candidate_modes(torch.device("cpu"), None, None, None), x, y)
