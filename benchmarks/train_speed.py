@@ -10,9 +10,10 @@ machine's float32 and bf16 matmul rates.
     python benchmarks/train_speed.py --amp bf16 --layouts channels_last --branches full --rounds 5
 
 A measurement is one call: a new run of ``train()`` (or the minimal loop's next batches) for --warmup-steps steps,
-then --steps timed steps; a ``train()`` call stops there. Writes ``train_speed.{json,md}`` into --out. Target:
-``repvgg train`` on the data path it chooses by default at least 0.95x the minimal loop's images/s, in every step
-mode and block measured; exits with status 1 when it is not met.
+then --steps timed steps; a ``train()`` call stops there. Writes ``train_speed.{json,md}`` into ``runs/results/``
+(``benchmarks/results/`` with ``--update-results``). Target: ``repvgg train`` on the data path it chooses by
+default at least 0.95x the minimal loop's images/s, in every step mode and block measured; exits with status 1
+when it is not met.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from torch.nn import functional as nnf
 from torch.utils.data import Subset
 
 from repvgg import create_model
-from repvgg.commands.args import HelpFormatter, positive_int
+from repvgg.commands.args import HelpFormatter, add_results_arguments, positive_int, results_folder
 from repvgg.files import atomic_write
 from repvgg.hardware import machine_description, matmul_gflops, time_interleaved
 from repvgg.models.profile import count_macs
@@ -50,6 +51,7 @@ from repvgg.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
+COMMITTED_RESULTS, OWN_RESULTS = ROOT / "benchmarks" / "results", ROOT / "runs" / "results"
 TARGET = 0.95  # repvgg train (its default data path) / the minimal loop, in images/s
 PATHS = ("memory", "loader")
 
@@ -252,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(), help="torch threads")
     p.add_argument("--workers", type=positive_int, default=default_workers(),
                    help="loading processes of the loader path (repvgg train's default)")
-    p.add_argument("--out", type=Path, default=Path("runs/train_speed"), help="folder for train_speed.{json,md}")
+    add_results_arguments(p, COMMITTED_RESULTS, OWN_RESULTS)
     return p
 
 
@@ -275,9 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         "target": {"path": measured["default_path"], "least": TARGET, "lowest": lowest, "met": lowest >= TARGET},
         "results": results,
     }
-    atomic_write(args.out / "train_speed.json", json.dumps(report, indent=2) + "\n")
-    write_markdown(args.out / "train_speed.md", report)
-    print((args.out / "train_speed.md").read_text())
+    out = results_folder(args, COMMITTED_RESULTS, OWN_RESULTS)
+    atomic_write(out / "train_speed.json", json.dumps(report, indent=2) + "\n")
+    write_markdown(out / "train_speed.md", report)
+    print((out / "train_speed.md").read_text())
     return 0 if report["target"]["met"] else 1
 
 
