@@ -50,9 +50,11 @@ def test_bench_smoke(tmp_path, capsys) -> None:
     printed = capsys.readouterr().out
     assert "float32 matmul" in printed and "vs ResNet-18" in printed
     assert "of f32 mm" in printed.splitlines()[0] and "over that float32 rate" in printed
-    assert "RepVGG-A0 at 32x32, float32; 1 thread," in printed
     assert "target" not in printed and "met" not in printed  # measurements only; targets are benchmarks/' business
     report = json.loads(out.read_text())
+    threads = report["machine"]["torch_threads"]
+    assert threads == torch.get_num_threads()
+    assert f"RepVGG-A0 at 32x32, float32; {threads} thread{'s' if threads != 1 else ''}," in printed
     labels = [r["label"] for r in report["results"]]
     assert labels == ["RepVGG-A0 train (torch)"] + [f"RepVGG-A0 deploy ({e})" for e in engines] + ["ResNet-18 (torch)"]
     assert report["img_size"] == [32, 32] and report["batch_sizes"] == [1, 2] and report["matmul"]["gflops"] > 0
