@@ -153,3 +153,23 @@ def test_relative_difference_on_tensors_and_arrays() -> None:
     assert relative_difference(ref.numpy(), out.numpy()) == pytest.approx(0.005)
     assert relative_difference(ref, ref) == 0.0 and relative_difference(torch.zeros(2), torch.zeros(2)) == 0.0
     assert math.isnan(relative_difference(ref, out * float("nan")))
+
+
+@pytest.mark.parametrize("kind", BLOCK_KINDS)
+def test_a_strided_block_on_three_channels_trains_alike_in_either_memory_format(kind: str, one_thread: None) -> None:
+    """The stem's 1x1 branch (3 channels in, stride 2) in channels-last training: on AVX2 CPUs oneDNN's weight
+    gradient for that conv corrupts memory, so the branch subsamples first; values and gradients equal the strided
+    conv's."""
+    block = RepVGGBlock(3, 48, stride=2, kind=kind)
+    pointwise = block.rbr_1x1.conv if kind == "repvgg" else block.rbr_1x1
+    reference = nn.Conv2d(3, 48, 1, 2, bias=False)
+    reference.weight = pointwise.weight
+    x = torch.randn(4, 3, 32, 33)
+    assert torch.equal(pointwise(x), reference(x)) and pointwise(x).shape == (4, 48, 16, 17)
+    x, grads = x[..., :32], []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        block.zero_grad()
+        block.to(memory_format=memory_format)(x.contiguous(memory_format=memory_format)).square().mean().backward()
+        grads.append([p.grad.clone() for p in block.parameters()])
+    for nchw, channels_last in zip(*grads, strict=True):
+        torch.testing.assert_close(channels_last, nchw, rtol=1e-4, atol=1e-6)

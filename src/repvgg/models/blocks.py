@@ -11,11 +11,12 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..errors import RepVGGError
 from .reparam import fuse_bn, identity_kernel, sum_branches
 
-__all__ = ["ConvBN", "SqueezeExcite", "RepVGGBlock", "SEPosition", "Branches", "BRANCHES", "BlockKind",
+__all__ = ["ConvBN", "PointwiseConv", "SqueezeExcite", "RepVGGBlock", "SEPosition", "Branches", "BRANCHES", "BlockKind",
            "BLOCK_KINDS", "is_int", "check_int"]
 
 SEPosition = Literal["pre", "post"]
@@ -25,13 +26,31 @@ BlockKind = Literal["repvgg", "qarepvgg"]
 BLOCK_KINDS: tuple[str, ...] = ("repvgg", "qarepvgg")
 
 
+class PointwiseConv(nn.Conv2d):
+    """A 1x1 conv that, when strided, keeps every ``stride``-th pixel and then convolves: the same values as
+    ``nn.Conv2d``, without oneDNN's weight gradient for strided 1x1 convs over channels-last inputs of few channels,
+    which corrupts memory on AVX2 CPUs (torch 2.14; the stem's 1x1 branch reads 3 channels)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1,
+                 bias: bool = False) -> None:
+        super().__init__(in_channels, out_channels, 1, stride, 0, 1, groups, bias=bias)
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        sy, sx = self.stride
+        return F.conv2d(input[:, :, ::sy, ::sx], weight, bias, 1, 0, 1, self.groups)
+
+
 class ConvBN(nn.Sequential):
     """A bias-free conv followed by BatchNorm: one branch of the training-time block."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  padding: int = 0, groups: int = 1, dilation: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False)
+        if kernel_size == 1 and padding == 0 and dilation == 1:
+            self.conv: nn.Conv2d = PointwiseConv(in_channels, out_channels, stride, groups)
+        else:
+            self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                                  bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
 
     def fused(self) -> tuple[Tensor, Tensor]:
@@ -92,7 +111,7 @@ class RepVGGBlock(nn.Module):
         self.rbr_identity: nn.Module | None = None
         if branches in ("full", "3x3+1x1"):
             self.rbr_1x1 = ConvBN(in_channels, out_channels, 1, stride, 0, groups) if kind == "repvgg" else \
-                nn.Conv2d(in_channels, out_channels, 1, stride, 0, groups=groups, bias=False)
+                PointwiseConv(in_channels, out_channels, stride, groups)
         if branches in ("full", "3x3+identity") and identity and in_channels == out_channels and stride == 1:
             self.rbr_identity = nn.BatchNorm2d(in_channels) if kind == "repvgg" else nn.Identity()
         if kind == "qarepvgg":
