@@ -504,8 +504,11 @@ def test_paper_recipe_on_small_images_warns(data: Path, tmp_path: Path, capsys: 
 
 def test_speed_probe_measures_every_open_mode() -> None:
     cpu = torch.device("cpu")
-    modes = candidate_modes(cpu, None, None, 1)
+    modes = candidate_modes(cpu, None, None, 1, bf16=True)
     assert set(modes) == {StepMode(a, c, 1) for a in ("none", "bf16") for c in (False, True)}
+    assert candidate_modes(cpu, None, None, 1, bf16=False) == [StepMode("none", c, 1) for c in (False, True)]
+    asked = candidate_modes(cpu, "bf16", False, 1, bf16=False)
+    assert asked == [StepMode("bf16", False, 1), StepMode("none", False, 1)]
     assert candidate_modes(cpu, "bf16", True, 1) == [StepMode("bf16", True, 1), StepMode("none", False, 1)]
     model = create_model("repvgg_a0", num_classes=3, strides=(2, 2, 2, 2, 2))
     speeds = probe_modes(model, modes[:2], torch.randn(4, 3, 16, 16), torch.randint(0, 3, (4,)), rounds=1)

@@ -1,7 +1,8 @@
 """Choosing how a training step runs on the machine at hand: precision, memory format and threads.
 
 What is fastest differs by an order of magnitude between CPUs (bf16 autocast is several times faster than float32
-where AMX/AVX-512 bf16 exist, and many times slower where they do not), so a short side-by-side probe decides.
+where AMX/AVX-512 bf16 exist, and many times slower where they do not, so it is tried only there), so a short
+side-by-side probe decides.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from ..hardware import measure_throughput
 from .device import AmpMode, autocast
 
-__all__ = ["StepMode", "candidate_modes", "probe_modes", "step_runner", "training_flops_per_image"]
+__all__ = ["StepMode", "native_bf16", "candidate_modes", "probe_modes", "step_runner", "training_flops_per_image"]
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,22 @@ class StepMode:
         return f"{precision} {layout}, {self.threads} thread{'s' if self.threads > 1 else ''}"
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 runs natively: a GPU, or a CPU with AVX-512 bf16 or AMX (elsewhere oneDNN emulates bf16, many
+    times slower than float32)."""
+    return device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def candidate_modes(device: torch.device, amp: AmpMode | None, channels_last: bool | None,
-                    threads: int | None) -> list[StepMode]:
+                    threads: int | None, bf16: bool | None = None) -> list[StepMode]:
     """Every combination the user left open (``None``), with the fixed choices kept; float32 is always included
-    so that a requested mode slower than float32 can be reported."""
+    so that a requested mode slower than float32 can be reported. bf16 is a candidate where it runs natively
+    (``bf16``, default :func:`native_bf16`), or when asked for."""
     cores = os.cpu_count() or 1
-    amps: list[AmpMode] = [amp] if amp else (["none", "bf16", "fp16"] if device.type == "cuda" else ["none", "bf16"])
+    bf16 = native_bf16(device) if bf16 is None else bf16
+    open_amps: list[AmpMode] = ["none", "bf16", "fp16"] if device.type == "cuda" else ["none", "bf16"] if bf16 \
+        else ["none"]
+    amps = [amp] if amp else open_amps
     layouts = [channels_last] if channels_last is not None else [False, True]
     thread_counts = [threads] if threads else sorted({1, min(cores, torch.get_num_threads())})
     if device.type == "cuda":
