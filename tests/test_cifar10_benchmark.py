@@ -1,4 +1,4 @@
-"""The CIFAR-10 benchmark command on a tiny image folder: it trains, reports both forms, flip TTA, the per-epoch table
+"""The CIFAR-10 benchmark command on a tiny image folder: it trains, reports both forms, TTA, the per-epoch table
 and both target verdicts, and ``--report-only`` rebuilds the same report (the speed probe included) from the run
 without training."""
 
@@ -26,13 +26,13 @@ def test_cifar10_benchmark_on_a_tiny_folder(tmp_path: Path, capsys: pytest.Captu
     cifar10.main(argv)
     result = json.loads((tmp_path / "results" / "cifar10_a0.json").read_text())
     assert result["epochs"] == 1 and len(result["per_epoch"]) == 1
-    assert 0 <= result["reloaded_deploy_top1_flip_tta"] <= 100
+    assert 0 <= result["reloaded_deploy_top1_tta"] <= 100 and result["tta"] == "flip-translate"
     assert result["target"]["met"] is (result["deploy_top1"] >= 90)
-    assert result["target"]["met_with_flip_tta"] is (result["reloaded_deploy_top1_flip_tta"] >= 90)
+    assert result["target"]["met_with_tta"] is (result["reloaded_deploy_top1_tta"] >= 90)
     assert "--resume" not in result["command"] and "--report-only" not in result["command"]
     assert result["probe"]["chosen"] in result["probe"]["images_per_s"]
     md = (tmp_path / "results" / "cifar10_a0.md").read_text()
-    assert "| epoch | lr (end) |" in md and "with flip TTA" in md
+    assert "| epoch | lr (end) |" in md and "with flip-translate TTA" in md
     assert f"evaluated in the run's step mode ({result['probe']['chosen']})" in md
     assert (tmp_path / "results" / "cifar10_a0.png").stat().st_size > 1000
     capsys.readouterr()

@@ -104,24 +104,35 @@ def test_folders_that_cannot_match_the_outputs_are_refused(data: Path, tmp_path:
     assert align_classes(["b", "a"], ["a", "b", "c"], 3) == [1, 0]
 
 
-def test_flip_tta_averages_each_image_with_its_mirror(data: Path, checkpoints: dict[str, Path],
-                                                      tmp_path: Path) -> None:
+@pytest.mark.parametrize("tta", ["flip", "flip-translate"])
+def test_tta_scores_the_mean_logits_of_its_views_beside_the_plain_figures(data: Path, checkpoints: dict[str, Path],
+                                                                         tmp_path: Path, tta: str) -> None:
     from torch.utils.data import DataLoader
 
     from repvgg import model_from_checkpoint
     from repvgg.training.data import collate
-    from repvgg.training.evaluate import evaluate
+    from repvgg.training.evaluate import evaluate, tta_views
 
     model, ckpt = model_from_checkpoint(checkpoints["deploy"])
     dataset = ImageFolder(Path(data) / "val", eval_transform(ckpt.metadata["preprocess"]))
     loader = DataLoader(dataset, batch_size=len(dataset), collate_fn=collate)
     images = next(iter(loader)).images
+    views = tta_views(images, tta)
+    assert len(views) == {"flip": 2, "flip-translate": 6}[tta] and torch.equal(views[1], images.flip(3))
+    if tta == "flip-translate":  # 16-pixel crops: shifted by one pixel down-right and up-left, edges reflected
+        assert torch.equal(views[2][..., 1:, 1:], images[..., :-1, :-1])
+        assert torch.equal(views[3][..., :-1, :-1], images[..., 1:, 1:])
+        assert torch.equal(views[2][..., 0, 1:], images[..., 1, :-1])
     with torch.no_grad():
-        averaged = (model(images) + model(images.flip(3))) / 2
-    result = evaluate(model, loader, torch.device("cpu"), 3, flip=True)
+        plain = model(images)
+        averaged = torch.stack([model(v) for v in views]).mean(0)
+    result = evaluate(model, loader, torch.device("cpu"), 3, tta=tta)
     targets = torch.tensor([t for _, t in dataset.samples])
-    assert result.correct1 == int((averaged.argmax(1) == targets).sum())
+    assert result.correct1 == int((plain.argmax(1) == targets).sum())
+    assert result.tta.correct1 == int((averaged.argmax(1) == targets).sum()) and result.tta.n == len(targets)
     expected_loss = torch.nn.functional.cross_entropy(averaged, targets, reduction="sum").item()
-    assert abs(result.loss_sum - expected_loss) < 1e-3
-    tta = _eval(tmp_path, "--data", str(data), "--checkpoint", str(checkpoints["deploy"]), "--flip-tta")
-    assert tta["flip_tta"] is True and abs(tta["loss"] - expected_loss / len(targets)) < 1e-4
+    assert abs(result.tta.loss_sum - expected_loss) < 1e-3 and abs(result.loss_sum - expected_loss) > 1e-3
+    report = _eval(tmp_path, "--data", str(data), "--checkpoint", str(checkpoints["deploy"]),
+                   *(["--tta"] if tta == "flip-translate" else ["--flip-tta"]))
+    assert report["settings"]["tta"] == tta and abs(report["tta"]["loss"] - expected_loss / len(targets)) < 1e-4
+    assert abs(report["loss"] - result.loss) < 1e-4

@@ -42,8 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="unreadable images: report and skip, or stop")
     p.add_argument("--cache-dir", help="where archives are unpacked")
     p.add_argument("--per-class", action="store_true", help="print recall, precision and F1 of every class")
-    p.add_argument("--flip-tta", action="store_true", help="test-time augmentation: average the logits of each "
-                   "image and its horizontal mirror (twice the compute)")
+    p.add_argument("--tta", nargs="?", const="flip-translate", default="none", choices=["flip", "flip-translate"],
+                   help="also report test-time augmentation: the mean logits of each image and its mirror (flip, 2x "
+                   "the compute), and of both shifted diagonally by 1/16 of the side each way (flip-translate, the "
+                   "choice of a bare --tta, 6x)")
+    p.add_argument("--flip-tta", dest="tta", action="store_const", const="flip", help=argparse.SUPPRESS)
     p.add_argument("--confusion", metavar="IMAGE", type=figure_file, help="draw the confusion matrix to this file")
     p.add_argument("--json", metavar="FILE", type=output_file, help="also write the results as JSON")
 
@@ -55,7 +58,7 @@ def settings_from_args(args: argparse.Namespace, confusion: bool = False) -> Any
     return EvalSettings(data=args.data, split=args.split, img_size=args.img_size, resize=args.resize,
                         batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp,
                         channels_last=args.channels_last, bad_images=args.bad_images, cache_dir=args.cache_dir,
-                        flip_tta=args.flip_tta, confusion=confusion)
+                        tta=args.tta, confusion=confusion)
 
 
 def label(checkpoint: str | None, pretrained: str | None) -> str:
@@ -84,13 +87,15 @@ def run(args: argparse.Namespace, outputs: Outputs) -> None:
     result, meta = done.result, ckpt.metadata
     form = "deploy" if ckpt.deploy else "training-time"
     arch = model.config.official_name if hasattr(model, "config") else meta.get("architecture", "unknown")
-    print(f"{name} ({ckpt.format}, {form}, {arch}) on {done.root}"
-          + (", flip test-time augmentation" if args.flip_tta else ""))
+    print(f"{name} ({ckpt.format}, {form}, {arch}) on {done.root}")
     print(f"  images {result.n}  top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  loss {result.loss:.4f}  "
           f"{result.images_per_s:.1f} images/s" + (f"  ({result.skipped} unreadable skipped)" if result.skipped
                                                    else ""))
+    if result.tta is not None:
+        print(f"  {args.tta} test-time augmentation: top-1 {result.tta.top1:.2f}%  top-5 {result.tta.top5:.2f}%  "
+              f"loss {result.tta.loss:.4f}")
     names = [str(n) for n in meta.get("class_names") or done.folder_classes]
-    summary = dict(checkpoint=name, format=ckpt.format, form=form, data=str(done.root), flip_tta=args.flip_tta,
+    summary = dict(checkpoint=name, format=ckpt.format, form=form, data=str(done.root),
                    settings={k: v for k, v in asdict(settings).items() if k != "confusion"}, **result.as_dict())
     if args.per_class:
         summary.update(_per_class_report(result, names, sorted(set(done.targets))))

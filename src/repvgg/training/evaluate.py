@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,11 @@ from ..models.preprocess import eval_transform, preprocess_settings, resize_for
 from .data import BadImagePolicy, Batch, ImageFolder, check_bad, collate, resolve_split
 from .device import AmpMode, autocast, check_amp, resolve_device
 
-__all__ = ["EvalResult", "EvalSettings", "FolderEval", "evaluate", "evaluate_folder", "align_classes"]
+__all__ = ["EvalResult", "EvalSettings", "FolderEval", "TTA", "TTA_MODES", "tta_views", "evaluate", "evaluate_folder",
+           "align_classes"]
+
+TTA = Literal["none", "flip", "flip-translate"]
+TTA_MODES: tuple[str, ...] = get_args(TTA)
 
 
 @dataclass
@@ -36,6 +40,7 @@ class EvalResult:
     wall_time_s: float = 0.0
     skipped: int = 0
     confusion: Tensor | None = None  # [true class, predicted class] counts
+    tta: EvalResult | None = None  # the same images scored with test-time augmentation, when asked
 
     @property
     def top1(self) -> float:
@@ -72,12 +77,15 @@ class EvalResult:
         """Counts summed over processes with ``all_sum`` (times: the slowest process)."""
         n, c1, c5, loss, skipped = all_sum([self.n, self.correct1, self.correct5, self.loss_sum, self.skipped],
                                            device)
+        tta = self.tta.all_reduce(all_sum, device) if self.tta is not None else None
         return EvalResult(int(n), int(c1), int(c5), loss, self.model_time_s, self.wall_time_s, int(skipped),
-                          self.confusion)
+                          self.confusion, tta)
 
     def as_dict(self) -> dict[str, Any]:
+        """The figures as reported; ``tta`` holds the test-time augmented ones when they were measured."""
+        tta = {"tta": dict(top1=self.tta.top1, top5=self.tta.top5, loss=self.tta.loss)} if self.tta else {}
         return dict(images=self.n, top1=self.top1, top5=self.top5, loss=self.loss, images_per_s=self.images_per_s,
-                    skipped_images=self.skipped)
+                    skipped_images=self.skipped, **tta)
 
 
 def _sync(device: torch.device) -> None:
@@ -91,17 +99,42 @@ def _logits(model: nn.Module, images: Tensor) -> Tensor:
     return (out["main"] if isinstance(out, dict) else out).float()
 
 
+def tta_views(images: Tensor, tta: TTA) -> list[Tensor]:
+    """The views whose logits test-time augmentation averages: the images and their mirror images (``flip``), and
+    each of those also shifted diagonally by 1/16 of the side both ways, edges reflected (``flip-translate``)."""
+    views = [images] if tta == "none" else [images, images.flip(3)]
+    if tta != "flip-translate":
+        return views
+    t = max(1, min(images.shape[-2:]) // 16)
+    shifted = []
+    for view in views:
+        padded = nn.functional.pad(view, (t, t, t, t), mode="reflect")
+        shifted += [padded[..., :-2 * t, :-2 * t], padded[..., 2 * t:, 2 * t:]]
+    return views + shifted
+
+
+def _count(result: EvalResult, logits: Tensor, targets: Tensor, num_classes: int) -> Tensor:
+    """Add a batch's hits and loss to ``result``; the top-k predicted classes."""
+    result.loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+    top = logits.topk(min(5, num_classes), dim=1).indices
+    hits = top.eq(targets[:, None])
+    result.correct1 += int(hits[:, 0].sum())
+    result.correct5 += int(hits.any(1).sum())
+    result.n += len(targets)
+    return top
+
+
 def evaluate(model: nn.Module, loader: Iterable[Batch], device: torch.device, num_classes: int,
              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
              channels_last: bool = False, bad_images: BadImagePolicy = "skip",
              report: Callable[[str], None] = print, confusion: bool = False, progress: bool = False,
-             flip: bool = False) -> EvalResult:
-    """Run ``model`` (eval mode) over ``loader`` of :class:`~repvgg.training.data.Batch` and count hits;
-    ``flip`` averages the logits of each image and its mirror image (test-time augmentation)."""
+             tta: TTA = "none") -> EvalResult:
+    """Run ``model`` (eval mode) over ``loader`` of :class:`~repvgg.training.data.Batch` and count hits; with
+    ``tta`` the same images are also scored on the mean logits of :func:`tta_views`, in ``result.tta``."""
     was_training = model.training
     model.eval()
-    result = EvalResult(confusion=torch.zeros(num_classes, num_classes, dtype=torch.long) if confusion else None)
-    k = min(5, num_classes)
+    result = EvalResult(confusion=torch.zeros(num_classes, num_classes, dtype=torch.long) if confusion else None,
+                        tta=EvalResult() if tta != "none" else None)
     t0 = time.perf_counter()
     for batch in tqdm(loader, desc="eval", disable=not progress, dynamic_ncols=True):
         batch: Batch
@@ -114,17 +147,12 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], device: torch.device, nu
         _sync(device)
         start = time.perf_counter()
         with autocast():
-            logits = _logits(model, images)
-            if flip:
-                logits = (logits + _logits(model, images.flip(3))) / 2
+            logits = [_logits(model, view) for view in tta_views(images, tta)]
         _sync(device)
         result.model_time_s += time.perf_counter() - start
-        result.loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-        top = logits.topk(k, dim=1).indices
-        hits = top.eq(targets[:, None])
-        result.correct1 += int(hits[:, 0].sum())
-        result.correct5 += int(hits.any(1).sum())
-        result.n += len(targets)
+        top = _count(result, logits[0], targets, num_classes)
+        if result.tta is not None:
+            _count(result.tta, torch.stack(logits).mean(0), targets, num_classes)
         if result.confusion is not None:
             pairs = targets.cpu() * num_classes + top[:, 0].cpu()
             result.confusion += torch.bincount(pairs, minlength=num_classes ** 2).reshape(num_classes, num_classes)
@@ -172,7 +200,7 @@ class EvalSettings:
     channels_last: bool = False
     bad_images: BadImagePolicy = "skip"
     cache_dir: str | None = None
-    flip_tta: bool = False  # average each image's logits with its mirror image's
+    tta: TTA = "none"  # also score the mean logits of the test-time augmentation views (tta_views)
     confusion: bool = False  # count [true class, predicted class] pairs
 
 
@@ -208,7 +236,7 @@ def evaluate_folder(model: nn.Module, metadata: dict[str, Any], settings: EvalSe
                         pin_memory=device.type == "cuda")
     result = evaluate(model, loader, device, num_classes, autocast=lambda: autocast(device, settings.amp),
                       channels_last=settings.channels_last, bad_images=settings.bad_images, report=report,
-                      confusion=settings.confusion, progress=progress, flip=settings.flip_tta)
+                      confusion=settings.confusion, progress=progress, tta=settings.tta)
     if not result.n:
         raise RepVGGError(f"no readable images in {dataset.root} ({result.skipped} unreadable)")
     if not math.isfinite(result.loss_sum):
