@@ -46,7 +46,7 @@ from repvgg.training.options import Callback, TrainOptions, default_workers
 from repvgg.training.recipes import Recipe, preprocess_of, recipe_with
 from repvgg.training.sampling import fixed_subset
 from repvgg.training.setup import load_datasets
-from repvgg.training.speed import StepMode, training_flops_per_image
+from repvgg.training.speed import StepMode, native_bf16, training_flops_per_image
 from repvgg.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,10 +210,12 @@ def summarize(args: argparse.Namespace, measured: dict[str, Any], matmul: dict[s
 def write_markdown(path: Path, report: dict[str, Any]) -> None:
     """The human-readable table next to the JSON."""
     m, s, t = report["machine"], report["settings"], report["target"]
+    native = m["bf16_native"]
     lines = [
         "# Training speed: `repvgg train` against a minimal loop", "",
         f"{m['cpu']} ({', '.join(m['cpu_features'])}), {m['cpu_count']} cores, torch {m['versions']['torch']}; "
-        f"matmul {m['matmul_gflops']['float32']:.0f} GFLOP/s float32, {m['matmul_gflops']['bfloat16']:.0f} bf16.",
+        f"matmul {m['matmul_gflops']['float32']:.0f} GFLOP/s float32, {m['matmul_gflops']['bfloat16']:.1f} bf16"
+        + ("." if native else " (emulated: no native bf16 on this CPU, so no bf16 share is given)."),
         f"RepVGG-A0, `cifar` recipe (batch {s['batch_size']}, {s['img_size']}x{s['img_size']}), a fixed "
         f"{s['subset']}-image CIFAR-10 subset; {s['steps']} timed steps after {s['warmup_steps']} per measurement, "
         f"median of {s['rounds']} interleaved rounds; loader path with {s['workers']} loading process(es); "
@@ -227,7 +229,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         lines.append(f"| {r['branches']} | {r['step_mode']} | {r['memory']['images_per_s']:.0f} | "
                      f"{r['loader']['images_per_s']:.0f} | {r['minimal']['images_per_s']:.0f} | "
                      f"{r['memory']['vs_minimal']:.2f}x | {r['loader']['vs_minimal']:.2f}x | {d['gflops']:.1f} | "
-                     f"{d['of_matmul_fp32']:.0%} | {d['of_matmul_bf16']:.0%} |")
+                     f"{d['of_matmul_fp32']:.0%} | {format(d['of_matmul_bf16'], '.0%') if native else '-'} |")
     lines += ["", "Images/s of training (forward, backward, optimizer step, and getting the batch), medians over the "
               "rounds; the ratios are medians of each round's ratio. "
               f"Target: `repvgg train` ({t['path']} path) at least {t['least']}x the minimal loop in every row: "
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     results = summarize(args, measured, matmul)
     lowest = min(r["train_vs_minimal"] for r in results)
     report = {
-        "machine": {**machine_description(), "matmul_gflops": matmul},
+        "machine": {**machine_description(), "matmul_gflops": matmul, "bf16_native": native_bf16(torch.device("cpu"))},
         "settings": {"model": "repvgg_a0", "recipe": "cifar", "img_size": args.recipe.img_size,
                      "batch_size": args.batch_size, "subset": args.subset, "steps": args.steps,
                      "warmup_steps": args.warmup_steps, "rounds": args.rounds, "workers": args.workers,
