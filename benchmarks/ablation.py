@@ -121,12 +121,18 @@ def training_speed(args: argparse.Namespace, mode: StepMode) -> dict[str, float]
     return {v: s["images_per_s"] for v, s in speeds.items()}
 
 
-def peak_memory_mib(args: argparse.Namespace, variant: str) -> float:
-    """Peak resident memory rise of a few training steps of ``variant``, in a fresh process (MiB)."""
-    cmd = [sys.executable, __file__, "--measure-memory", variant, "--model", args.model, "--measure-batch",
-           str(args.measure_batch), "--img-size", str(args.img_size), "--strides", *map(str, args.strides)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return float(done.stdout.strip().splitlines()[-1])
+def peak_memory_mib(args: argparse.Namespace) -> dict[str, float]:
+    """Peak resident memory rise of a few training steps of each variant, each in a fresh process of its own (MiB);
+    the processes run side by side, since each measures only itself."""
+    procs = {v: subprocess.Popen([sys.executable, __file__, "--measure-memory", v, "--model", args.model,
+                                  "--measure-batch", str(args.measure_batch), "--img-size", str(args.img_size),
+                                  "--strides", *map(str, args.strides)], stdout=subprocess.PIPE, text=True)
+             for v in args.variants}
+    out = {v: p.communicate()[0] for v, p in procs.items()}
+    for p in procs.values():
+        if p.returncode:
+            raise subprocess.CalledProcessError(p.returncode, p.args)
+    return {v: float(text.strip().splitlines()[-1]) for v, text in out.items()}
 
 
 def _measure_memory(args: argparse.Namespace) -> None:
@@ -274,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(mode.threads)
     result = dict(model=args.model, strides=args.strides, epochs=args.epochs, seeds=args.seeds, step_mode=mode.label,
                   variants=aggregate(summaries, training_speed(args, mode),
-                                     {v: peak_memory_mib(args, v) for v in args.variants}, deploy_speed(args)),
+                                     peak_memory_mib(args), deploy_speed(args)),
                   machine=dict(**cpu_info(), matmul_fp32_gflops=matmul_gflops(), torch=torch.__version__,
                                python=platform.python_version()),
                   command=" ".join(["python", *sys.argv]))
