@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -21,11 +21,10 @@ from ..models.preprocess import eval_transform, preprocess_settings, resize_for
 from .data import BadImagePolicy, Batch, ImageFolder, check_bad, collate, resolve_split
 from .device import AmpMode, autocast, check_amp, resolve_device
 
-__all__ = ["EvalResult", "EvalSettings", "FolderEval", "TTA", "TTA_MODES", "tta_views", "evaluate", "evaluate_folder",
+__all__ = ["EvalResult", "EvalSettings", "FolderEval", "TTA", "tta_views", "evaluate", "evaluate_folder",
            "align_classes"]
 
 TTA = Literal["none", "flip", "flip-translate"]
-TTA_MODES: tuple[str, ...] = get_args(TTA)
 
 
 @dataclass
