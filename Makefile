@@ -35,8 +35,9 @@ demo: $(DEMO_STAMP)
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
+# the test files spread over one worker per core (each file's tests stay in one worker, sharing its fixtures)
 test: $(DEV_STAMP) lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

@@ -14,6 +14,13 @@ import torch
 from repvgg.models.reparam import randomize_bn
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, the workers share the cores: each gets its share of torch threads, not all of them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Train with one torch thread: with other processes on the cores, more threads are far slower."""

@@ -27,6 +27,11 @@ from repvgg import (
 )
 from repvgg.models.architectures import get_config
 from repvgg.models.checkpoints import describe_checkpoint
+from repvgg.models.reparam import relative_difference
+
+# mmpretrain's 1x1 branch convolves with its stride, ours subsamples first: the same sums, done by other kernels, so
+# outputs agree to rounding (bitwise only for some thread counts)
+MM_TOLERANCE = 1e-6
 
 X = torch.randn(2, 3, 64, 64)
 
@@ -157,7 +162,7 @@ def test_mmpretrain_layout_gives_the_same_outputs(tmp_path: Path) -> None:
     model, ckpt = model_from_checkpoint(tmp_path / "mm.pth")
     assert ckpt.format == "mmpretrain" and model.config.official_name == "RepVGG-A0" and not ckpt.deploy
     with torch.no_grad():
-        assert torch.equal(model(X), mm(X))
+        assert relative_difference(mm(X), model(X)) < MM_TOLERANCE
 
 
 def test_mmpretrain_layout_with_se_groups_and_deploy_form() -> None:
@@ -168,7 +173,7 @@ def test_mmpretrain_layout_with_se_groups_and_deploy_form() -> None:
     ours = RepVGG(config, num_classes=5)
     assert load_checkpoint(ours, mm.state_dict()).format == "mmpretrain"
     with torch.no_grad():
-        assert torch.equal(ours.eval()(X), mm(X))
+        assert relative_difference(mm(X), ours.eval()(X)) < MM_TOLERANCE
         deploy = RepVGG(config, num_classes=5, deploy=True)
         mm_deploy = {}  # mmpretrain's deploy keys: its switch_to_deploy names the fused conv branch_reparam
         for key, value in reparameterize(ours).state_dict().items():

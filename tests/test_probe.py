@@ -1,15 +1,20 @@
 """The default engine is the fastest one where it runs: a one-time probe, cached per CPU, thread count and engine
-versions. Tests inject the timings (a cache file, or the measuring function); none depends on a real timing."""
+versions, and kept only when measured on otherwise idle cores. Tests inject the timings (a cache file, or the measuring
+function); none depends on a real timing, and the one about load spins a process on every core."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from repvgg.deploy.engines import available_engines
 from repvgg.deploy.probe import PROBE_FILE, engine_speeds, fastest_engine, machine_key, measure_engines
+from repvgg.hardware import BUSY_ELSEWHERE, cached_speeds
 
 
 def seed_probe(cache: Path, speeds: dict[str, dict[str, float]]) -> None:
@@ -60,3 +65,25 @@ def test_machine_key_names_threads_and_engines() -> None:
 def test_the_real_probe_measures_each_engine() -> None:
     speeds = measure_engines(["torch"], img_size=(32, 32), batch_sizes=(1, 2), rounds=1)
     assert set(speeds) == {1, 2} and all(speeds[b]["torch"] > 0 for b in speeds)
+
+
+SPIN = "import time\nend = time.monotonic() + 1.5\nwhile time.monotonic() < end:\n    pass"
+
+
+def test_a_timing_taken_beside_busy_cores_chooses_once_and_is_not_kept(tmp_path: Path) -> None:
+    """Measured while a spinning process held every core, speeds are returned but not cached; measured alone (a
+    measurement too short to be judged counts as alone), they are kept and read back."""
+    path = tmp_path / "speeds.json"
+
+    def beside_spinning_processes() -> dict[str, float]:
+        spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(os.cpu_count() or 1)]
+        assert all(p.wait() == 0 for p in spinners)
+        return {"torch": 1.0}
+
+    busy = cached_speeds(path.name, {"cpu": "test"}, beside_spinning_processes, path)
+    assert busy.speeds == {"torch": 1.0} and not busy.cached and busy.busy_elsewhere > BUSY_ELSEWHERE
+    assert not path.exists()
+    alone = cached_speeds(path.name, {"cpu": "test"}, lambda: {"torch": 2.0}, path)
+    assert alone.speeds == {"torch": 2.0} and not alone.cached and alone.busy_elsewhere == 0.0
+    again = cached_speeds(path.name, {"cpu": "test"}, lambda: {"torch": 3.0}, path)
+    assert again.speeds == {"torch": 2.0} and again.cached

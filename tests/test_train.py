@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from imagefolders import PYTHON, REPO, TINY_TRAIN, make_dataset, subprocess_env
-from repvgg import create_model, model_from_checkpoint, save_checkpoint
+from repvgg import create_model, hardware, model_from_checkpoint, save_checkpoint
 from repvgg.cli import main
 from repvgg.errors import Interrupted, RepVGGError
 from repvgg.files import TMP_SUFFIX
@@ -145,7 +145,8 @@ def test_short_training_run_end_to_end(data: Path, tmp_path: Path, capsys: pytes
     assert main(["train", "--data", str(data), "--out", str(out), "--epochs", "2", "--lr", "0.4",
                  "--ema-decay", "0.9", "--custom-l2", "--mixup", "0.2", "--cutmix", "1.0", *TINY_TRAIN]) == 0
     printed = capsys.readouterr().out
-    assert re.search(r"recipe\.label_smoothing +0\.1\n", printed) and re.search(r"recipe\.custom_l2 +True", printed)
+    assert re.search(rf"recipe\.label_smoothing +{RECIPES['cifar'].label_smoothing}\n", printed)
+    assert re.search(r"recipe\.custom_l2 +True", printed)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all(math.isfinite(r["train_loss"]) for r in rows)
     assert {"val_top1", "ema_val_top1", "lr", "train_images_per_s", "train_of_matmul"} <= set(rows[-1])
@@ -327,6 +328,23 @@ def fresh_probe_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("REPVGG_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
 
+
+
+def test_a_probe_measured_while_the_cores_were_busy_chooses_for_its_run_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_probe_cache: Path) -> None:
+    """Other processes held the cores during the first probe: its choice trains that run, the log says it was not
+    kept, and the next run measures again."""
+    calls: list[list[StepMode]] = []
+    monkeypatch.setattr(setup, "probe_modes", _probe_preferring(CHANNELS_LAST, calls))
+    monkeypatch.setattr(hardware, "busy_elsewhere", lambda run: (run(), 0.75))
+    first: list[str] = []
+    train(_opts(tmp_path / "a", ONE_EPOCH, log=first.append, **PROBED), Noisy(), VAL, CLASSES)
+    assert any("kept 75% of the cores busy during the probe" in line for line in first)
+    assert any(f"step: {CHANNELS_LAST.label}" in line for line in first)
+    assert not (fresh_probe_cache / "train_probe.json").exists()
+    monkeypatch.setattr(hardware, "busy_elsewhere", lambda run: (run(), 0.0))
+    train(_opts(tmp_path / "b", ONE_EPOCH, **PROBED), Noisy(), VAL, CLASSES)
+    assert len(calls) == 2 and (fresh_probe_cache / "train_probe.json").is_file()
 
 def _probe_preferring(favourite: StepMode, calls: list[list[StepMode]]) -> Callable:
     """A stand-in for the speed probe that measures ``favourite`` fastest, recording the modes it was given."""

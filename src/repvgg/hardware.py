@@ -14,16 +14,17 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
 from .files import atomic_write, cache_dir
 
-__all__ = ["CPU_FEATURES", "cpu_info", "machine_description", "measurement_key", "cached_speeds", "matmul_gflops",
-           "time_interleaved", "measure_throughput"]
+__all__ = ["CPU_FEATURES", "cpu_info", "machine_description", "measurement_key", "Timing", "BUSY_ELSEWHERE",
+           "busy_elsewhere", "cached_speeds", "matmul_gflops", "time_interleaved", "measure_throughput"]
 
 K = TypeVar("K")
+T = TypeVar("T")
 
 # Flags (as /proc/cpuinfo names them) that change what is fastest: AVX2 only, AVX-512, VNNI int8, bf16, AMX tiles.
 CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -66,12 +67,48 @@ def measurement_key(what: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class Timing(NamedTuple):
+    """Speeds from :func:`cached_speeds`: whether they were read from the cache, and the share of the cores that other
+    processes kept busy while they were measured (0 when read from the cache)."""
+
+    speeds: dict[str, Any]
+    cached: bool
+    busy_elsewhere: float = 0.0
+
+
+# a timing taken while other processes kept more than this share of the cores busy is used once, never kept
+BUSY_ELSEWHERE = 0.2
+
+
+def _cpu_busy_s() -> tuple[float, int] | None:
+    """Busy CPU-seconds of the whole machine since boot and its CPU count, from /proc/stat (None elsewhere)."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+        ticks = [float(v) for v in lines[0].split()[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, IndexError, ValueError):
+        return None
+    cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), max(1, cpus)
+
+
+def busy_elsewhere(run: Callable[[], T], min_wall_s: float = 1.0) -> tuple[T, float]:
+    """``run()``'s result, and the share of the machine's cores that other processes kept busy meanwhile (0 where
+    the kernel does not say, or for runs shorter than ``min_wall_s``, below the clock ticks' resolution)."""
+    before, own, start = _cpu_busy_s(), time.process_time(), time.monotonic()
+    result = run()
+    after, own, wall = _cpu_busy_s(), time.process_time() - own, time.monotonic() - start
+    if before is None or after is None or wall < min_wall_s:
+        return result, 0.0
+    return result, max(0.0, (after[0] - before[0] - own) / (wall * after[1]))
+
+
 def cached_speeds(name: str, what: Mapping[str, Any], measure: Callable[[], dict[str, Any]],
-                  path: str | os.PathLike | None = None) -> tuple[dict[str, Any], bool]:
-    """(speeds, whether they were cached): a side-by-side timing of the machine at hand, kept in ``name`` in the
-    user cache folder under ``what`` it depends on (CPU model and flags, threads, versions, model, sizes), so it is
-    measured once. A cache that cannot be read is measured again; one that cannot be written costs a measurement
-    per call, nothing else."""
+                  path: str | os.PathLike | None = None) -> Timing:
+    """A side-by-side timing of the machine at hand, kept in ``name`` in the user cache folder under ``what`` it
+    depends on (CPU model and flags, threads, versions, model, sizes), so it is measured once. A timing taken while
+    other processes kept the cores busy (over :data:`BUSY_ELSEWHERE`) is returned but not kept: it would rank the
+    alternatives for a loaded machine forever. A cache that cannot be read is measured again; one that cannot be
+    written costs a measurement per call, nothing else."""
     path = Path(path) if path else cache_dir() / name
     key = measurement_key(what)
     try:
@@ -81,13 +118,15 @@ def cached_speeds(name: str, what: Mapping[str, Any], measure: Callable[[], dict
     cache = cache if isinstance(cache, dict) else {}
     entry = cache.get(key)
     if isinstance(entry, dict) and isinstance(entry.get("images_per_s"), dict):
-        return entry["images_per_s"], True
-    speeds = measure()
+        return Timing(entry["images_per_s"], True)
+    speeds, busy = busy_elsewhere(measure)
+    if busy > BUSY_ELSEWHERE:
+        return Timing(speeds, False, busy)
     cache[key] = {"machine": dict(what), "images_per_s": speeds,
                   "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     with contextlib.suppress(OSError):
         atomic_write(path, json.dumps(cache, indent=2) + "\n")
-    return speeds, False
+    return Timing(speeds, False, busy)
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 3, dtype: torch.dtype = torch.float32) -> float:

@@ -74,7 +74,7 @@ def engine_speeds(engines: Sequence[str], measure: Callable[[Sequence[str]], Spe
     """The engines' speeds on the machine at hand: cached when measured before with the same CPU, threads, engine
     versions and precision, else measured now with ``measure`` and cached (written atomically)."""
     _, machine = machine_key(engines, precision=precision)
-    speeds, _ = cached_speeds(PROBE_FILE, machine, lambda: {str(b): v for b, v in measure(engines).items()}, path)
+    speeds = cached_speeds(PROBE_FILE, machine, lambda: {str(b): v for b, v in measure(engines).items()}, path).speeds
     return {int(b): dict(v) for b, v in speeds.items()}
 
 

@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 
 from ..errors import RepVGGError
 from ..files import remove_debris
-from ..hardware import cached_speeds, cpu_info, matmul_gflops, measurement_key
+from ..hardware import BUSY_ELSEWHERE, cached_speeds, cpu_info, matmul_gflops, measurement_key
 from ..models.architectures import RepVGG
 from ..models.checkpoints import model_metadata
 from ..models.factory import create_model
@@ -202,12 +202,15 @@ def _choose_mode(opts: TrainOptions, raw: nn.Module, num_classes: int, per_rank:
             targets = torch.randint(0, num_classes, (len(images),), device=device)
             return {m.label: v for m, v in probe_modes(raw, modes, images, targets).items()}
 
-    by_label, cached = cached_speeds(TRAIN_PROBE_FILE, what, measure)
-    speeds = {m: by_label[m.label] for m in modes}
+    timing = cached_speeds(TRAIN_PROBE_FILE, what, measure)
+    speeds = {m: timing.speeds[m.label] for m in modes}
     chosen = max((m for m in speeds if not _flags_against(opts, m)), key=speeds.get)  # not the extra float32
     fp32 = max(v for m, v in speeds.items() if m.amp == "none")
-    log(f"speed probe (training images/s, side by side{', measured earlier here' if cached else ''}): " +
+    log(f"speed probe (training images/s, side by side{', measured earlier here' if timing.cached else ''}): " +
         ", ".join(f"{m.label} {v:.0f}" for m, v in sorted(speeds.items(), key=lambda kv: -kv[1])))
+    if timing.busy_elsewhere > BUSY_ELSEWHERE:
+        log(f"note: other processes kept {timing.busy_elsewhere:.0%} of the cores busy during the probe; its timing "
+            f"chooses for this run only and is not kept")
     if opts.amp not in (None, "none") and speeds[chosen] < fp32:
         log(f"warning: --amp {opts.amp} measured slower than float32 here ({speeds[chosen]:.0f} vs {fp32:.0f} "
             f"images/s); --amp none would train faster")
