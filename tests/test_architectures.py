@@ -28,6 +28,9 @@ from repvgg.models.reparam import relative_difference
 PAPER_DEPLOY_PARAMS_M = {"repvgg_a0": 8.30, "repvgg_a1": 12.78, "repvgg_a2": 25.49, "repvgg_b0": 14.33,
                          "repvgg_b1": 51.82, "repvgg_b1g2": 41.36, "repvgg_b1g4": 36.12, "repvgg_b2": 80.31,
                          "repvgg_b2g4": 55.77, "repvgg_b3": 110.96}
+# the smallest model of each kind of block (plain, 2 and 4 groups, SE, RepVGGplus): float64 exactness, which checks
+# the fusion arithmetic rather than the sizes, is asserted on these; every model is checked in float32
+FLOAT64_CHECKED = ("repvgg_a0", "repvgg_b1g2", "repvgg_b1g4", "repvgg_d2se", "repvggplus_l2pse")
 ALLOWED_DEPLOY_MODULES = (RepVGG, nn.Conv2d, nn.ReLU, nn.AdaptiveAvgPool2d, nn.Linear, nn.Identity, nn.Sequential,
                           nn.ModuleDict, RepVGGBlock, SqueezeExcite)
 
@@ -40,18 +43,13 @@ def test_registry_lists_all_published_models() -> None:
 
 @pytest.mark.parametrize("name", list_models())
 def test_conversion_is_exact_and_plain(name: str) -> None:
-    """float32 within 1e-5 and float64 within 1e-10 of the output scale; batch 1, non-square input."""
+    """float32 within 1e-5 (and float64 within 1e-10 for :data:`FLOAT64_CHECKED`) of the output scale; batch 1,
+    non-square input."""
     with torch.device("meta"):
         meta = create_model(name)
     expected_deploy = count_params(reparameterize(meta))
-    model = trained_looking(create_model(name, num_classes=10, strides=(2, 2, 2, 2, 1)))
-    x = torch.randn(1, 3, 40, 56)
-    with torch.no_grad():
-        deploy = reparameterize(model)
-        assert relative_difference(model(x), deploy(x)) < 1e-5
-        model.double()
-        deploy64 = reparameterize(model)
-        assert relative_difference(model(x.double()), deploy64(x.double())) < 1e-10
+    deploy = _assert_exact(trained_looking(create_model(name, num_classes=10, strides=(2, 2, 2, 2, 1))),
+                           float64=name in FLOAT64_CHECKED)
     for m in deploy.modules():
         assert isinstance(m, ALLOWED_DEPLOY_MODULES), f"{type(m).__name__} left in deploy model"
         if isinstance(m, nn.Conv2d) and not any(m is c for s in deploy.modules() if isinstance(s, SqueezeExcite)
@@ -61,14 +59,16 @@ def test_conversion_is_exact_and_plain(name: str) -> None:
         assert math.floor(expected_deploy / 1e4) / 100 == PAPER_DEPLOY_PARAMS_M[name]
 
 
-def _assert_exact(model: nn.Module) -> nn.Module:
-    """float32 within 1e-5 and float64 within 1e-10 of the output scale (batch 1, non-square input)."""
+def _assert_exact(model: nn.Module, float64: bool = True) -> nn.Module:
+    """float32 within 1e-5 and (with ``float64``) float64 within 1e-10 of the output scale (batch 1, non-square
+    input); returns the float32 deploy model."""
     x = torch.randn(1, 3, 40, 56)
     with torch.no_grad():
         deploy = reparameterize(model)
         assert relative_difference(model(x), deploy(x)) < 1e-5
-        model.double()
-        assert relative_difference(model(x.double()), reparameterize(model)(x.double())) < 1e-10
+        if float64:
+            model.double()
+            assert relative_difference(model(x.double()), reparameterize(model)(x.double())) < 1e-10
     return deploy
 
 
@@ -76,7 +76,7 @@ def _assert_exact(model: nn.Module) -> nn.Module:
 def test_qarepvgg_block_converts_exactly_in_every_architecture(name: str) -> None:
     model = trained_looking(create_model(name, num_classes=10, strides=(2, 2, 2, 2, 1), block="qarepvgg"))
     assert all(b.kind == "qarepvgg" and hasattr(b, "bn") for b in model.modules() if isinstance(b, RepVGGBlock))
-    deploy = _assert_exact(model)
+    deploy = _assert_exact(model, float64=name in FLOAT64_CHECKED)
     assert all(b.deploy for b in deploy.modules() if isinstance(b, RepVGGBlock))
 
 

@@ -156,8 +156,8 @@ class RepVGGBlock(nn.Module):
         conv = self.rbr_dense.conv
         self.rbr_reparam = nn.Conv2d(self.in_channels, self.out_channels, 3, self.stride, self.dilation,
                                      self.dilation, self.groups, bias=True, device="meta")
-        self.rbr_reparam.weight = nn.Parameter(kernel.detach().clone())
-        self.rbr_reparam.bias = nn.Parameter(bias.detach().clone())
+        self.rbr_reparam.weight = nn.Parameter(kernel.detach())  # new tensors: sums of the branches, nobody's weights
+        self.rbr_reparam.bias = nn.Parameter(bias.detach())
         self.rbr_reparam.train(conv.training)
         del self.rbr_dense, self.rbr_1x1, self.rbr_identity
         if self.kind == "qarepvgg":
