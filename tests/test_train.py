@@ -31,7 +31,14 @@ from repvgg.training import setup
 from repvgg.training.data import BadImage
 from repvgg.training.loop import Stopper, recompute_bn_statistics
 from repvgg.training.options import Callback, TrainOptions
-from repvgg.training.recipes import RECIPES, WarmupCosine, custom_l2_penalty, param_groups, recipe_with
+from repvgg.training.recipes import (
+    RECIPES,
+    WarmupDecay,
+    custom_l2_penalty,
+    param_groups,
+    recipe_differences,
+    recipe_with,
+)
 from repvgg.training.rundir import RunDir
 from repvgg.training.speed import StepMode, candidate_modes, probe_modes
 from repvgg.training.train import train
@@ -119,10 +126,28 @@ def test_custom_l2_replaces_decay_on_branch_kernels() -> None:
     assert k3.grad is not None and k1.grad is not None and block.rbr_dense.bn.weight.grad is None
 
 
-def test_warmup_cosine() -> None:
-    s = WarmupCosine(warmup_steps=4, total_steps=14)
+def test_warmup_then_cosine_or_linear_decay() -> None:
+    s = WarmupDecay(warmup_steps=4, total_steps=14)
     assert [s(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert s(4) == 1.0 and math.isclose(s(9), 0.5) and s(14) == 0.0
+    assert s(4) == 1.0 and math.isclose(s(9), 0.5) and s(14) == 0.0 and math.isclose(s(6), 0.5 + 0.5 * 0.8090169944)
+    linear = WarmupDecay(warmup_steps=4, total_steps=14, decay="linear")
+    assert [linear(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert linear(4) == 1.0 and math.isclose(linear(6), 0.8) and math.isclose(linear(9), 0.5) and linear(14) == 0.0
+
+
+
+def test_schedule_linear_decays_the_learning_rate_in_a_straight_line(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), "--epochs", "3", "--schedule", "linear",
+                 *TINY_TRAIN]) == 0
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    peak = RECIPES["cifar"].lr * 8 / 256  # TINY_TRAIN's batch of 8, no warm-up
+    assert lrs == pytest.approx([peak * 2 / 3, peak / 3, 0.0])
+
+def test_a_recipe_field_a_checkpoint_predates_counts_as_its_default() -> None:
+    stored = {k: v for k, v in dataclasses.asdict(RECIPES["cifar"]).items() if k != "schedule"}
+    assert recipe_differences(stored, RECIPES["cifar"]) == []
+    assert recipe_differences(stored, recipe_with("cifar", schedule="linear")) == ["schedule: 'cosine' -> 'linear'"]
 
 
 def test_recipes_are_printed_presets(capsys: pytest.CaptureFixture) -> None:

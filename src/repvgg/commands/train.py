@@ -33,6 +33,7 @@ def _recipe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crop", choices=["random_resized", "pad"], help="random-resized crop or pad-and-crop")
     g.add_argument("--auto-augment", choices=["none", "rand", "auto"], help="RandAugment or AutoAugment")
     g.add_argument("--warmup-epochs", type=nonneg_float, help="linear warm-up length")
+    g.add_argument("--schedule", choices=["cosine", "linear"], help="decay to zero after the warm-up: cosine or linear")
     g.add_argument("--label-smoothing", type=prob_float, help="label smoothing (0: off)")
     g.add_argument("--mixup", type=nonneg_float, help="mixup alpha (0: off)")
     g.add_argument("--cutmix", type=nonneg_float, help="cutmix alpha (0: off)")

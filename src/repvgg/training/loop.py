@@ -42,7 +42,7 @@ from .evaluate import EvalResult, evaluate
 from .memory import memory_batches
 from .metrics import MetricsLog
 from .options import TrainOptions
-from .recipes import WarmupCosine, custom_l2_penalty
+from .recipes import WarmupDecay, custom_l2_penalty
 from .rundir import RunDir
 from .sampling import SeededSamples, ShardSampler
 from .state import Progress, RunState
@@ -139,7 +139,7 @@ class Run:
     raw: nn.Module  # the network trained: a RepVGG, or any classifier from ``TrainOptions.model_factory``
     model: nn.Module  # ``raw``, or its DistributedDataParallel wrapper
     state: RunState
-    schedule: WarmupCosine
+    schedule: WarmupDecay
     step_fn: TrainStep
     mix: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None
     train_set: SeededSamples
@@ -352,7 +352,7 @@ def _write_epoch(run: Run, row: dict[str, Any], top1: float | None) -> None:
 
 def _fit_time_budget(run: Run, last_epoch_s: float) -> None:
     """Shrink the planned epochs to what fits the time budget at the last epoch's pace (agreed over processes);
-    the final evaluation gets half an epoch's room, and the cosine schedule then ends on the new last epoch."""
+    the final evaluation gets half an epoch's room, and the schedule's decay then ends on the new last epoch."""
     p, budget = run.progress, run.opts.time_budget_min
     if not budget or p.epoch >= p.total_epochs:
         return
@@ -360,7 +360,7 @@ def _fit_time_budget(run: Run, last_epoch_s: float) -> None:
     fit = max(p.epoch, min(p.total_epochs, int(run.d.all_sum([fit], run.device)[0] / run.d.world)))
     if fit != p.total_epochs:
         p.total_epochs, run.schedule.total_steps = fit, fit * run.steps_per_epoch
-        run.log(f"time budget: {fit} epochs fit at the last epoch's pace; the cosine schedule now ends there")
+        run.log(f"time budget: {fit} epochs fit at the last epoch's pace; the schedule now ends there")
 
 
 def evaluate_sharded(run: Run, model: nn.Module) -> EvalResult:

@@ -4,8 +4,8 @@ learning-rate schedule."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from dataclasses import MISSING, asdict, dataclass, fields, replace
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -15,8 +15,10 @@ from ..models.blocks import RepVGGBlock
 from ..models.preprocess import IMAGENET_PREPROCESS
 from .data import AutoAugment, TrainCrop
 
-__all__ = ["Recipe", "RECIPES", "recipe_with", "recipe_differences", "param_groups", "custom_l2_penalty",
-           "WarmupCosine", "preprocess_of"]
+__all__ = ["Decay", "Recipe", "RECIPES", "recipe_with", "recipe_differences", "param_groups", "custom_l2_penalty",
+           "WarmupDecay", "preprocess_of"]
+
+Decay = Literal["cosine", "linear"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class Recipe:
     crop: TrainCrop = "random_resized"
     auto_augment: AutoAugment = "none"
     warmup_epochs: float = 0.0
+    schedule: Decay = "cosine"
     label_smoothing: float = 0.0
     mixup: float = 0.0
     cutmix: float = 0.0
@@ -106,17 +109,19 @@ def custom_l2_penalty(model: nn.Module) -> Tensor:
     return total
 
 
-class WarmupCosine:
-    """LR factor per optimizer step: linear warm-up, then cosine to zero at ``total_steps`` (picklable state)."""
+class WarmupDecay:
+    """LR factor per optimizer step: linear warm-up, then a cosine or linear decay to zero at ``total_steps``
+    (picklable state)."""
 
-    def __init__(self, warmup_steps: int, total_steps: int) -> None:
-        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+    def __init__(self, warmup_steps: int, total_steps: int, decay: Decay = "cosine") -> None:
+        self.warmup_steps, self.total_steps, self.decay = warmup_steps, total_steps, decay
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         span = max(1, self.total_steps - self.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - self.warmup_steps) / span)))
+        done = min(1.0, (step - self.warmup_steps) / span)
+        return 1.0 - done if self.decay == "linear" else 0.5 * (1 + math.cos(math.pi * done))
 
 
 def preprocess_of(recipe: Recipe) -> dict[str, Any]:
@@ -125,11 +130,13 @@ def preprocess_of(recipe: Recipe) -> dict[str, Any]:
 
 
 def recipe_differences(stored: dict[str, Any], recipe: Recipe, ignore: tuple[str, ...] = ("epochs",)) -> list[str]:
-    """``field: stored -> now`` for each recipe value that differs from a checkpoint's ``stored`` recipe."""
+    """``field: stored -> now`` for each recipe value that differs from a checkpoint's ``stored`` recipe; a field the
+    checkpoint predates counts as its default (what that version trained with)."""
     now = asdict(recipe)
+    defaults = {f.name: f.default for f in fields(Recipe) if f.default is not MISSING}
     out = []
     for key, value in now.items():
-        old = stored.get(key)
+        old = stored.get(key, defaults.get(key))
         old = tuple(old) if isinstance(old, list) else old
         if key not in ignore and old != value:
             out.append(f"{key}: {old!r} -> {value!r}")

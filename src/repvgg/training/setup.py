@@ -32,7 +32,7 @@ from .loop import Run, TrainStep
 from .memory import InMemoryEval, InMemoryTrain, hold_in_memory, in_memory
 from .metrics import MetricsLog
 from .options import TrainOptions, describe
-from .recipes import Recipe, WarmupCosine, param_groups, preprocess_of, recipe_differences
+from .recipes import Recipe, WarmupDecay, param_groups, preprocess_of, recipe_differences
 from .rundir import RunDir
 from .sampling import SeededSamples
 from .speed import StepMode, candidate_modes, probe_modes, training_flops_per_image
@@ -281,7 +281,7 @@ def _assemble(opts: TrainOptions, d: Dist, device: torch.device, raw: nn.Module,
         if d.world > 1 else raw
     steps = len(train_set) // r.batch_size
     optimizer = _optimizer(raw, r, opts.backbone_lr_scale)
-    schedule = WarmupCosine(round(r.warmup_epochs * steps), r.epochs * steps)
+    schedule = WarmupDecay(round(r.warmup_epochs * steps), r.epochs * steps, r.schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     step_fn = TrainStep(model, raw, optimizer, nn.CrossEntropyLoss(label_smoothing=r.label_smoothing), device,
                         mode.amp, mode.channels_last, r.weight_decay if r.custom_l2 else 0.0, scheduler)
@@ -320,7 +320,7 @@ def _resume(run: Run, state: dict[str, Any], path: Path) -> None:
     if opts.recipe.epochs != planned:
         if opts.recipe.epochs < p.epoch:
             raise RepVGGError(f"--epochs {opts.recipe.epochs} is fewer than the {p.epoch} epochs {path} has done")
-        run.log(f"--epochs {opts.recipe.epochs} replaces the checkpoint's plan of {p.total_epochs}: the cosine "
+        run.log(f"--epochs {opts.recipe.epochs} replaces the checkpoint's plan of {p.total_epochs}: the "
                 f"schedule is stretched to end at epoch {opts.recipe.epochs} and continues from step "
                 f"{p.epoch * run.steps_per_epoch + p.step} on that curve")
         p.total_epochs = opts.recipe.epochs
