@@ -537,6 +537,19 @@ def test_fine_tuning_replaces_the_classifier_freezes_stages_and_scales_the_backb
     assert lrs == {round(0.2 * 8 / 256, 6), round(0.1 * 0.2 * 8 / 256, 6)}
 
 
+
+def test_batchnorm_biases_train_at_their_own_learning_rate(tmp_path: Path) -> None:
+    """``bn_bias_lr_scale`` 4: every BN bias, and nothing else, in groups at 4x the lr, without weight decay."""
+    train(_opts(tmp_path / "run", dataclasses.replace(ONE_EPOCH, bn_bias_lr_scale=4.0)), Noisy(), VAL, CLASSES)
+    groups = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    model = create_model("repvgg_a0", num_classes=len(CLASSES), strides=TINY.strides)
+    bn_biases = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    peak = TINY.scaled_lr(TINY.batch_size)
+    fast = [g for g in groups if math.isclose(g["initial_lr"], 4 * peak)]
+    assert sum(len(g["params"]) for g in fast) == bn_biases and all(g["weight_decay"] == 0 for g in fast)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert {round(g["initial_lr"] / peak, 6) for g in groups} == {1.0, 4.0}
+
 def test_paper_recipe_on_small_images_warns(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     argv = ["train", "--data", str(data), "--out", str(tmp_path / "r"), "--recipe", "paper", "--epochs", "1",
             "--batch-size", "8", "--workers", "0", "--no-tensorboard", "--no-probe", "--img-size", "64",

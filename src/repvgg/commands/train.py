@@ -37,6 +37,8 @@ def _recipe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--label-smoothing", type=prob_float, help="label smoothing (0: off)")
     g.add_argument("--mixup", type=nonneg_float, help="mixup alpha (0: off)")
     g.add_argument("--cutmix", type=nonneg_float, help="cutmix alpha (0: off)")
+    g.add_argument("--bn-bias-lr-scale", type=positive_float, help="learning rate of BatchNorm biases relative to "
+                   "the rest")
     g.add_argument("--ema-decay", type=prob_float, help="EMA of weights per step (0: off), e.g. 0.9998")
     g.add_argument("--custom-l2", action=argparse.BooleanOptionalAction, default=None,
                    help="the official L2 on the equivalent kernel instead of plain decay on the branch kernels")

@@ -23,7 +23,8 @@ Decay = Literal["cosine", "linear"]
 
 @dataclass(frozen=True)
 class Recipe:
-    """Every hyper-parameter of a training recipe; ``lr`` is for a global batch of 256 and scales linearly."""
+    """Every hyper-parameter of a training recipe; ``lr`` is for a global batch of 256 and scales linearly, and
+    BatchNorm biases train at ``bn_bias_lr_scale`` times the learning rate of the rest."""
 
     name: str
     epochs: int
@@ -42,6 +43,7 @@ class Recipe:
     mixup: float = 0.0
     cutmix: float = 0.0
     ema_decay: float = 0.0
+    bn_bias_lr_scale: float = 1.0
     custom_l2: bool = False
     strides: tuple[int, ...] = (2, 2, 2, 2, 2)
 

@@ -3,6 +3,7 @@ choice of precision, memory format and threads, optimizer and schedule, and with
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -25,6 +26,7 @@ from ..models.checkpoints import model_metadata
 from ..models.factory import create_model
 from ..models.preprocess import eval_transform
 from ..models.profile import count_macs, input_channels
+from ..models.reparam import is_batchnorm
 from .data import ImageFolder, resolve_split, train_transform
 from .device import check_amp
 from .distributed import Dist, init_distributed
@@ -253,15 +255,19 @@ def _resumed_mode(opts: TrainOptions, state: dict[str, Any], path: Path, device:
 
 def _optimizer(raw: nn.Module, recipe: Recipe, backbone_lr_scale: float) -> torch.optim.SGD:
     """SGD over the paper's decay groups; everything but the classifier (the last Linear layer) at
-    ``backbone_lr_scale`` of the lr."""
+    ``backbone_lr_scale`` of the lr, and BatchNorm biases at the recipe's ``bn_bias_lr_scale`` of theirs (in groups
+    of their own only then, so that the optimizer states of runs without it keep their layout)."""
     lr = recipe.scaled_lr(recipe.batch_size)
     head = {id(p) for m in [m for m in raw.modules() if isinstance(m, nn.Linear)][-1:] for p in m.parameters()}
+    bn_bias = {id(m.bias) for m in raw.modules() if is_batchnorm(m) and m.bias is not None} \
+        if recipe.bn_bias_lr_scale != 1.0 else set()
     groups = []
     for group in param_groups(raw, recipe.weight_decay, recipe.custom_l2):
-        for is_head in (False, True):
-            params = [p for p in group["params"] if (id(p) in head) == is_head]
+        for is_head, is_bn_bias in itertools.product((False, True), repeat=2):
+            params = [p for p in group["params"] if (id(p) in head) == is_head and (id(p) in bn_bias) == is_bn_bias]
+            scale = (1.0 if is_head else backbone_lr_scale) * (recipe.bn_bias_lr_scale if is_bn_bias else 1.0)
             if params:
-                groups.append({**group, "params": params, "lr": lr * (1.0 if is_head else backbone_lr_scale)})
+                groups.append({**group, "params": params, "lr": lr * scale})
     return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov and recipe.momentum > 0)
 
 
