@@ -41,7 +41,7 @@ from repvgg.commands.args import (
     positive_int,
     results_folder,
 )
-from repvgg.deploy.engines import INT8_SUFFIXES, Engine, available_engines, create_engine
+from repvgg.deploy.engines import INT8_ENGINES, INT8_SUFFIXES, Engine, available_engines, create_engine
 from repvgg.deploy.qat import QAT_METHOD, QATOptions, finetune_qat, qat_recipe
 from repvgg.deploy.quantize import (
     METHODS,
@@ -167,12 +167,12 @@ def float32_top1(model: nn.Module, test: tuple[np.ndarray, np.ndarray], img_size
 
 
 def ptq(model: nn.Module, batches: list[np.ndarray], test: tuple[np.ndarray, np.ndarray], img_size: tuple[int, int],
-        methods: list[str] | None) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
-    """(top-1, quantized model) by int8 engine and calibration method, for each installed engine's
+        engines: list[str], methods: list[str] | None) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
+    """(top-1, quantized model) by int8 engine and calibration method, for each of ``engines``'
     :func:`engine_methods`."""
     scores: dict[str, dict[str, float]] = {}
     quantized: dict[str, dict[str, Any]] = {}
-    for engine in int8_engines_installed():
+    for engine in engines:
         for method in engine_methods(engine, methods):
             q = quantized.setdefault(engine, {})[method] = quantize_model(model, engine, batches, method, img_size)
             scores.setdefault(engine, {})[method] = top1(int8_engine(q, engine, EVAL_BATCH), *test)
@@ -202,8 +202,8 @@ def qat_datasets(args: argparse.Namespace, run: Run) -> tuple[Dataset, Dataset, 
 def qat(args: argparse.Namespace, run: Run, batches: list[np.ndarray], test: tuple[np.ndarray, np.ndarray],
         img_size: tuple[int, int]) -> dict[str, Any]:
     """Fine-tune quantization-aware (or reuse the finished fine-tune), then the int8 top-1 of the tuned model
-    quantized with the scheme it trained against on every int8 engine."""
-    installed = int8_engines_installed()
+    quantized with the scheme it trained against on every int8 engine studied."""
+    installed = args.engines
     engine = "openvino" if "openvino" in installed else installed[0]
     out = Path(args.run_root) / f"{run.entry}-seed{args.seed}-qat{INT8_SUFFIXES[engine]}"
     opts = QATOptions(checkpoint=str(run.path / "model.pth"), data=args.data, out=str(out), epochs=args.qat_epochs,
@@ -397,7 +397,7 @@ def study(args: argparse.Namespace, run: Run, test: tuple[np.ndarray, np.ndarray
     print(f"== {run.name} ({run.path})", flush=True)
     deploy = float32_top1(model, test, img_size)
     print("  float32 deploy: " + ", ".join(f"{e} {v:.2f}%" for e, v in deploy.items()), flush=True)
-    scores, quantized = ptq(model, batches, test, img_size, args.methods)
+    scores, quantized = ptq(model, batches, test, img_size, args.engines, args.methods)
     best = best_methods(scores)
     qat_result = qat(args, run, batches, test, img_size)
     top = dict(float32_train={"torch": run.summary["train_top1"]}, float32_deploy=deploy,
@@ -420,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extra-runs", nargs="*", default=[], metavar="RUN_DIR",
                    help="more finished training runs on the same data to study alike (e.g. runs/cifar10_a0)")
     p.add_argument("--calib-images", type=positive_int, default=512, help="PTQ calibration images (from train/)")
+    p.add_argument("--engines", nargs="+", choices=INT8_ENGINES, help="int8 engines to study (default: every one "
+                   "installed)")
     p.add_argument("--methods", nargs="+", choices=sorted({m for ms in METHODS.values() for m in ms} - {NAIVE}),
                    help="PTQ calibration methods besides naive (default: every method of each engine; an engine "
                         "offering none of them uses its default)")
@@ -444,6 +446,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if not int8_engines_installed():
         raise SystemExit("error: no int8 engine installed; pip install 'repvgg[openvino,quantize]' or 'repvgg[onnx]'")
+    missing = sorted(set(args.engines or ()) - set(int8_engines_installed()))
+    if missing:
+        raise SystemExit(f"error: --engines {' '.join(missing)}: not installed (installed: "
+                         f"{', '.join(int8_engines_installed())})")
+    args.engines = [e for e in int8_engines_installed() if not args.engines or e in args.engines]
     runs = find_runs(args)
     inputs: dict[str, tuple[tuple[np.ndarray, np.ndarray], list[np.ndarray]]] = {}
     models = {}
