@@ -39,7 +39,8 @@ STOPS = {"train": [("SIGTERM", (0, 2)), ("SIGINT", (0, 4)), ("SIGKILL", (1, 2)),
 STRIDES = (1, 2, 2, 2, 2)
 PROBED = [*(flag for flag in TINY_TRAIN if flag != "--no-probe"), "--strides", *map(str, STRIDES)]
 PREPROCESS = {"resize": 16, "crop": 16, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-ENGINE = next(iter(int8_engines_installed()), None)
+# ONNX Runtime where installed: the resume is the engine's business only at the final export, and it needs no NNCF
+ENGINE = "onnxruntime" if "onnxruntime" in int8_engines_installed() else next(iter(int8_engines_installed()), None)
 DATA_PATHS = ["loader", "memory", "loader", "memory"]  # the data path of ``train`` up to each stop
 TIMEOUT_S = 300
 
