@@ -444,13 +444,13 @@ def main(argv: list[str] | None = None) -> None:
     existing_data(args.data, "CIFAR-10")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not int8_engines_installed():
+    installed = int8_engines_installed()
+    if not installed:
         raise SystemExit("error: no int8 engine installed; pip install 'repvgg[openvino,quantize]' or 'repvgg[onnx]'")
-    missing = sorted(set(args.engines or ()) - set(int8_engines_installed()))
+    missing = sorted(set(args.engines or ()) - set(installed))
     if missing:
-        raise SystemExit(f"error: --engines {' '.join(missing)}: not installed (installed: "
-                         f"{', '.join(int8_engines_installed())})")
-    args.engines = [e for e in int8_engines_installed() if not args.engines or e in args.engines]
+        raise SystemExit(f"error: --engines {' '.join(missing)}: not installed (installed: {', '.join(installed)})")
+    args.engines = [e for e in installed if not args.engines or e in args.engines]
     runs = find_runs(args)
     inputs: dict[str, tuple[tuple[np.ndarray, np.ndarray], list[np.ndarray]]] = {}
     models = {}
