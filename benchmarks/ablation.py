@@ -37,6 +37,7 @@ from repvgg.commands.args import (
     positive_int,
     results_folder,
 )
+from repvgg.commands.exits import run_command
 from repvgg.files import atomic_write
 from repvgg.hardware import cpu_info, matmul_gflops, measure_throughput
 from repvgg.models.blocks import BRANCHES
@@ -290,4 +291,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("ablation.py", main))

@@ -33,6 +33,7 @@ from repvgg.commands.args import (
     positive_int,
     results_folder,
 )
+from repvgg.commands.exits import run_command
 from repvgg.errors import RepVGGError
 from repvgg.files import atomic_write
 from repvgg.hardware import cpu_info, matmul_gflops
@@ -76,7 +77,7 @@ def stored_probe(run_dir: Path) -> dict[str, Any]:
     """The speed probe kept by the run's training invocation."""
     path = run_dir / PROBE_FILE
     if not path.is_file():
-        raise SystemExit(f"error: {path} not found: --report-only needs a run trained by this benchmark")
+        raise RepVGGError(f"{path} not found: --report-only needs a run trained by this benchmark")
     return json.loads(path.read_text())
 
 
@@ -193,7 +194,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RepVGGError as e:
-        sys.exit(f"error: {e}")
+    sys.exit(run_command("cifar10.py", main))

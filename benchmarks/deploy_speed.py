@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from repvgg.commands.args import HelpFormatter, add_results_arguments, positive_int, results_folder
+from repvgg.commands.exits import run_command
 from repvgg.deploy.benchmark import BASELINES, BENCH_ENGINES, format_table, plot_report, run_benchmark
 from repvgg.files import atomic_write
 
@@ -74,4 +75,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("deploy_speed.py", main))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 
 from repvgg import create_model, list_models, reparameterize
 from repvgg.commands.args import HelpFormatter, add_results_arguments, positive_int, results_folder
+from repvgg.commands.exits import run_command
 from repvgg.files import atomic_write
 from repvgg.models.reparam import randomize_bn, relative_difference
 
@@ -75,4 +77,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("exactness.py", main))

@@ -41,6 +41,7 @@ from repvgg.commands.args import (
     positive_int,
     results_folder,
 )
+from repvgg.commands.exits import run_command
 from repvgg.deploy.engines import INT8_ENGINES, INT8_SUFFIXES, Engine, available_engines, create_engine
 from repvgg.deploy.qat import QAT_METHOD, QATOptions, finetune_qat, qat_recipe
 from repvgg.deploy.quantize import (
@@ -52,6 +53,7 @@ from repvgg.deploy.quantize import (
     random_calibration,
 )
 from repvgg.deploy.sources import load_deploy_model
+from repvgg.errors import RepVGGError
 from repvgg.files import atomic_write
 from repvgg.hardware import cpu_info, matmul_gflops, measure_throughput
 from repvgg.models.checkpoints import Checkpoint, read_checkpoint
@@ -106,13 +108,13 @@ def find_runs(args: argparse.Namespace) -> dict[str, Run]:
         path = Path(args.run_root) / f"{entry}-seed{args.seed}"
         missing = _missing(path)
         if missing:
-            raise SystemExit(f"error: no finished {entry} run in {path} ({', '.join(missing)} missing); the "
+            raise RepVGGError(f"no finished {entry} run in {path} ({', '.join(missing)} missing); the "
                              f"ablation study makes it: {ablation_command(args)}")
         runs[entry] = _run(entry, path)
     for extra in args.extra_runs:
         path = Path(extra)
         if missing := _missing(path):
-            raise SystemExit(f"error: {path} is not a finished training run ({', '.join(missing)} missing)")
+            raise RepVGGError(f"{path} is not a finished training run ({', '.join(missing)} missing)")
         runs[path.name] = _run(path.name, path, f" ({path.name})")
     return runs
 
@@ -144,7 +146,7 @@ def load_test_set(args: argparse.Namespace, preprocess: dict[str, Any],
     root = resolve_split(args.data, ("test", "val"))
     dataset = ImageFolder(root, eval_transform(preprocess))
     if class_names and list(class_names) != dataset.classes:
-        raise SystemExit(f"error: the classes in {root} differ from the {len(class_names)} the models learned")
+        raise RepVGGError(f"the classes in {root} differ from the {len(class_names)} the models learned")
     loader = DataLoader(Subset(dataset, spread(len(dataset), args.test_limit)), batch_size=EVAL_BATCH,
                         collate_fn=collate, num_workers=args.workers)
     images, labels = zip(*((b.images.numpy(), b.targets.numpy()) for b in loader), strict=True)
@@ -446,10 +448,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     installed = int8_engines_installed()
     if not installed:
-        raise SystemExit("error: no int8 engine installed; pip install 'repvgg[openvino,quantize]' or 'repvgg[onnx]'")
+        raise RepVGGError("no int8 engine installed; pip install 'repvgg[openvino,quantize]' or 'repvgg[onnx]'")
     missing = sorted(set(args.engines or ()) - set(installed))
     if missing:
-        raise SystemExit(f"error: --engines {' '.join(missing)}: not installed (installed: {', '.join(installed)})")
+        raise RepVGGError(f"--engines {' '.join(missing)}: not installed (installed: {', '.join(installed)})")
     args.engines = [e for e in installed if not args.engines or e in args.engines]
     runs = find_runs(args)
     inputs: dict[str, tuple[tuple[np.ndarray, np.ndarray], list[np.ndarray]]] = {}
@@ -479,4 +481,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("quantization.py", main))

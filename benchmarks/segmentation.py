@@ -47,10 +47,12 @@ from repvgg.commands.args import (
     positive_int,
     results_folder,
 )
+from repvgg.commands.exits import run_command
 from repvgg.deploy.artifacts import artifact_metadata
 from repvgg.deploy.engines import INT8_SUFFIXES, INT8_TOOLS, Engine, TorchEngine, available_engines, load_artifact
 from repvgg.deploy.export import export_model
 from repvgg.deploy.quantize import METHODS, int8_engine, int8_engines_installed, quantize_model, save_int8
+from repvgg.errors import RepVGGError
 from repvgg.files import atomic_write
 from repvgg.hardware import machine_description, matmul_gflops, measure_throughput
 from repvgg.models.preprocess import IMAGENET_PREPROCESS
@@ -375,7 +377,7 @@ def load_data(args: argparse.Namespace) -> tuple[Canvases, Canvases, list[str]]:
     test_set, test_classes = build_canvases(resolve_split(args.data, ("test", "val")), args.test_canvases, args.grid,
                                             args.tile, args.seed + 1)
     if test_classes != classes:
-        raise SystemExit(f"error: the test classes {test_classes} differ from the training classes {classes}")
+        raise RepVGGError(f"the test classes {test_classes} differ from the training classes {classes}")
     return train_set, test_set, classes
 
 
@@ -469,4 +471,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("segmentation.py", main))

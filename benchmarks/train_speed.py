@@ -37,6 +37,8 @@ from torch.utils.data import Subset
 
 from repvgg import create_model
 from repvgg.commands.args import HelpFormatter, add_results_arguments, positive_int, results_folder
+from repvgg.commands.exits import run_command
+from repvgg.errors import RepVGGError
 from repvgg.files import atomic_write
 from repvgg.hardware import machine_description, matmul_gflops, time_interleaved
 from repvgg.models.profile import count_macs
@@ -264,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.recipe = recipe_with("cifar", batch_size=args.batch_size)
     if args.subset // args.batch_size < args.warmup_steps + args.steps:
-        raise SystemExit(f"error: --subset {args.subset} holds fewer than --warmup-steps + --steps batches")
+        raise RepVGGError(f"--subset {args.subset} holds fewer than --warmup-steps + --steps batches")
     torch.set_num_threads(args.threads)
     matmul = {"float32": matmul_gflops(), "bfloat16": matmul_gflops(dtype=torch.bfloat16)}
     measured = measure(args)
@@ -287,4 +289,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("train_speed.py", main))

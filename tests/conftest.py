@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,21 +38,25 @@ FIXED_ENGINE_SPEEDS = {"1": {"openvino": 3.0, "onnxruntime": 2.0, "torch": 1.0},
                        "8": {"openvino": 3.0, "onnxruntime": 2.0, "torch": 1.0}}
 
 
+FIXED_MATMUL_GFLOPS = {"float32": 100.0, "bfloat16": 50.0}
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _user_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A fresh REPVGG_CACHE_DIR per session (nothing lands in ~/.cache), its engine probe seeded with fixed speeds
-    for every thread count, so that no test waits for, or depends on, a real timing."""
+    """A fresh REPVGG_CACHE_DIR per session (nothing lands in ~/.cache), its engine probe and matmul rates seeded
+    with fixed figures for every thread count, so that no test waits for, or depends on, a real timing."""
     from repvgg.deploy.engines import available_engines
-    from repvgg.deploy.probe import PROBE_FILE, machine_key
+    from repvgg.deploy.probe import PROBE_FILE, engine_measurement
+    from repvgg.hardware import MATMUL_FILE, keep_speeds, matmul_measurement
 
     cache = tmp_path_factory.mktemp("repvgg-cache")
     engines = available_engines()
-    entries = {}
+    speeds = {b: {e: v for e, v in table.items() if e in engines} for b, table in FIXED_ENGINE_SPEEDS.items()}
     for threads in range(1, (os.cpu_count() or 1) + 1):
-        key, machine = machine_key(engines, threads)
-        speeds = {b: {e: v for e, v in table.items() if e in engines} for b, table in FIXED_ENGINE_SPEEDS.items()}
-        entries[key] = {"machine": machine, "images_per_s": speeds}
-    (cache / PROBE_FILE).write_text(json.dumps(entries))
+        keep_speeds(PROBE_FILE, engine_measurement(engines, threads), speeds, cache / PROBE_FILE)
+        for dtype, gflops in FIXED_MATMUL_GFLOPS.items():
+            keep_speeds(MATMUL_FILE, matmul_measurement(threads, getattr(torch, dtype)), {"gflops": gflops},
+                        cache / MATMUL_FILE)
     patch = pytest.MonkeyPatch()
     patch.setenv("REPVGG_CACHE_DIR", str(cache))
     yield cache

@@ -99,8 +99,8 @@ def test_benchmarks_write_into_the_users_folder_unless_asked_and_name_missing_da
     assert results_folder(parser.parse_args(["--results", "x"]), Path("committed"), Path("own")) == Path("x")
     result = subprocess.run([PYTHON, str(REPO / "benchmarks" / "cifar10.py"), "--data", str(tmp_path / "none")],
                             capture_output=True, text=True, timeout=300, env=subprocess_env())
-    assert result.returncode == 1 and result.stderr.strip() == f"error: CIFAR-10 not found at {tmp_path / 'none'}; " \
-        "pass --data DIR"
+    assert result.returncode == 2 and result.stderr.strip() == f"cifar10.py: error: CIFAR-10 not found at " \
+        f"{tmp_path / 'none'}; pass --data DIR"
 
 
 def test_peak_memory_is_measured_in_a_fresh_process() -> None:

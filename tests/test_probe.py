@@ -11,15 +11,23 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from repvgg import hardware
 from repvgg.deploy.engines import available_engines
-from repvgg.deploy.probe import PROBE_FILE, engine_speeds, fastest_engine, machine_key, measure_engines
-from repvgg.hardware import BUSY_ELSEWHERE, cached_speeds
+from repvgg.deploy.probe import PROBE_FILE, engine_measurement, engine_speeds, fastest_engine, measure_engines
+from repvgg.hardware import (
+    BUSY_ELSEWHERE,
+    MATMUL_FILE,
+    cached_speeds,
+    keep_speeds,
+    machine_matmul_gflops,
+    measurement_key,
+)
 
 
 def seed_probe(cache: Path, speeds: dict[str, dict[str, float]]) -> None:
-    key, machine = machine_key(available_engines())
-    (cache / PROBE_FILE).write_text(json.dumps({key: {"machine": machine, "images_per_s": speeds}}))
+    keep_speeds(PROBE_FILE, engine_measurement(available_engines()), speeds, cache / PROBE_FILE)
 
 
 def test_default_engine_follows_the_measured_speeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -56,10 +64,12 @@ def test_probe_runs_once_per_machine_and_engine_set(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == [PROBE_FILE]  # written atomically, no temporaries left
 
 
-def test_machine_key_names_threads_and_engines() -> None:
-    one, machine = machine_key(["torch"], threads=1)
+def test_the_engine_measurement_names_threads_and_engines() -> None:
+    machine = engine_measurement(["torch"], threads=1)
     assert machine["threads"] == 1 and machine["engines"]["torch"] != "unknown"
-    assert one != machine_key(["torch"], threads=2)[0] and one != machine_key(["torch", "openvino"], threads=1)[0]
+    one = measurement_key(machine)
+    assert one != measurement_key(engine_measurement(["torch"], threads=2))
+    assert one != measurement_key(engine_measurement(["torch", "openvino"], threads=1))
 
 
 def test_the_real_probe_measures_each_engine() -> None:
@@ -87,3 +97,27 @@ def test_a_timing_taken_beside_busy_cores_chooses_once_and_is_not_kept(tmp_path:
     assert alone.speeds == {"torch": 2.0} and not alone.cached and alone.busy_elsewhere == 0.0
     again = cached_speeds(path.name, {"cpu": "test"}, lambda: {"torch": 3.0}, path)
     assert again.speeds == {"torch": 2.0} and again.cached
+
+
+def test_the_matmul_rate_is_measured_once_per_machine_threads_and_dtype(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every training run's yardstick is read from the user cache after its first measurement."""
+    monkeypatch.setenv("REPVGG_CACHE_DIR", str(tmp_path))
+    measured: list[tuple[int, torch.dtype]] = []
+
+    def fake(dtype: torch.dtype = torch.float32) -> float:
+        measured.append((torch.get_num_threads(), dtype))
+        return 40.0 + len(measured)
+
+    monkeypatch.setattr(hardware, "matmul_gflops", fake)
+    monkeypatch.setattr(hardware, "busy_elsewhere", lambda run: (run(), 0.0))
+    threads = torch.get_num_threads()
+    try:
+        assert [machine_matmul_gflops() for _ in range(2)] == [41.0, 41.0]
+        assert machine_matmul_gflops(torch.bfloat16) == 42.0
+        torch.set_num_threads(threads + 1)
+        assert machine_matmul_gflops() == 43.0
+    finally:
+        torch.set_num_threads(threads)
+    assert machine_matmul_gflops() == 41.0 and len(measured) == 3
+    assert (tmp_path / MATMUL_FILE).is_file()

@@ -1,6 +1,6 @@
 """The int8 quantization study command on a tiny budget: two tiny trained runs laid out like the ablation's, every
 accuracy row and speed setting of both models measured and reported; and a missing run named with the ablation
-command that makes it (the command exits with that one line: ``SystemExit``)."""
+command that makes it (the command exits with that one line)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from conftest import fit_colours
 from imagefolders import REPO, make_split
 from repvgg import create_model, reparameterize, save_checkpoint
 from repvgg.deploy.quantize import int8_engines_installed
+from repvgg.errors import RepVGGError
 
 spec = importlib.util.spec_from_file_location("quantization", REPO / "benchmarks" / "quantization.py")
 quantization = importlib.util.module_from_spec(spec)
@@ -75,7 +76,7 @@ def test_quantization_study_on_a_tiny_budget(tmp_path: Path, capsys: pytest.Capt
 
 
 def test_missing_run_names_the_ablation_command(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match=r"no finished full run in .*full-seed0 .*python benchmarks/ablation.py "
+    with pytest.raises(RepVGGError, match=r"no finished full run in .*full-seed0 .*python benchmarks/ablation.py "
                                          r"--epochs 4 --seeds 0 1 2 .*--run-root"):
         quantization.main(["--data", str(tmp_path), "--run-root", str(tmp_path / "runs")])
 
@@ -87,6 +88,6 @@ def test_an_extra_run_must_be_a_finished_training_run(tmp_path: Path) -> None:
         make_run(tmp_path / "runs" / f"{entry}-seed0", block, data)
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "model.pth").write_bytes(b"")
-    with pytest.raises(SystemExit, match=r"half is not a finished training run \(model_deploy.pth, summary.json"):
+    with pytest.raises(RepVGGError, match=r"half is not a finished training run \(model_deploy.pth, summary.json"):
         quantization.main(["--data", str(data), "--run-root", str(tmp_path / "runs"), "--extra-runs",
                            str(tmp_path / "half")])

@@ -3,7 +3,6 @@ artifact's quantized ops and metadata, int8 vs float32 outputs, and int8 files t
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -19,7 +18,7 @@ from repvgg.cli import main
 from repvgg.deploy.artifacts import read_artifact_metadata
 from repvgg.deploy.benchmark import format_table, run_benchmark
 from repvgg.deploy.engines import INT8_ENGINES
-from repvgg.deploy.probe import PROBE_BATCH_SIZES, machine_key, probe_path
+from repvgg.deploy.probe import PROBE_BATCH_SIZES, PROBE_FILE, engine_measurement
 from repvgg.deploy.quantize import (
     METHODS,
     calibration_batches,
@@ -29,6 +28,7 @@ from repvgg.deploy.quantize import (
     quantize_model,
 )
 from repvgg.deploy.sources import open_artifact
+from repvgg.hardware import keep_speeds
 from repvgg.models.preprocess import preprocess_settings
 
 PREPROCESS = {"resize": 16, "crop": 16, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
@@ -40,13 +40,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def seed_int8_speeds(speeds: dict[int, dict[str, float]]) -> None:
     """Write int8 engine speeds into the probe cache for every thread count: no test times anything."""
-    path = probe_path()
-    cache = json.loads(path.read_text()) if path.exists() else {}
     engines = int8_engines_installed()
     for threads in range(1, (os.cpu_count() or 1) + 1):
-        key, machine = machine_key(engines, threads, precision="int8")
-        cache[key] = {"machine": machine, "images_per_s": {str(b): v for b, v in speeds.items()}}
-    path.write_text(json.dumps(cache))
+        keep_speeds(PROBE_FILE, engine_measurement(engines, threads, precision="int8"),
+                    {str(b): v for b, v in speeds.items()})
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
 """Resume is exact with the default flags: a run stopped in the middle of an epoch by SIGTERM, SIGINT, SIGHUP (its
-terminal closed) or SIGKILL, then resumed (``train --resume``, or ``qat`` run again) in another environment, continues
-in the step mode its speed probe chose before the stop and ends with the weights of an uninterrupted run."""
+terminal closed) or SIGKILL sent to its whole process group (its loading workers included), then resumed (``train
+--resume``, or ``qat`` run again) in another environment, continues in the step mode its speed probe chose before the
+stop and ends with the weights of an uninterrupted run (for ``qat``, only if its fake quantizers' learnt ranges come
+back too: they are no weights)."""
 
 from __future__ import annotations
 

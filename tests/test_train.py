@@ -26,7 +26,6 @@ from repvgg import create_model, hardware, model_from_checkpoint, save_checkpoin
 from repvgg.cli import main
 from repvgg.errors import Interrupted, RepVGGError
 from repvgg.files import TMP_SUFFIX
-from repvgg.models.fakequant import prepare_qat
 from repvgg.training import setup
 from repvgg.training.data import BadImage
 from repvgg.training.loop import Stopper, recompute_bn_statistics
@@ -299,9 +298,10 @@ def _final_state(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out / "last.pt", weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("stop_at", [(0, 2), (1, 1)])
-def test_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path: Path, stop_at: tuple[int, int]) -> None:
-    """Workers draw augmentation noise and mixup/EMA are on: the resumed run must still equal the straight one."""
+def test_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path: Path) -> None:
+    """Workers draw augmentation noise and mixup/EMA are on: a run stopped in its second epoch (its first epoch's
+    EMA and mixup draws behind it) must resume to the straight run's weights and metrics."""
+    stop_at = (1, 1)
     recipe = dataclasses.replace(TINY, mixup=0.4, ema_decay=0.5)
     train(_opts(tmp_path / "straight", recipe, workers=1), Noisy(), VAL, CLASSES)
     split = tmp_path / "split"
@@ -317,15 +317,6 @@ def test_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path: Path, stop_at: tup
     for a, b in zip(rows["straight"], rows["split"], strict=True):
         assert math.isclose(a["train_loss"], b["train_loss"], rel_tol=1e-9) and b["train_images_per_s"] > 0
         assert a["val_top1"] == b["val_top1"]
-
-
-def test_sigterm_to_the_whole_process_group_still_saves_mid_epoch(tmp_path: Path) -> None:
-    """The loading workers get the signal too: they outlive it, so the run saves its step and resumes."""
-    with pytest.raises(KeyboardInterrupt):
-        train(_opts(tmp_path, workers=1, callbacks=[StopAt(0, 2, group=True)]), Noisy(), VAL, CLASSES)
-    progress = torch.load(tmp_path / "last.pt", weights_only=True)["progress"]
-    assert (progress["epoch"], progress["step"]) == (0, 2)
-    assert train(_opts(tmp_path, workers=1, resume="auto"), Noisy(), VAL, CLASSES)["epochs"] == TINY.epochs
 
 
 CHANNELS_LAST = StepMode("none", True, 1)
@@ -432,20 +423,6 @@ def test_step_mode_flags_on_a_new_run_a_resume_and_an_older_state(tmp_path: Path
     assert len(calls) == 1
     assert any("does not record the step mode it trained in (an older version wrote it); resuming in fp32 NCHW, "
                "1 thread, without a speed probe" in line for line in logs)
-
-
-def test_a_resumed_quantization_aware_run_trains_on_as_an_uninterrupted_one(tmp_path: Path) -> None:
-    """The activation ranges that fake quantization learns are no weights, yet a resume must restore them."""
-    def factory(n: int) -> torch.nn.Module:
-        return prepare_qat(create_model("repvgg_a0", num_classes=n, strides=(2, 2, 2, 2, 2)))
-
-    train(_opts(tmp_path / "straight", model_factory=factory), Noisy(), VAL, CLASSES)
-    split = tmp_path / "split"
-    with pytest.raises(Interrupted):
-        train(_opts(split, model_factory=factory, callbacks=[StopAt(0, 3)]), Noisy(), VAL, CLASSES)
-    train(_opts(split, model_factory=factory, resume="auto"), Noisy(), VAL, CLASSES)
-    straight, resumed = _final_state(tmp_path / "straight"), _final_state(split)
-    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
 def test_the_stopper_catches_a_hangup_unless_the_process_ignores_it() -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import signal
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -16,9 +14,7 @@ from typing import Any
 from ._version import __version__
 from .commands import COMMANDS
 from .commands.args import DefaultsFormatter
-from .errors import Interrupted, RepVGGError
-
-EXIT_BAD_INPUT = 2
+from .commands.exits import run_command
 
 
 class _CommandParser(argparse.ArgumentParser):
@@ -72,29 +68,10 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one sub-command; returns the exit code: 2 for bad input or an OS error, 128 + the signal when interrupted,
-    as shells report it (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP)."""
+    """Run one sub-command; returns the exit code (see :mod:`repvgg.commands.exits`)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parse(argv)
-    try:
-        _run(args)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # the reader went away (`repvgg list | head`): stop quietly, and keep Python's exit-time flush from failing
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except RepVGGError as e:
-        print(f"repvgg: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as e:
-        from .files import os_error_message
-
-        print(f"repvgg: error: {os_error_message(e)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt as e:
-        print("repvgg: interrupted", file=sys.stderr)
-        return 128 + (e.signum if isinstance(e, Interrupted) else signal.SIGINT)
-    return 0
+    return run_command("repvgg", lambda: _run(args))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ import torch
 from .files import atomic_write, cache_dir
 
 __all__ = ["CPU_FEATURES", "cpu_info", "machine_description", "measurement_key", "Timing", "BUSY_ELSEWHERE",
-           "busy_elsewhere", "cached_speeds", "matmul_gflops", "time_interleaved", "measure_throughput"]
+           "busy_elsewhere", "keep_speeds", "cached_speeds", "matmul_gflops", "MATMUL_FILE", "matmul_measurement",
+           "machine_matmul_gflops", "time_interleaved", "measure_throughput"]
 
 K = TypeVar("K")
 T = TypeVar("T")
@@ -91,7 +92,7 @@ def _cpu_busy_s() -> tuple[float, int] | None:
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), max(1, cpus)
 
 
-def busy_elsewhere(run: Callable[[], T], min_wall_s: float = 1.0) -> tuple[T, float]:
+def busy_elsewhere(run: Callable[[], T], min_wall_s: float = 0.25) -> tuple[T, float]:
     """``run()``'s result, and the share of the machine's cores that other processes kept busy meanwhile (0 where
     the kernel does not say, or for runs shorter than ``min_wall_s``, below the clock ticks' resolution)."""
     before, own, start = _cpu_busy_s(), time.process_time(), time.monotonic()
@@ -102,6 +103,27 @@ def busy_elsewhere(run: Callable[[], T], min_wall_s: float = 1.0) -> tuple[T, fl
     return result, max(0.0, (after[0] - before[0] - own) / (wall * after[1]))
 
 
+def _read_cache(path: Path) -> dict[str, Any]:
+    """A speed cache file's entries; empty when it is missing or cannot be read (it is measured again)."""
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def keep_speeds(name: str, what: Mapping[str, Any], speeds: dict[str, Any],
+                path: str | os.PathLike | None = None) -> None:
+    """Store ``speeds`` in the cache file ``name`` (or ``path``) under ``what`` they depend on, written atomically;
+    a cache that cannot be written is left as it was."""
+    path = Path(path) if path else cache_dir() / name
+    cache = _read_cache(path)
+    cache[measurement_key(what)] = {"machine": dict(what), "speeds": speeds,
+                                    "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    with contextlib.suppress(OSError):
+        atomic_write(path, json.dumps(cache, indent=2) + "\n")
+
+
 def cached_speeds(name: str, what: Mapping[str, Any], measure: Callable[[], dict[str, Any]],
                   path: str | os.PathLike | None = None) -> Timing:
     """A side-by-side timing of the machine at hand, kept in ``name`` in the user cache folder under ``what`` it
@@ -109,23 +131,12 @@ def cached_speeds(name: str, what: Mapping[str, Any], measure: Callable[[], dict
     other processes kept the cores busy (over :data:`BUSY_ELSEWHERE`) is returned but not kept: it would rank the
     alternatives for a loaded machine forever. A cache that cannot be read is measured again; one that cannot be
     written costs a measurement per call, nothing else."""
-    path = Path(path) if path else cache_dir() / name
-    key = measurement_key(what)
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    cache = cache if isinstance(cache, dict) else {}
-    entry = cache.get(key)
-    if isinstance(entry, dict) and isinstance(entry.get("images_per_s"), dict):
-        return Timing(entry["images_per_s"], True)
+    entry = _read_cache(Path(path) if path else cache_dir() / name).get(measurement_key(what))
+    if isinstance(entry, dict) and isinstance(entry.get("speeds"), dict):
+        return Timing(entry["speeds"], True)
     speeds, busy = busy_elsewhere(measure)
-    if busy > BUSY_ELSEWHERE:
-        return Timing(speeds, False, busy)
-    cache[key] = {"machine": dict(what), "images_per_s": speeds,
-                  "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-    with contextlib.suppress(OSError):
-        atomic_write(path, json.dumps(cache, indent=2) + "\n")
+    if busy <= BUSY_ELSEWHERE:
+        keep_speeds(name, what, speeds, path)
     return Timing(speeds, False, busy)
 
 
@@ -140,6 +151,21 @@ def matmul_gflops(n: int = 2048, repeats: int = 3, dtype: torch.dtype = torch.fl
         torch.mm(a, b)
         times.append(time.perf_counter() - start)
     return 2 * n**3 / statistics.median(times) / 1e9
+
+
+MATMUL_FILE = "matmul.json"
+
+
+def matmul_measurement(threads: int, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """What a machine's matmul rate depends on: the CPU model and flags, torch's version and threads, the dtype."""
+    return {**cpu_info(), "torch": torch.__version__, "threads": threads, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def machine_matmul_gflops(dtype: torch.dtype = torch.float32) -> float:
+    """:func:`matmul_gflops` on the current torch threads, measured once per machine (kept in the user cache's
+    :data:`MATMUL_FILE`): the yardstick of every training run's epoch line, which should not cost a second a run."""
+    what = matmul_measurement(torch.get_num_threads(), dtype)
+    return float(cached_speeds(MATMUL_FILE, what, lambda: {"gflops": matmul_gflops(dtype=dtype)}).speeds["gflops"])
 
 
 def time_interleaved(calls: Mapping[K, Callable[[], object]], rounds: int = 5, repeats: Mapping[K, int] | int = 1,

@@ -146,5 +146,5 @@ def existing_data(path: str, what: str) -> str:
     """``path`` when it exists, else a one-line error naming ``--data`` (benchmarks default to a data set that a
     checkout elsewhere does not have)."""
     if not Path(path).exists():
-        raise SystemExit(f"error: {what} not found at {path}; pass --data DIR")
+        raise RepVGGError(f"{what} not found at {path}; pass --data DIR")
     return path

@@ -9,27 +9,20 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata as dist_metadata
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..files import cache_dir
-from ..hardware import cached_speeds, cpu_info, measure_throughput, measurement_key
+from ..hardware import cached_speeds, cpu_info, measure_throughput
 from .engines import ENGINES, Engine, available_engines, create_engine
 
-__all__ = ["PROBE_FILE", "PROBE_BATCH_SIZES", "Speeds", "probe_path", "machine_key", "measure_engines",
+__all__ = ["PROBE_FILE", "PROBE_BATCH_SIZES", "Speeds", "engine_measurement", "measure_engines",
            "engine_speeds", "pick_fastest", "fastest_engine"]
 
 PROBE_FILE = "engine_probe.json"
 PROBE_BATCH_SIZES = (1, 8)
 Speeds = dict[int, dict[str, float]]  # batch size -> engine -> images/s
-
-
-def probe_path() -> Path:
-    """``engine_probe.json`` in the user cache folder (:func:`repvgg.files.cache_dir`)."""
-    return cache_dir() / PROBE_FILE
 
 
 def _version(engine: str) -> str:
@@ -39,16 +32,16 @@ def _version(engine: str) -> str:
         return "unknown"
 
 
-def machine_key(engines: Sequence[str], threads: int | None = None, precision: str = "float32"
-                ) -> tuple[str, dict[str, Any]]:
-    """(short key, what it stands for): CPU model and flags, torch threads (default: the current number), each
+def engine_measurement(engines: Sequence[str], threads: int | None = None, precision: str = "float32"
+                       ) -> dict[str, Any]:
+    """What the engines' speeds depend on: CPU model and flags, torch threads (default: the current number), each
     engine's version, and the precision timed when it is not float32."""
     cpu = cpu_info()
     machine = {"cpu": cpu["model"], "features": cpu["features"], "threads": threads or torch.get_num_threads(),
                "engines": {e: _version(e) for e in sorted(engines)}}
     if precision != "float32":
         machine["precision"] = precision
-    return measurement_key(machine), machine
+    return machine
 
 
 def measure_engines(engines: Sequence[str], img_size: tuple[int, int] = (64, 64),
@@ -73,7 +66,7 @@ def engine_speeds(engines: Sequence[str], measure: Callable[[Sequence[str]], Spe
                   path: str | os.PathLike | None = None, precision: str = "float32") -> Speeds:
     """The engines' speeds on the machine at hand: cached when measured before with the same CPU, threads, engine
     versions and precision, else measured now with ``measure`` and cached (written atomically)."""
-    _, machine = machine_key(engines, precision=precision)
+    machine = engine_measurement(engines, precision=precision)
     speeds = cached_speeds(PROBE_FILE, machine, lambda: {str(b): v for b, v in measure(engines).items()}, path).speeds
     return {int(b): dict(v) for b, v in speeds.items()}
 

@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 
 from ..errors import RepVGGError
 from ..files import remove_debris
-from ..hardware import BUSY_ELSEWHERE, cached_speeds, cpu_info, matmul_gflops, measurement_key
+from ..hardware import BUSY_ELSEWHERE, cached_speeds, cpu_info, machine_matmul_gflops, measurement_key
 from ..models.architectures import RepVGG
 from ..models.checkpoints import model_metadata
 from ..models.factory import create_model
@@ -108,7 +108,7 @@ def setup_run(opts: TrainOptions, train_set: Dataset | None = None, val_set: Dat
                     preprocess or preprocess_of(r))
     run.frozen, run.loss_sum = frozen, run.loss_sum.to(device)
     run.flops_per_image = training_flops_per_image(count_macs(raw, (r.img_size, r.img_size), input_channels(raw)))
-    run.matmul_gflops = matmul_gflops()
+    run.matmul_gflops = machine_matmul_gflops()
     if saved is not None:
         _resume(run, *saved)
     log(f"training {opts.model} on {len(train_set)} images ({len(names)} classes), validating on {len(val_set)}; "
