@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from imagefolders import REPO, make_split
+from repvgg.training.speed import StepMode
 
 spec = importlib.util.spec_from_file_location("ablation", REPO / "benchmarks" / "ablation.py")
 ablation = importlib.util.module_from_spec(spec)
@@ -33,5 +34,7 @@ def test_ablation_study_on_a_tiny_budget(tmp_path: Path, capsys: pytest.CaptureF
     assert "Ordering by deploy top-1" in (tmp_path / "results" / "ablation.md").read_text()
     assert (tmp_path / "results" / "ablation.png").stat().st_size > 1000
     capsys.readouterr()
-    ablation.main(argv)
+    again = ablation.train_all(ablation.build_parser().parse_args(argv), StepMode())
     assert capsys.readouterr().out.count("already complete") == 2
+    assert [s["deploy_top1"] for runs in again.values() for s in runs] == \
+        [row["deploy_top1_mean"] for row in result["variants"].values()]
