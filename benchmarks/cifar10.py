@@ -17,6 +17,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -41,10 +42,9 @@ from repvgg.models.preprocess import eval_transform
 from repvgg.training.data import ImageFolder, collate
 from repvgg.training.evaluate import evaluate
 from repvgg.training.metrics import read_metrics
-from repvgg.training.options import TrainOptions
+from repvgg.training.options import Callback, TrainOptions
 from repvgg.training.plot import plot_run
 from repvgg.training.recipes import recipe_with
-from repvgg.training.rundir import RunDir
 from repvgg.training.setup import load_datasets
 from repvgg.training.speed import StepMode, candidate_modes, probe_modes
 from repvgg.training.train import train
@@ -57,20 +57,30 @@ PROBE_FILE = "speed_probe.json"
 TTA = "flip-translate"  # the test-time augmentation reported beside the plain figure
 
 
-def probe(opts: TrainOptions, train_set: ImageFolder, classes: int, run_dir: Path) -> dict[str, Any]:
-    """Training images/s of every step mode on a real batch, side by side (the fastest is used for the run), kept in
-    the run directory for ``--report-only``."""
+def probe(opts: TrainOptions, train_set: ImageFolder, classes: int) -> dict[str, Any]:
+    """Training images/s of every step mode on a real batch, side by side (the fastest is used for the run; kept in
+    the run directory for a resume and ``--report-only``)."""
     first = next(iter(DataLoader(train_set, batch_size=128, shuffle=True, collate_fn=collate,
                                  generator=torch.Generator().manual_seed(0))))
     model = create_model(opts.model, num_classes=classes, strides=opts.recipe.strides)
     speeds = probe_modes(model, candidate_modes(torch.device("cpu"), None, None, None), first.images, first.targets)
     chosen = max(speeds, key=speeds.get)
     print("speed probe: " + ", ".join(f"{m.label} {v:.0f} img/s" for m, v in speeds.items()), flush=True)
-    result = dict(batch_size=len(first.targets), images_per_s={m.label: v for m, v in speeds.items()},
-                  chosen=chosen.label, chosen_mode=asdict(chosen))
-    RunDir(run_dir).create()
-    atomic_write(run_dir / PROBE_FILE, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
-    return result
+    return dict(batch_size=len(first.targets), images_per_s={m.label: v for m, v in speeds.items()},
+                chosen=chosen.label, chosen_mode=asdict(chosen))
+
+
+class KeepProbe(Callback):
+    """Writes the probe into the run folder once the run has started there: a run refused there (the folder holds
+    another run) leaves that run's files as they were."""
+
+    def __init__(self, run_dir: Path, result: dict[str, Any]) -> None:
+        self.path, self.result, self.kept = run_dir / PROBE_FILE, result, False
+
+    def on_epoch_start(self, epoch: int, indices: Sequence[int]) -> None:
+        if not self.kept:
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text(json.dumps(self.result, indent=2)))
+            self.kept = True
 
 
 def stored_probe(run_dir: Path) -> dict[str, Any]:
@@ -173,17 +183,20 @@ def main(argv: list[str] | None = None) -> None:
                         workers=args.workers, probe=False,
                         resume="auto" if args.resume else None)
     train_set, val_set, classes = load_datasets(opts)
-    if args.report_only:
-        probe_result = stored_probe(Path(args.run_dir))
+    run_dir = Path(args.run_dir)
+    if args.report_only or (args.resume and (run_dir / PROBE_FILE).is_file()):
+        probe_result = stored_probe(run_dir)  # a resume trains on in the mode the run's own probe chose
     else:
-        probe_result = probe(opts, train_set, len(classes), Path(args.run_dir))
+        probe_result = probe(opts, train_set, len(classes))
+    if not args.report_only:
         chosen = StepMode(**probe_result["chosen_mode"])
         opts.amp, opts.channels_last, opts.threads = chosen.amp, chosen.channels_last, chosen.threads
+        opts.callbacks = [KeepProbe(run_dir, probe_result)]
         t0 = time.monotonic()
         train(opts, train_set, val_set, classes)
         print(f"trained in {(time.monotonic() - t0) / 60:.1f} min", flush=True)
     torch.set_num_threads(probe_result["chosen_mode"]["threads"])
-    result = report(Path(args.run_dir), Path(val_set.root), probe_result, args)
+    result = report(run_dir, Path(val_set.root), probe_result, args)
     out = results_folder(args, COMMITTED_RESULTS, OWN_RESULTS)
     atomic_write(out / "cifar10_a0.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     write_markdown(out / "cifar10_a0.md", result)

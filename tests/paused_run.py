@@ -1,13 +1,12 @@
-"""Run by tests: the ``repvgg`` command line or a benchmark script, pausing after optimizer step STEP (1-based) of
-EPOCH (0-based) until a stop signal has arrived, with READY_FILE written when the pause starts, so that a test can
-signal the process from outside at a known point in the middle of an epoch.
+"""Run by tests: the ``repvgg`` command line, pausing after optimizer step STEP (1-based) of EPOCH (0-based) until a
+stop signal has arrived, with READY_FILE written when the pause starts, so that a test can signal the process from
+outside at a known point in the middle of an epoch.
 
-    python tests/paused_run.py EPOCH STEP READY_FILE ARGS...   # ARGS: as for ``repvgg``, or SCRIPT.py and its own
+    python tests/paused_run.py EPOCH STEP READY_FILE ARGS...   # ARGS: as for ``repvgg``
 """
 
 from __future__ import annotations
 
-import runpy
 import sys
 import time
 from pathlib import Path
@@ -51,7 +50,4 @@ def paused(epoch: int, step: int, ready: Path) -> Any:
 if __name__ == "__main__":
     epoch, step, ready = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
     train_module.setup_run = paused(epoch, step, ready)
-    if sys.argv[4].endswith(".py"):
-        sys.argv = sys.argv[4:]
-        runpy.run_path(sys.argv[0], run_name="__main__")
     sys.exit(main(sys.argv[4:]))

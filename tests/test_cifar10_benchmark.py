@@ -1,24 +1,46 @@
-"""The CIFAR-10 benchmark command on a tiny image folder: it trains, reports both forms, TTA, the per-epoch table
+"""The CIFAR-10 benchmark command on a tiny image folder: stopped by SIGTERM it saves its run and ends with one line
+and exit code 143 (as ``repvgg train`` does); resumed, it trains on, reports both forms, TTA, the per-epoch table
 and both target verdicts, and ``--report-only`` rebuilds the same report (the speed probe included) from the run
-without training."""
+without training; a new run into that folder is refused before it writes anything."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import signal
-import subprocess
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from imagefolders import PYTHON, REPO, make_split, subprocess_env
+from imagefolders import REPO, make_split
+from repvgg.commands.exits import run_command
 from repvgg.errors import RepVGGError
+from repvgg.training import train as train_module
+from repvgg.training.loop import Run
+from repvgg.training.options import Callback
 
 spec = importlib.util.spec_from_file_location("cifar10_benchmark", REPO / "benchmarks" / "cifar10.py")
 cifar10 = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(cifar10)
+
+
+def stopping_after_step_1(setup_run: Callable[..., Run]) -> Callable[..., Run]:
+    """``setup_run`` whose run sends its own process SIGTERM after its first optimizer step, as ``kill`` would."""
+
+    class Stop(Callback):
+        def on_step_end(self, epoch: int, step: int) -> None:
+            if (epoch, step) == (0, 1):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def setup(*args: Any, **kwargs: Any) -> Run:
+        run = setup_run(*args, **kwargs)
+        run.opts.callbacks = [*run.opts.callbacks, Stop()]
+        return run
+
+    return setup
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -27,7 +49,16 @@ def test_cifar10_benchmark_on_a_tiny_folder(tmp_path: Path, capsys: pytest.Captu
     make_split(tmp_path / "data", "test", 2, size=32, seed=1)
     argv = ["--data", str(tmp_path / "data"), "--epochs", "1", "--batch-size", "4", "--workers", "0",
             "--run-dir", str(tmp_path / "run"), "--results", str(tmp_path / "results")]
-    cifar10.main(argv)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "setup_run", stopping_after_step_1(train_module.setup_run))
+        assert run_command("cifar10.py", lambda: cifar10.main(argv)) == 128 + signal.SIGTERM
+    printed = capsys.readouterr()
+    assert printed.err.strip().splitlines()[-1] == "cifar10.py: interrupted" and "Traceback" not in printed.err
+    assert "saved epoch 1 step 1" in printed.out and "continue with --resume" in printed.out
+    assert not (tmp_path / "results").exists()
+    probed = (tmp_path / "run" / "speed_probe.json").read_bytes()
+    cifar10.main([*argv, "--resume"])
+    assert "speed probe:" not in capsys.readouterr().out  # the run's own probe chose its step mode
     result = json.loads((tmp_path / "results" / "cifar10_a0.json").read_text())
     assert result["epochs"] == 1 and len(result["per_epoch"]) == 1
     assert 0 <= result["reloaded_deploy_top1_tta"] <= 100 and result["tta"] == "flip-translate"
@@ -45,31 +76,10 @@ def test_cifar10_benchmark_on_a_tiny_folder(tmp_path: Path, capsys: pytest.Captu
     again = json.loads((tmp_path / "results" / "cifar10_a0.json").read_text())
     assert again["reloaded_deploy_top1"] == result["reloaded_deploy_top1"] and again["per_epoch"] == result["per_epoch"]
     assert again["probe"] == result["probe"]  # the training invocation's probe, kept in the run, not a new one
+    with pytest.raises(RepVGGError, match="holds a training run already"):
+        cifar10.main(argv)  # a new run is refused in the finished run's folder, and changes none of its files
+    assert (tmp_path / "run" / "speed_probe.json").read_bytes() == probed
     (tmp_path / "run" / "speed_probe.json").unlink()
     with pytest.raises(RepVGGError, match=r"speed_probe\.json not found"):
         cifar10.main([*argv, "--report-only"])
 
-
-def test_a_stopped_benchmark_run_ends_with_one_line_and_the_signals_exit_code(tmp_path: Path) -> None:
-    """SIGTERM mid-epoch: the run saves its step and says how to continue, the script exits 128 + 15 with one line
-    on stderr, no traceback (as ``repvgg train`` does)."""
-    make_split(tmp_path / "data", "train", 4, size=32)
-    make_split(tmp_path / "data", "test", 2, size=32, seed=1)
-    ready = tmp_path / "paused"
-    argv = [str(REPO / "benchmarks" / "cifar10.py"), "--data", str(tmp_path / "data"), "--epochs", "1",
-            "--batch-size", "4", "--workers", "0", "--run-dir", str(tmp_path / "run"), "--results",
-            str(tmp_path / "results")]
-    proc = subprocess.Popen([PYTHON, str(REPO / "tests" / "paused_run.py"), "0", "1", str(ready), *argv],
-                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    assert err.strip().splitlines()[-1] == "cifar10.py: interrupted" and "Traceback" not in err, err[-3000:]
-    assert "saved epoch 1 step 1" in out and "continue with --resume" in out
-    assert not (tmp_path / "results").exists()
