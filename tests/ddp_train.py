@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from repvgg.errors import RepVGGError
+from repvgg.commands.exits import run_command
 from repvgg.training.data import BadImage
 from repvgg.training.options import Callback, TrainOptions
 from repvgg.training.recipes import recipe_with
@@ -64,8 +64,4 @@ def run(out: str, record: str, mode: str = "") -> None:
 
 
 if __name__ == "__main__":
-    try:
-        run(*sys.argv[1:])
-    except RepVGGError as e:
-        print(f"repvgg: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_command("repvgg", lambda: run(*sys.argv[1:])))
