@@ -5,6 +5,7 @@ exported (float32 or int8) files are timed as they are: their own strides, input
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -16,6 +17,7 @@ from imagefolders import PYTHON, REPO, make_dataset, subprocess_env
 from repvgg import RepVGGError, create_model, model_from_checkpoint, reparameterize, save_checkpoint
 from repvgg.cli import main
 from repvgg.commands.args import add_results_arguments, results_folder
+from repvgg.commands.exits import run_command
 from repvgg.deploy.benchmark import (
     BenchConfig,
     _peak_memory,
@@ -89,7 +91,8 @@ def test_deploy_speed_script_checks_the_targets(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_a0.json"]
 
 
-def test_benchmarks_write_into_the_users_folder_unless_asked_and_name_missing_data(tmp_path) -> None:
+def test_benchmarks_write_into_the_users_folder_unless_asked_and_name_missing_data(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A user's run does not write over the committed results, and a checkout without the default data set is told
     which option to pass."""
     parser = argparse.ArgumentParser()
@@ -97,10 +100,12 @@ def test_benchmarks_write_into_the_users_folder_unless_asked_and_name_missing_da
     assert results_folder(parser.parse_args([]), Path("committed"), Path("own")) == Path("own")
     assert results_folder(parser.parse_args(["--update-results"]), Path("committed"), Path("own")) == Path("committed")
     assert results_folder(parser.parse_args(["--results", "x"]), Path("committed"), Path("own")) == Path("x")
-    result = subprocess.run([PYTHON, str(REPO / "benchmarks" / "cifar10.py"), "--data", str(tmp_path / "none")],
-                            capture_output=True, text=True, timeout=300, env=subprocess_env())
-    assert result.returncode == 2 and result.stderr.strip() == f"cifar10.py: error: CIFAR-10 not found at " \
-        f"{tmp_path / 'none'}; pass --data DIR"
+    spec = importlib.util.spec_from_file_location("cifar10_benchmark", REPO / "benchmarks" / "cifar10.py")
+    cifar10 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cifar10)
+    capsys.readouterr()
+    assert run_command("cifar10.py", lambda: cifar10.main(["--data", str(tmp_path / "none")])) == 2
+    assert capsys.readouterr().err == f"cifar10.py: error: CIFAR-10 not found at {tmp_path / 'none'}; pass --data DIR\n"
 
 
 def test_peak_memory_is_measured_in_a_fresh_process() -> None:

@@ -10,6 +10,7 @@ import math
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -339,10 +340,13 @@ PROBED = {"amp": None, "channels_last": None, "threads": None, "probe": True}  #
 
 
 @pytest.fixture
-def fresh_probe_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty user cache folder: no speed-probe timing measured by an earlier test."""
-    monkeypatch.setenv("REPVGG_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+def fresh_probe_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _user_cache: Path) -> Path:
+    """A user cache folder with no speed-probe timing measured by an earlier test (the session's matmul rates)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copy(_user_cache / hardware.MATMUL_FILE, cache)
+    monkeypatch.setenv("REPVGG_CACHE_DIR", str(cache))
+    return cache
 
 
 
