@@ -24,11 +24,9 @@ import torch
 from imagefolders import PYTHON, REPO, TINY_TRAIN, make_dataset, subprocess_env
 from repvgg import create_model, save_checkpoint
 from repvgg.cli import main
-from repvgg.deploy import qat
 from repvgg.deploy.engines import INT8_SUFFIXES
 from repvgg.deploy.quantize import int8_engines_installed
 from repvgg.training.speed import StepMode
-from repvgg.training.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,15 +117,15 @@ def _stopped_run(argv: list[str], folder: Path, sig: str, at: tuple[int, int], e
 def _uninterrupted(kind: str, inputs: Path, folder: Path, mode: StepMode) -> dict[str, torch.Tensor]:
     """The final weights of the same command run in one go in ``mode``."""
     argv, run = _command(kind, inputs, folder)
+    flags = ["--channels-last" if mode.channels_last else "--no-channels-last", "--threads", str(mode.threads)]
     if kind == "train":
-        assert main([*argv, "--amp", mode.amp, "--channels-last" if mode.channels_last else "--no-channels-last",
-                     "--threads", str(mode.threads), "--no-probe"]) == 0
-    else:  # `repvgg qat` has no memory-format flag: its training options get the mode
-        fixed = dict(channels_last=mode.channels_last, threads=mode.threads, probe=False)
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(qat, "train", lambda opts, *a: train(dataclasses.replace(opts, **fixed), *a))
-            assert main(argv) == 0
-    return torch.load(run / "last.pt", weights_only=True)["model"]
+        flags += ["--amp", mode.amp, "--no-probe"]
+    else:
+        assert mode.amp == "none"  # quantization-aware training runs in float32
+    assert main([*argv, *flags]) == 0
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["repvgg"]["step_mode"] == dataclasses.asdict(mode)  # the flags, not a probe, chose the mode
+    return state["model"]
 
 
 @pytest.mark.parametrize("kind", ["train", pytest.param("qat", marks=pytest.mark.skipif(

@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"default: {QAT_LR_FRACTION:g} x the checkpoint recipe's")
     p.add_argument("--batch-size", type=positive_int, help="default: the checkpoint recipe's")
     p.add_argument("--workers", type=nonneg_int, help="data-loading processes (default: the cores less one)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format (default: the speed probe decides)")
     p.add_argument("--threads", type=positive_int, help="PyTorch threads (default: probed)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
 
@@ -42,7 +44,8 @@ def run(args: argparse.Namespace, outputs: Outputs) -> None:
 
     opts = QATOptions(checkpoint=args.checkpoint, data=args.data, out=args.out, run_dir=args.run_dir,
                       epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, engine=args.engine,
-                      calib_images=args.calib_images, workers=args.workers, threads=args.threads, seed=args.seed,
+                      calib_images=args.calib_images, workers=args.workers, channels_last=args.channels_last,
+                      threads=args.threads, seed=args.seed,
                       cache_dir=args.cache_dir)
     out = engine_and_out(QuantizeOptions(checkpoint=args.checkpoint, calib=args.data, out=args.out,
                                          engine=args.engine, method=QAT_METHOD))[2]

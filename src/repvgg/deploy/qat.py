@@ -45,6 +45,7 @@ class QATOptions:
     engine: str | None = None
     calib_images: int = DEFAULT_CALIB_IMAGES
     workers: int | None = None
+    channels_last: bool | None = None  # None (and threads None): the speed probe chooses
     threads: int | None = None
     seed: int = 0
     cache_dir: str | None = None
@@ -116,7 +117,8 @@ def finetune_qat(opts: QATOptions, train_set: Dataset | None = None, val_set: Da
         origin={"source_sha256": file_sha256(opts.checkpoint)},
         recipe=qat_recipe(ckpt, opts.epochs, opts.lr, opts.batch_size), model_factory=lambda _: _qat_model(ckpt),
         block=meta.get("block", "repvgg"), branches=meta.get("branches", "full"),
-        workers=default_workers() if opts.workers is None else opts.workers, amp="none", threads=opts.threads,
+        workers=default_workers() if opts.workers is None else opts.workers, amp="none",
+        channels_last=opts.channels_last, threads=opts.threads,
         seed=opts.seed, resume="auto", cache_dir=opts.cache_dir, tensorboard=False)
     if train_set is None or val_set is None or class_names is None:
         train_set, val_set, class_names = load_datasets(train_opts)
