@@ -3,10 +3,10 @@
 Takes both models as the branch ablation trained them (same recipe, epochs and training images; seed ``--seed``) and
 measures for each, on the test set: top-1 of the float32 training-time and deploy forms, of int8 post-training
 quantization (PTQ) with naive settings (per-tensor weights, min/max activation ranges) and with every other calibration
-method of each int8 engine (the best kept), and of int8 after quantization-aware fine-tuning (QAT); then images/s of
-float32 deploy on every engine beside int8 on every int8 engine, interleaved, at batch 1 and 16, at the trained image
-size and at 224x224 (the same weights, for speed only). A finished QAT run is reused, so the command can simply be run
-again. The ablation runs come first:
+method of each int8 engine (the best kept), and of int8 after quantization-aware fine-tuning (QAT; both models in one
+step mode, measured once); then images/s of float32 deploy on every engine beside int8 on every int8 engine,
+interleaved, at batch 1 and 16, at the trained image size and at 224x224 (the same weights, for speed only). A finished
+QAT run is reused, so the command can simply be run again. The ablation runs come first:
 
     python benchmarks/ablation.py --epochs 4 --seeds 0 1 2 --train-subset 20000 --batch-size 128 --warmup-epochs 0.5
     python benchmarks/quantization.py
@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from repvgg import model_from_checkpoint
 from repvgg.commands.args import (
     HelpFormatter,
     add_results_arguments,
@@ -57,12 +58,14 @@ from repvgg.errors import RepVGGError
 from repvgg.files import atomic_write
 from repvgg.hardware import cpu_info, matmul_gflops, measure_throughput
 from repvgg.models.checkpoints import Checkpoint, read_checkpoint
+from repvgg.models.fakequant import prepare_qat
 from repvgg.models.preprocess import eval_transform, input_size, preprocess_settings
 from repvgg.optional import require
 from repvgg.training.data import ImageFolder, collate, resolve_split
 from repvgg.training.options import TrainOptions
 from repvgg.training.sampling import fixed_subset
 from repvgg.training.setup import load_datasets
+from repvgg.training.speed import StepMode, candidate_modes, probe_modes
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED_RESULTS, OWN_RESULTS = ROOT / "benchmarks" / "results", ROOT / "runs" / "results"
@@ -201,6 +204,20 @@ def qat_datasets(args: argparse.Namespace, run: Run) -> tuple[Dataset, Dataset, 
     return train_set, Subset(val_set, spread(len(val_set), args.test_limit)), classes
 
 
+def qat_step_mode(run: Run, args: argparse.Namespace) -> StepMode:
+    """The step mode of every fine-tune of the study (float32, layout measured on ``run``'s quantization-aware
+    model, the study's threads): measured once, side by side, so that the models fine-tune alike."""
+    model = prepare_qat(model_from_checkpoint(run.ckpt)[0])
+    batch = min(args.batch_size, 128)
+    images, targets = torch.randn(batch, 3, *input_size(run.ckpt.metadata)), torch.randint(0, 2, (batch,))
+    speeds = probe_modes(model, candidate_modes(torch.device("cpu"), "none", None, torch.get_num_threads()), images,
+                         targets)
+    mode = max(speeds, key=speeds.get)
+    print("QAT step mode for every model: " + ", ".join(f"{m.label} {v:.0f} img/s" for m, v in speeds.items()) +
+          f"; chosen: {mode.label}", flush=True)
+    return mode
+
+
 def qat(args: argparse.Namespace, run: Run, batches: list[np.ndarray], test: tuple[np.ndarray, np.ndarray],
         img_size: tuple[int, int]) -> dict[str, Any]:
     """Fine-tune quantization-aware (or reuse the finished fine-tune), then the int8 top-1 of the tuned model
@@ -210,7 +227,7 @@ def qat(args: argparse.Namespace, run: Run, batches: list[np.ndarray], test: tup
     out = Path(args.run_root) / f"{run.entry}-seed{args.seed}-qat{INT8_SUFFIXES[engine]}"
     opts = QATOptions(checkpoint=str(run.path / "model.pth"), data=args.data, out=str(out), epochs=args.qat_epochs,
                       batch_size=args.batch_size, engine=engine, calib_images=args.calib_images, workers=args.workers,
-                      threads=torch.get_num_threads(), seed=args.seed)
+                      channels_last=args.qat_mode.channels_last, threads=args.qat_mode.threads, seed=args.seed)
     done = finetune_qat(opts, *qat_datasets(args, run))
     model, _ = load_deploy_model(done.summary["checkpoint"])
     scores = {}
@@ -454,6 +471,7 @@ def main(argv: list[str] | None = None) -> None:
         raise RepVGGError(f"--engines {' '.join(missing)}: not installed (installed: {', '.join(installed)})")
     args.engines = [e for e in installed if not args.engines or e in args.engines]
     runs = find_runs(args)
+    args.qat_mode = qat_step_mode(next(iter(runs.values())), args)
     inputs: dict[str, tuple[tuple[np.ndarray, np.ndarray], list[np.ndarray]]] = {}
     models = {}
     for entry, run in runs.items():
@@ -468,6 +486,7 @@ def main(argv: list[str] | None = None) -> None:
                   preprocess=meta.get("preprocess"), epochs=next(iter(runs.values())).summary.get("epochs"),
                   test_images=len(first[0][1]), calib_images=sum(map(len, first[1])), qat_epochs=args.qat_epochs,
                   train_subset=args.train_subset, threads=torch.get_num_threads(), batch_sizes=list(BATCH_SIZES),
+                  qat_step_mode=args.qat_mode.label,
                   targets=dict(accuracy_points=TARGET_POINTS, accuracy_limit_points=LIMIT_POINTS,
                                int8_speedup=TARGET_SPEEDUP),
                   models=models,

@@ -76,7 +76,8 @@ def test_qat_command_fine_tunes_into_an_int8_artifact(engine: str, tmp_path: Pat
                     preprocess=PREPROCESS, recipe="cifar")
     out = tmp_path / f"a0_int8{INT8_SUFFIXES[engine]}"
     argv = ["qat", str(tmp_path / "a0.pth"), "--data", str(data), "--out", str(out), "--epochs", "1",
-            "--batch-size", "8", "--workers", "0", "--threads", "1", "--calib-images", "8", "--val", str(data)]
+            "--batch-size", "8", "--workers", "0", "--threads", "1", "--no-channels-last", "--calib-images", "8",
+            "--val", str(data)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "simulated int8 top-1" in printed and "top-1 on" in printed

@@ -71,6 +71,8 @@ def test_quantization_study_on_a_tiny_budget(tmp_path: Path, capsys: pytest.Capt
     assert "int8 naive PTQ" in md and "int8 / fastest float32" in md and result["machine"]["model"] in md
     assert (tmp_path / "out" / "quantization.png").stat().st_size > 1000
     printed = capsys.readouterr().out
+    assert printed.count("QAT step mode for every model") == 1 and "speed probe" not in printed  # no probe per model
+    assert result["qat_step_mode"] in printed and result["qat_step_mode"].endswith("1 thread")
     assert "\nRepVGG-A0 accuracy" in printed and "\nQARepVGG-A0 accuracy" in printed
     assert "naive PTQ loss (as measured)" in printed
 
