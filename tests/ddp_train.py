@@ -1,6 +1,10 @@
 """Run by ``torchrun`` in tests: train on in-memory tensors, recording what each process saw through callbacks.
 
-    torchrun --nproc_per_node 2 tests/ddp_train.py OUT_DIR RECORD_DIR [bad-rank-1|nan-rank-1]
+    torchrun --nproc_per_node 2 tests/ddp_train.py OUT_DIR RECORD_DIR [MODE ...]
+
+Each MODE (``ok``, ``bad-rank-1``, ``nan-rank-1``) is one run into OUT_DIR/MODE, one after the other in the same
+process group: every process must leave a failed run at the same point, ready for the next. Exits with the status
+of the last run.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ class Images(Dataset):
     def __init__(self, n: int, mode: str, seed: int) -> None:
         generator = torch.Generator().manual_seed(seed)
         self.images = torch.randn(n, 3, 16, 16, generator=generator)
-        self.broken = mode if os.environ.get("RANK") == "1" else ""
+        self.broken = mode if os.environ.get("RANK") == "1" and mode != "ok" else ""
 
     def __len__(self) -> int:
         return len(self.images)
@@ -63,5 +67,9 @@ def run(out: str, record: str, mode: str = "") -> None:
     train(opts, Images(48, mode, 0), Images(12, "", 1), ["a", "b", "c"])
 
 
+def main(out: str, record: str, *modes: str) -> int:
+    return [run_command("repvgg", lambda m=m: run(str(Path(out) / m), record, m)) for m in modes][-1]
+
+
 if __name__ == "__main__":
-    sys.exit(run_command("repvgg", lambda: run(*sys.argv[1:])))
+    sys.exit(main(*sys.argv[1:]))

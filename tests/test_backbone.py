@@ -54,10 +54,12 @@ FAMILIES = {
 SAME_WIDTH = RepVGGConfig("same-width", (1, 1, 2, 2), (0.125, 0.125, 0.125, 0.0625))
 
 
-def assert_exact(model: nn.Module, x: torch.Tensor) -> None:
-    """Conversion within 1e-5 of the output scale in float32 and 1e-10 in float64 (``model`` ends in float64)."""
+def assert_exact(model: nn.Module, x: torch.Tensor, float64: bool = True) -> None:
+    """Conversion within 1e-5 of the output scale in float32 and (with ``float64``) 1e-10 in float64 (``model`` then
+    ends in float64)."""
     assert output_difference(model, x) < 1e-5
-    assert output_difference(model.double(), x.double()) < 1e-10
+    if float64:
+        assert output_difference(model.double(), x.double()) < 1e-10
 
 
 def stage_outputs(model: RepVGG, x: torch.Tensor) -> list[torch.Tensor]:
@@ -79,9 +81,11 @@ def test_conversion_is_exact_at_every_output_stride(family: str, output_stride: 
 
 @pytest.mark.parametrize("name", ["repvgg_a0", "repvgg_b0", "repvgg_b1g4", "repvgg_d2se"])
 def test_registered_models_convert_exactly_when_dilated(name: str) -> None:
+    """float64 too, except for the 133M-parameter D2se (its SE blocks are checked in float64 at every output stride
+    above)."""
     model = trained_looking(create_model(name, num_classes=5, output_stride=8, out_indices=(3, 4)))
     assert {b.dilation for b in model.modules() if isinstance(b, RepVGGBlock)} == {1, 2}  # stage4: one block
-    assert_exact(model, torch.randn(1, 3, 48, 40))
+    assert_exact(model, torch.randn(1, 3, 48, 40), float64=name != "repvgg_d2se")
 
 
 @pytest.mark.parametrize("output_stride", OUTPUT_STRIDES)

@@ -140,15 +140,21 @@ def test_cli_uses_the_standard_cache_and_offline_mode(tmp_path: Path, timm_a0: t
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(image)
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "repvgg.cli", *args], capture_output=True, text=True, env=env,
-                              timeout=300)
-
-    ok = run("predict", "--pretrained", "repvgg_a0", str(image), "--engine", "torch", "--top", "2")
+    ok = subprocess.run([sys.executable, "-m", "repvgg.cli", "predict", "--pretrained", "repvgg_a0", str(image),
+                         "--engine", "torch", "--top", "2"], capture_output=True, text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.splitlines()[0] == "engine: torch" and "class " not in ok.stdout
     shown = [line.split("%", 1)[1].strip() for line in ok.stdout.splitlines()[2:]]
     assert len(shown) == 2 and set(shown) <= set(imagenet_class_names())
-    missing = run("predict", "--pretrained", "repvgg_a2", str(image), "--engine", "torch")
-    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
-    assert "timm/repvgg_a2.rvgg_in1k are not in the Hugging Face cache" in missing.stderr
+
+
+def test_cli_names_weights_missing_from_the_cache_in_one_line(hub_cache: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    from repvgg.cli import main
+
+    image = tmp_path / "cat.png"
+    Image.fromarray(np.zeros((40, 50, 3), dtype=np.uint8)).save(image)
+    assert main(["predict", "--pretrained", "repvgg_a2", str(image), "--engine", "torch"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "timm/repvgg_a2.rvgg_in1k are not in the Hugging Face cache" in err
+    assert "HF_HUB_OFFLINE is set" in err

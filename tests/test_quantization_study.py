@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -40,12 +41,24 @@ def make_run(folder: Path, block: str, data: Path) -> None:
     (folder / "summary.json").write_text(json.dumps({"epochs": 1, "train_top1": 60.0, "deploy_top1": 60.0}))
 
 
-def test_quantization_study_on_a_tiny_budget(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    data = tmp_path / "data"
-    make_split(data, "train", 8)
-    make_split(data, "test", 4, seed=1)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Data (train/, test/) and the two runs (runs/), made once: each test works on its own copy."""
+    root = tmp_path_factory.mktemp("study")
+    make_split(root / "data", "train", 8)
+    make_split(root / "data", "test", 4, seed=1)
     for entry, block in (("full", "repvgg"), ("qarepvgg", "qarepvgg")):
-        make_run(tmp_path / "runs" / f"{entry}-seed0", block, data)
+        make_run(root / "runs" / f"{entry}-seed0", block, root / "data")
+    return root
+
+
+def _copy_of(trained: Path, tmp_path: Path) -> Path:
+    shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
+    return tmp_path / "data"
+
+
+def test_quantization_study_on_a_tiny_budget(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = _copy_of(trained, tmp_path)
     quantization.main(["--data", str(data), "--run-root", str(tmp_path / "runs"), "--results", str(tmp_path / "out"),
                        "--qat-epochs", "1", "--batch-size", "8", "--train-subset", "16", "--calib-images", "16",
                        "--test-limit", "9", "--rounds", "1", "--workers", "0", "--threads", "1",
@@ -83,11 +96,8 @@ def test_missing_run_names_the_ablation_command(tmp_path: Path) -> None:
         quantization.main(["--data", str(tmp_path), "--run-root", str(tmp_path / "runs")])
 
 
-def test_an_extra_run_must_be_a_finished_training_run(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    make_split(data, "train", 8)
-    for entry, block in (("full", "repvgg"), ("qarepvgg", "qarepvgg")):
-        make_run(tmp_path / "runs" / f"{entry}-seed0", block, data)
+def test_an_extra_run_must_be_a_finished_training_run(trained: Path, tmp_path: Path) -> None:
+    data = _copy_of(trained, tmp_path)
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "model.pth").write_bytes(b"")
     with pytest.raises(RepVGGError, match=r"half is not a finished training run \(model_deploy.pth, summary.json"):

@@ -567,16 +567,19 @@ def test_grad_checkpointing_updates_bn_statistics_once() -> None:
     assert int(b["stage2.0.rbr_dense.bn.num_batches_tracked"]) == 3
 
 
-def _torchrun(tmp_path: Path, mode: str = "") -> subprocess.CompletedProcess:
+BROKEN = {"bad-rank-1": ["no readable training image in epoch 1"] * 2,
+          "nan-rank-1": ["loss became nan at epoch 1 step 1", "loss became non-finite on another process at epoch 1"]}
+
+
+def test_torchrun_two_processes_train_disjoint_shards_and_stop_together_when_one_breaks(tmp_path: Path) -> None:
+    """One launch of two processes, three runs in turn: a healthy one (disjoint shards, reshuffled every epoch, the
+    same weights, one checkpoint), then each broken mode, where both processes stop the run with one error line
+    (before the fix, the healthy process waited for the broken one until timeout) and go on in step."""
     cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "ddp_train.py"), str(tmp_path / "run"), str(tmp_path), *([mode] if mode else [])]
-    return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-
-
-def test_torchrun_two_processes_disjoint_shards_one_checkpoint(tmp_path: Path) -> None:
-    done = _torchrun(tmp_path)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count("final (last weights)") == 1 and "2 process(es)" in done.stdout
+           str(REPO / "tests" / "ddp_train.py"), str(tmp_path / "run"), str(tmp_path), "ok", *BROKEN]
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    err = done.stderr  # the two processes' lines may interleave
+    assert done.stdout.count("final (last weights)") == 1 and "2 process(es)" in done.stdout, done.stdout[-3000:]
     shards = [[set(map(int, line.split())) for line in (tmp_path / f"indices_rank{r}.txt").read_text().splitlines()]
               for r in range(2)]
     for epoch in range(2):
@@ -584,19 +587,14 @@ def test_torchrun_two_processes_disjoint_shards_one_checkpoint(tmp_path: Path) -
         assert len(a) == len(b) == 24 and not a & b and len(a | b) == 48
     assert shards[0][0] != shards[0][1]  # reshuffled every epoch
     assert len({(tmp_path / f"params_rank{r}.txt").read_text() for r in range(2)}) == 1  # identical weights
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "run" / "ok" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["train_top1"] == summary["deploy_top1"]
-    assert len(list((tmp_path / "run").glob("*.pth"))) == 3
-
-
-@pytest.mark.parametrize(("mode", "messages"), [
-    ("bad-rank-1", ["no readable training image in epoch 1"] * 2),
-    ("nan-rank-1", ["loss became nan at epoch 1 step 1", "loss became non-finite on another process at epoch 1"])])
-def test_torchrun_one_broken_process_stops_every_process_cleanly(tmp_path: Path, mode: str,
-                                                                 messages: list[str]) -> None:
-    done = _torchrun(tmp_path, mode)  # before the fix, the healthy process waited for the broken one until timeout
-    assert done.returncode != 0 and done.stderr.count("repvgg: error: ") == 2, done.stderr[-3000:]
-    assert all(done.stderr.count(m) == messages.count(m) for m in messages), done.stderr[-3000:]
+    assert len(list((tmp_path / "run" / "ok").glob("*.pth"))) == 3
+    assert done.returncode != 0 and err.count("repvgg: error: ") == 2 * len(BROKEN), err[-3000:]
+    for messages in BROKEN.values():
+        assert all(err.count(m) == messages.count(m) for m in messages), err[-3000:]
+    bad, nan = BROKEN.values()  # a process enters the next run only after its error line
+    assert max(map(err.rfind, bad)) < min(map(err.find, nan)), err[-3000:]
 
 
 def test_plot_without_matplotlib_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
