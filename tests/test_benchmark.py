@@ -44,7 +44,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_bench_smoke(tmp_path, capsys) -> None:
-    engines = ["torch", "torch-channels-last"] + (["onnxruntime"] if is_installed("onnxruntime") else [])
+    engines = ["torch", "torch-channels-last"] + [e for e in ("onnxruntime", "openvino") if is_installed(e)]
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     assert main(["bench", "--img-size", "32", "32", "--batch-sizes", "1", "2", "--rounds", "1",
                  "--images-per-round", "2", "--engines", *engines, "--baselines", "resnet18",

@@ -219,7 +219,6 @@ def _open_exported(config: BenchConfig, batch_size: int) -> Any:
 def _build_runner(config: BenchConfig, batch_size: int, onnx_path: str | None,
                   model: nn.Module | None = None) -> Callable[[np.ndarray], np.ndarray]:
     from .engines import OnnxRuntimeEngine, OpenVINOEngine, TorchEngine
-    from .formats import to_openvino
 
     if config.exported:
         return _open_exported(config, batch_size).run
@@ -230,9 +229,28 @@ def _build_runner(config: BenchConfig, batch_size: int, onnx_path: str | None,
     if config.engine == "onnxruntime":
         return OnnxRuntimeEngine(onnx_path)
     if config.engine == "openvino":
-        return OpenVINOEngine(to_openvino(onnx_path, batch_size=None), batch_size)
+        return OpenVINOEngine(_ir_path(onnx_path), batch_size)
     model = model if model is not None else _build_model(*_model_key(config))
     return TorchEngine(model, channels_last=config.engine == "torch-channels-last")
+
+
+def _ir_path(onnx_path: str) -> str:
+    """Where :func:`run_benchmark` writes the float32 OpenVINO IR (converted once, compiled for each batch size)."""
+    return str(Path(onnx_path).with_suffix(".xml"))
+
+
+def _write_deploy_files(model: nn.Module, configs: Sequence[BenchConfig], int8_engines: Sequence[str],
+                        onnx_path: str, img_size: tuple[int, int]) -> None:
+    """The deploy model as the ONNX-based configurations read it: ONNX, OpenVINO IR where a float32 OpenVINO
+    configuration runs, and each int8 engine's quantized file."""
+    from ..optional import require
+    from .formats import onnx_bytes, to_openvino
+
+    Path(onnx_path).write_bytes(onnx_bytes(model, img_size))
+    if any(c.onnx_based and c.engine == "openvino" and c.form != "int8" for c in configs):
+        require("openvino").save_model(to_openvino(onnx_path, batch_size=None), _ir_path(onnx_path),
+                                       compress_to_fp16=False)
+    _write_int8(model, int8_engines, onnx_path, img_size)
 
 
 def _int8_path(onnx_path: str, engine: str) -> str:
@@ -403,8 +421,6 @@ def _measure(configs: Sequence[BenchConfig], img_size: tuple[int, int], batch_si
                         dict[str, float | None], dict[str, int | None]]:
     """Build and time every configuration: (models, per-call seconds, matmul GFLOP/s per round, peak memory, the
     fixed batch of each exported file's graph)."""
-    from .formats import onnx_bytes
-
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         models = {key: _build_model(*key) for key in dict.fromkeys(_model_key(c) for c in configs)}
@@ -412,8 +428,7 @@ def _measure(configs: Sequence[BenchConfig], img_size: tuple[int, int], batch_si
         deploy = next((_model_key(c) for c in configs if c.onnx_based), None)
         if deploy is not None:
             onnx_path = str(Path(tmp) / "deploy.onnx")
-            Path(onnx_path).write_bytes(onnx_bytes(models[deploy], img_size))
-            _write_int8(models[deploy], int8_engines, onnx_path, img_size)
+            _write_deploy_files(models[deploy], configs, int8_engines, onnx_path, img_size)
         runners, fixed = {}, {}
         for c, b in ((c, b) for c in configs for b in batch_sizes):
             if c.exported:
