@@ -59,12 +59,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.mark.parametrize("engine", ENGINES)
 def test_quantize_end_to_end(engine: str, trained: tuple[Path, Path], tmp_path: Path,
                              capsys: pytest.CaptureFixture) -> None:
-    """``repvgg quantize`` with real calibration: quantized ops, metadata, int8 close to float32, --val top-1 (for
-    OpenVINO, in a fresh process that must print no CUDA warning)."""
+    """``repvgg quantize`` with real calibration, the engine chosen by the output's suffix: quantized ops, metadata,
+    int8 close to float32, --val top-1 (for OpenVINO, in a fresh process that must print no CUDA warning); then the
+    file through ``eval`` and ``predict``."""
     ckpt, data = trained
     out = tmp_path / "out" / ("a0_int8.xml" if engine == "openvino" else "a0_int8.onnx")
-    argv = ["quantize", str(ckpt), "--calib", str(data), "--out", str(out), "--engine", engine, "--calib-images", "16",
-            "--val", str(data)]
+    argv = ["quantize", str(ckpt), "--calib", str(data), "--out", str(out), "--calib-images", "16", "--val", str(data)]
     printed = _quantize_in_fresh_process(argv, tmp_path) if engine == "openvino" else _quantize_here(argv, capsys)
     assert "top-1 on" in printed and "int8" in printed
     assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name] + ([out.with_suffix(".bin").name]
@@ -92,6 +92,13 @@ def test_quantize_end_to_end(engine: str, trained: tuple[Path, Path], tmp_path: 
     output = open_artifact(out, engine, len(x)).run(x)
     assert np.abs(output - reference).max() <= 0.1 * np.abs(reference).max()
     assert (output.argmax(1) == reference.argmax(1)).mean() >= 0.9
+    capsys.readouterr()
+    assert main(["eval", "--data", str(data), "--checkpoint", str(out), "--workers", "0"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    image = next((data / "val" / "class1").iterdir())
+    assert main(["predict", str(out), str(image), "--top", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"engine: {engine}" in printed and printed.count("%") == 2
 
 
 def _quantize_here(argv: list[str], capsys: pytest.CaptureFixture) -> str:
@@ -108,21 +115,6 @@ def _quantize_in_fresh_process(argv: list[str], tmp_path: Path) -> str:
                           env=subprocess_env(CUDA_HOME=str(tmp_path / "cuda")), timeout=300)
     assert done.returncode == 0 and "CUDA" not in done.stderr, done.stderr
     return done.stdout
-
-
-@pytest.mark.parametrize("engine", ENGINES)
-def test_int8_through_eval_and_predict(engine: str, trained: tuple[Path, Path], tmp_path: Path,
-                                       capsys: pytest.CaptureFixture) -> None:
-    ckpt, data = trained
-    out = tmp_path / ("m.xml" if engine == "openvino" else "m.onnx")
-    assert main(["quantize", str(ckpt), "--calib", str(data), "--out", str(out), "--calib-images", "8"]) == 0
-    capsys.readouterr()
-    assert main(["eval", "--data", str(data), "--checkpoint", str(out), "--workers", "0"]) == 0
-    assert "top-1" in capsys.readouterr().out
-    image = next((data / "val" / "class1").iterdir())
-    assert main(["predict", str(out), str(image), "--top", "2"]) == 0
-    printed = capsys.readouterr().out
-    assert f"engine: {engine}" in printed and printed.count("%") == 2
 
 
 def test_every_method(trained: tuple[Path, Path]) -> None:
