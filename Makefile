@@ -35,9 +35,10 @@ demo: $(DEMO_STAMP)
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
-# the test files spread over one worker per core (each file's tests stay in one worker, sharing its fixtures)
+# the test files spread over one worker per core (each file's tests stay in one worker, sharing its fixtures), handed
+# out in collection order: tests/conftest.py puts the longest files first
 test: $(DEV_STAMP) lint
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf $(VENV) build .pytest_cache
