@@ -69,7 +69,9 @@ def _command(kind: str, inputs: Path, out: Path) -> tuple[list[str], Path]:
 
 
 def _take_terminal() -> None:
-    """In the child, after ``setsid``: make its pseudo-terminal (stdin) the controlling terminal of its session."""
+    """In the child, after ``setsid``: make its pseudo-terminal (stdin) the controlling terminal of its session, with
+    SIGHUP at its default (a suite run under ``nohup`` would pass SIGHUP on ignored)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 

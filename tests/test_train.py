@@ -433,6 +433,7 @@ def test_the_stopper_catches_a_hangup_unless_the_process_ignores_it() -> None:
     """SIGHUP (a closed terminal) stops a run like SIGTERM; under ``nohup`` (SIGHUP ignored) the run goes on."""
     previous = signal.getsignal(signal.SIGHUP)
     try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # the suite itself may run under nohup
         with Stopper() as stopper:
             assert signal.getsignal(signal.SIGHUP) == stopper._handle
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
