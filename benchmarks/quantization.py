@@ -57,7 +57,7 @@ from repvgg.deploy.sources import load_deploy_model
 from repvgg.errors import RepVGGError
 from repvgg.files import atomic_write
 from repvgg.hardware import cpu_info, matmul_gflops, measure_throughput
-from repvgg.models.checkpoints import Checkpoint, read_checkpoint
+from repvgg.models.checkpoints import Checkpoint, architecture_of, read_checkpoint
 from repvgg.models.fakequant import prepare_qat
 from repvgg.models.preprocess import eval_transform, input_size, preprocess_settings
 from repvgg.optional import require
@@ -130,8 +130,8 @@ def _run(entry: str, path: Path, note: str = "") -> Run:
     """A finished run, named by its block and architecture (``QARepVGG-A0``)."""
     ckpt = read_checkpoint(path / "model.pth")
     family = "QARepVGG" if ckpt.metadata.get("block") == "qarepvgg" else "RepVGG"
-    arch = str(ckpt.metadata.get("architecture", "repvgg_a0"))
-    return Run(entry, f"{family}-{arch.split('_')[-1].upper()}{note}", path, ckpt,
+    size = architecture_of(ckpt.metadata, ckpt.state_dict).official_name.split("-", 1)[-1]  # RepVGG-A0: A0
+    return Run(entry, f"{family}-{size}{note}", path, ckpt,
                json.loads((path / "summary.json").read_text()))
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from imagefolders import TINY_ARCH
 from repvgg.commands.exits import run_command
 from repvgg.training.data import BadImage
 from repvgg.training.options import Callback, TrainOptions
@@ -62,8 +63,8 @@ def run(out: str, record: str, mode: str) -> None:
     torch.set_num_threads(1)
     recipe = recipe_with("cifar", epochs=2, batch_size=8, img_size=16, eval_resize=16, strides=(2, 2, 2, 2, 2),
                          warmup_epochs=0)
-    opts = TrainOptions(data=None, out_dir=out, recipe=recipe, workers=0, amp="none", channels_last=False,
-                        probe=False, tensorboard=False, callbacks=[Record(Path(record))])
+    opts = TrainOptions(data=None, out_dir=out, model=TINY_ARCH, recipe=recipe, workers=0, amp="none",
+                        channels_last=False, probe=False, tensorboard=False, callbacks=[Record(Path(record))])
     train(opts, Images(48, mode, 0), Images(12, "", 1), ["a", "b", "c"])
 
 

@@ -1,13 +1,17 @@
-"""Helpers for tests: tiny ImageFolder trees of easily separable colour images, and a CPU-friendly environment."""
+"""Helpers for tests: tiny ImageFolder trees of easily separable colour images, a tiny architecture, and a CPU-friendly
+environment."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from repvgg import RepVGGConfig
 
 COLOURS = ((220, 40, 40), (40, 200, 40), (40, 40, 220))
 REPO = Path(__file__).resolve().parents[1]
@@ -39,5 +43,10 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
-TINY_TRAIN = ["--recipe", "cifar", "--img-size", "16", "--eval-resize", "16", "--strides", "2", "2", "2", "2", "2",
-              "--batch-size", "8", "--workers", "0", "--no-tensorboard", "--warmup-epochs", "0", "--no-probe"]
+# an architecture of a test's own (16-128 channels, six blocks) for the tests of run machinery, where a registered
+# one would only cost time
+TINY_MODEL = str(REPO / "tests" / "tiny_repvgg.json")
+TINY_ARCH = RepVGGConfig.from_dict(json.loads(Path(TINY_MODEL).read_text()))  # the same, for the library's calls
+TINY_TRAIN = ["--model", TINY_MODEL, "--recipe", "cifar", "--img-size", "16", "--eval-resize", "16",
+              "--strides", "2", "2", "2", "2", "2", "--batch-size", "8", "--workers", "0", "--no-tensorboard",
+              "--warmup-epochs", "0", "--no-probe"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from imagefolders import PYTHON, REPO, make_dataset, subprocess_env
+from imagefolders import PYTHON, REPO, TINY_ARCH, make_dataset, subprocess_env
 from repvgg import RepVGGError, create_model, model_from_checkpoint, reparameterize, save_checkpoint
 from repvgg.cli import main
 from repvgg.commands.args import add_results_arguments, results_folder
@@ -36,9 +36,10 @@ TINY = dict(batch_sizes=(1, 2), rounds=1, images_per_round=1, baselines=(), memo
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A training-time RepVGG-A0 for 16x16 images with the small-image strides, as a run would save it."""
-    path = tmp_path_factory.mktemp("ckpt") / "a0.pth"
-    save_checkpoint(create_model("repvgg_a0", num_classes=3, strides=CIFAR_STRIDES), path,
+    """A training-time network of the tests' own architecture for 16x16 images with the small-image strides, as a run
+    would save it."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    save_checkpoint(create_model(TINY_ARCH, num_classes=3, strides=CIFAR_STRIDES), path,
                     class_names=["a", "b", "c"], preprocess={"resize": 16, "crop": 16})
     return path
 
@@ -136,14 +137,14 @@ def test_bench_times_a_checkpoint_with_its_own_strides_and_size(trained: Path, t
         assert main(["bench", *how, "--batch-sizes", "1", "--rounds", "1", "--images-per-round", "1", "--engines",
                      "torch", "--baselines", "--no-memory", "--json", str(out)]) == 0
         reports.append(json.loads(out.read_text()))
-    assert "a0.pth (RepVGG-A0) at 16x16, float32" in capsys.readouterr().out
+    assert "tiny.pth (RepVGG-tiny) at 16x16, float32" in capsys.readouterr().out
     for report in reports:
-        assert report["img_size"] == [16, 16] and report["source"] == str(trained) and report["model"] == "RepVGG-A0"
+        assert report["img_size"] == [16, 16] and report["source"] == str(trained) and report["model"] == "RepVGG-tiny"
         train, deploy = report["results"]
-        assert (train["label"], deploy["label"]) == ("a0.pth train (torch)", "a0.pth deploy (torch)")
-        stats = architecture_stats("repvgg_a0", 3, (16, 16), strides=CIFAR_STRIDES)
+        assert (train["label"], deploy["label"]) == ("tiny.pth train (torch)", "tiny.pth deploy (torch)")
+        stats = architecture_stats(TINY_ARCH, 3, (16, 16), strides=CIFAR_STRIDES)
         assert deploy["gmacs"] == pytest.approx(stats.macs / 1e9) and deploy["params_m"] == stats.deploy_params / 1e6
-        assert deploy["gmacs"] > 3 * architecture_stats("repvgg_a0", 3, (16, 16)).macs / 1e9  # stride 1 first
+        assert deploy["gmacs"] > 3 * architecture_stats(TINY_ARCH, 3, (16, 16)).macs / 1e9  # stride 1 first
 
 
 def test_a_deploy_checkpoint_has_no_training_time_row(trained: Path, tmp_path: Path) -> None:
@@ -154,15 +155,16 @@ def test_a_deploy_checkpoint_has_no_training_time_row(trained: Path, tmp_path: P
 
 
 def test_bench_times_exported_files_on_their_own_engines(trained: Path, tmp_path: Path, capsys) -> None:
-    exported = {"torchscript": tmp_path / "a0.pt"} | ({"onnx": tmp_path / "a0.onnx"} if is_installed("onnx") else {})
+    exported = {"torchscript": tmp_path / "tiny.pt"} | (
+        {"onnx": tmp_path / "tiny.onnx"} if is_installed("onnx") else {})
     for fmt, path in exported.items():
         assert main(["export", str(trained), "--format", fmt, "--out", str(path)]) == 0
     capsys.readouterr()
     report = run_benchmark(source=exported["torchscript"], **TINY)
-    assert [r["label"] for r in report["results"]] == ["a0.pt deploy (torch)"]
+    assert [r["label"] for r in report["results"]] == ["tiny.pt deploy (torch)"]
     row = report["results"][0]
     assert report["img_size"] == [16, 16] and row["exported"] and row["fixed_batch"] is None
-    assert row["gmacs"] == pytest.approx(architecture_stats("repvgg_a0", 3, (16, 16), strides=CIFAR_STRIDES).macs
+    assert row["gmacs"] == pytest.approx(architecture_stats(TINY_ARCH, 3, (16, 16), strides=CIFAR_STRIDES).macs
                                          / 1e9)
     with pytest.raises(RepVGGError, match="was exported for 16x16 images; leave --img-size out"):
         run_benchmark(source=exported["torchscript"], img_size=(32, 32), **TINY)
@@ -171,7 +173,7 @@ def test_bench_times_exported_files_on_their_own_engines(trained: Path, tmp_path
     if "onnx" in exported:
         engines = [e for e in ("onnxruntime", "openvino") if is_installed(e)]
         report = run_benchmark(source=exported["onnx"], **TINY)
-        assert [r["label"] for r in report["results"]] == [f"a0.onnx deploy ({e})" for e in engines]
+        assert [r["label"] for r in report["results"]] == [f"tiny.onnx deploy ({e})" for e in engines]
         assert all(r["fixed_batch"] == 1 for r in report["results"])  # exported for batch 1: said under the table
         assert "the file was exported for batch 1; larger batches run as calls of 1" in format_table(report)
         with pytest.raises(RepVGGError, match="it runs on onnxruntime or openvino, which --engines leaves out"):
@@ -184,17 +186,17 @@ def test_an_int8_file_is_timed_and_drawn_as_int8(trained: Path, tmp_path: Path, 
     """`repvgg bench model_int8.onnx`: int8 rows have no float32 yardstick, and the chart's title says int8 (not
     '224x224 float32') and has no empty memory panel under --no-memory."""
     data = make_dataset(tmp_path / "data", train=2, val=1)
-    q = tmp_path / "a0_int8.onnx"
+    q = tmp_path / "tiny_int8.onnx"
     assert main(["quantize", str(trained), "--calib", str(data), "--out", str(q), "--engine", "onnxruntime",
                  "--calib-images", "4"]) == 0
     capsys.readouterr()
     report = run_benchmark(source=q, engines=["onnxruntime"], **TINY)
     (row,) = report["results"]
-    assert row["label"] == "a0_int8.onnx int8 (onnxruntime)" and row["precision"] == "int8"
+    assert row["label"] == "tiny_int8.onnx int8 (onnxruntime)" and row["precision"] == "int8"
     assert report["precisions"] == ["int8"] and row["batch"]["2"]["fraction_of_matmul"] is None
     table = format_table(report)
     assert table.splitlines()[2].split()[-2:] == ["-", "n/a"]  # 'of f32 mm' and peak memory
-    assert "a0_int8.onnx (RepVGG-A0) at 16x16, int8;" in table and "float32;" not in table
+    assert "tiny_int8.onnx (RepVGG-tiny) at 16x16, int8;" in table and "float32;" not in table
     figure = report_figure(report)
     title = figure._suptitle.get_text()
     assert len(figure.axes) == 1 and "at 16x16, int8 on" in title and "224" not in title

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import re
 
@@ -20,7 +21,8 @@ from repvgg import (
     reparameterize,
     save_checkpoint,
 )
-from repvgg.models.checkpoints import infer_architecture
+from repvgg.models.architectures import registered_name
+from repvgg.models.checkpoints import describe_checkpoint, infer_config
 from repvgg.models.convert import convert_checkpoint
 from repvgg.models.pretrained import load_pretrained
 from repvgg.models.reparam import relative_difference
@@ -185,9 +187,53 @@ def test_architecture_is_inferred_from_shapes() -> None:
     for name in ("repvgg_a0", "repvgg_b2g4", "repvgg_d2se"):
         with torch.device("meta"):
             sd = create_model(name).state_dict()
-        assert infer_architecture(sd) == name
+        assert registered_name(infer_config(sd)) == name
         with torch.device("meta"):
-            assert infer_architecture(reparameterize(create_model(name)).state_dict()) == name
+            assert registered_name(infer_config(reparameterize(create_model(name)).state_dict())) == name
+
+
+# architectures of one's own: layer 2 (the first grouped one) in stage2 when stage1 has one block; SE before and
+# after the ReLU; RepVGGplus's auxiliary heads
+OWN = [RepVGGConfig("tiny-g2", (1, 2, 1, 1), (0.25, 0.25, 0.25, 0.125), groups=2),
+       RepVGGConfig("tiny-se", (3, 2, 1, 1), (0.5, 0.25, 1, 0.125), se="pre", se_reduction=8),
+       RepVGGConfig("tiny-plus", (2, 2, 4, 1), (0.25, 0.25, 0.25, 0.25), se="post", se_reduction=4, aux_heads=True)]
+
+
+@pytest.mark.parametrize("config", OWN, ids=lambda c: c.official_name)
+def test_an_architecture_of_ones_own_is_saved_with_its_config_and_read_back_exactly(config, tmp_path) -> None:
+    """Every file describes its architecture: one that is not registered travels as its whole config, in either
+    kind of file, and rebuilds the same network; without metadata, its shapes reveal it."""
+    model = trained_looking(RepVGG(config, num_classes=5)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    for name in ("m.pth", "m.safetensors"):
+        save_checkpoint(model, tmp_path / name)
+        loaded, ckpt = model_from_checkpoint(tmp_path / name)
+        assert loaded.config == config and ckpt.metadata["config"] == config.as_dict()
+        assert torch.equal(loaded(x), model(x))
+    assert describe_checkpoint(tmp_path / "m.pth")["architecture"].startswith(f"{config.official_name} (its own: ")
+    assert infer_config(model.state_dict()) == dataclasses.replace(config, official_name="custom")
+    assert infer_config(reparameterize(model).state_dict()).depths == config.depths
+    with pytest.raises(RepVGGError, match=rf"m\.pth: checkpoint holds its own architecture '{config.official_name}', "
+                                          "not repvgg_a0"):
+        model_from_checkpoint(tmp_path / "m.pth", "repvgg_a0")
+
+
+def test_registered_models_are_named_and_configs_checked_when_read() -> None:
+    """A registered architecture (its groups overridable) is saved by name; a config read from a file is checked
+    as a new one is, naming what is missing, unknown or wrong."""
+    assert registered_name(create_model("repvgg_a0", groups=2).config) == "repvgg_a0"
+    assert registered_name(RepVGGConfig("RepVGG-A0", (2, 4, 14, 1), (1, 1, 1, 2.5))) is None  # A1's widths
+    with torch.device("meta"):
+        inferred = infer_config(create_model("repvgg_a0", groups=2).state_dict())
+    assert registered_name(inferred) == "repvgg_a0" and inferred.groups == 2
+    with pytest.raises(RepVGGError, match=r"architecture config: missing depths; unknown width$"):
+        RepVGGConfig.from_dict({"official_name": "x", "widths": [1, 1, 1, 1], "width": 2})
+    with pytest.raises(RepVGGError, match=r"x: depths must be four block counts of at least 1, got \(1, 0, 1, 1\)"):
+        RepVGGConfig.from_dict({"official_name": "x", "depths": [1, 0, 1, 1], "widths": [1, 1, 1, 1]})
+    with pytest.raises(RepVGGError, match="official_name must be a string, got 3"):
+        RepVGGConfig.from_dict({"official_name": 3, "depths": [1, 1, 1, 1], "widths": [1, 1, 1, 1]})
+    with pytest.raises(RepVGGError, match="must be a mapping"):
+        RepVGGConfig.from_dict([1, 2])
 
 
 def test_pretrained_weights_must_be_finite(tmp_path) -> None:

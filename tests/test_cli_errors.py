@@ -201,6 +201,12 @@ ROWS = [
         (("--strides", "1", "1", "2", "2", "0"), "must be a positive"),
         (("--freeze-stages", "9"), "--freeze-stages must be between 0 and 5"),
     )),
+    Row("train --model missing .json", lambda f: train(f, "--model", f"{f.root}/none.json"), 2,
+        "argument --model: cannot read"),
+    Row("train --model .json of no JSON", lambda f: train(f, "--model", f"{f.root}/notjson.json"), 2,
+        "notjson.json is not a JSON architecture config"),
+    Row("train --model .json of a bad config", lambda f: train(f, "--model", f"{f.root}/narrow.json"), 2,
+        "narrow.json: narrow: widths (0.01, 1, 1, 1) leave a stage with no channel"),
     Row("train data missing", lambda f: ["train", "--data", f"{f.root}/nothing", "--out", f"{f.out}/run"], 2,
         "data not found"),
     Row("train --amp fp16 on the CPU", lambda f: train(f, "--amp", "fp16", "--device", "cpu"), 2, "needs a CUDA"),
@@ -283,6 +289,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
         folder.mkdir(parents=True)
         (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
     (root / "afile").write_text("a regular file")
+    (root / "notjson.json").write_text("depths: 1 1 1 1")
+    (root / "narrow.json").write_text('{"official_name": "narrow", "depths": [1, 1, 1, 1], "widths": [0.01, 1, 1, 1]}')
     (root / "out").mkdir()
     names = ("train", "deploy", "link", "nan", "huge", "headless", "fewer_classes")
     return Files(root=root, **{n: str(root / f"{n}.pth") for n in names}, image=str(root / "image.png"),

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from imagefolders import TINY_TRAIN, make_dataset
+from imagefolders import TINY_ARCH, TINY_TRAIN, make_dataset
 from repvgg.cli import main
 from repvgg.errors import Interrupted, RepVGGError
 from repvgg.files import cache_dir
@@ -187,8 +187,8 @@ def test_unreadable_images_are_known_before_training(data: Path) -> None:
 
 
 def _opts(data: Path, out: Path, **kw) -> TrainOptions:
-    kw = {"workers": 0, "amp": "none", "channels_last": False, "probe": False, "tensorboard": False,
-          "log": lambda s: None, "recipe": TINY, **kw}
+    kw = {"model": TINY_ARCH, "workers": 0, "amp": "none", "channels_last": False, "probe": False,
+          "tensorboard": False, "log": lambda s: None, "recipe": TINY, **kw}
     return TrainOptions(data=str(data), out_dir=str(out), **kw)
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import trained_looking
-from imagefolders import PYTHON, TINY_TRAIN, make_dataset, subprocess_env
+from imagefolders import PYTHON, TINY_ARCH, TINY_TRAIN, make_dataset, subprocess_env
 from repvgg import create_model, save_checkpoint
 from repvgg.cli import main
 from repvgg.files import TMP_SUFFIX, atomic_write, remove_debris
@@ -40,7 +40,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
     root = tmp_path_factory.mktemp("outputs")
     data = make_dataset(root / "data", train=8, val=2)
     ckpt = root / "a.pth"
-    save_checkpoint(trained_looking(create_model("repvgg_a0", num_classes=3)), ckpt,
+    save_checkpoint(trained_looking(create_model(TINY_ARCH, num_classes=3)), ckpt,
                     class_names=["class0", "class1", "class2"], preprocess=PREPROCESS)
     run = root / "run"
     assert main(["train", "--data", str(data), "--out", str(run), *TINY_TRAIN, "--epochs", "1"]) == 0
@@ -161,7 +161,7 @@ def test_qat_rerun_from_another_checkpoint_is_refused(env: Env, tmp_path: Path, 
     """q.onnx made from A; the same command from B (even with --overwrite) must not reuse A's fine-tune."""
     for name, seed in (("a.pth", 0), ("b.pth", 1)):
         torch.manual_seed(seed)
-        save_checkpoint(create_model("repvgg_a0", num_classes=3, strides=(2, 2, 2, 2, 2)).eval(), tmp_path / name,
+        save_checkpoint(create_model(TINY_ARCH, num_classes=3, strides=(2, 2, 2, 2, 2)).eval(), tmp_path / name,
                         class_names=["class0", "class1", "class2"], preprocess=PREPROCESS, recipe="cifar")
     b = tmp_path / "b.pth"
     common = ["--data", str(env.data), "--out", str(tmp_path / "q.onnx"), "--workers", "0", "--threads", "1",

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imagefolders import make_dataset
+from imagefolders import TINY_ARCH, make_dataset
 from repvgg import create_model, reparameterize, save_checkpoint
 from repvgg.cli import main
 from repvgg.deploy.artifacts import read_artifact_metadata
@@ -71,7 +71,7 @@ def test_fake_quant_blocks_run_the_int8_conv_and_train_every_branch(block: str) 
 def test_qat_command_fine_tunes_into_an_int8_artifact(engine: str, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture) -> None:
     data = make_dataset(tmp_path / "data", train=8, val=4)
-    model = create_model("repvgg_a0", num_classes=3, strides=(2, 2, 2, 2, 2))
+    model = create_model(TINY_ARCH, num_classes=3, strides=(2, 2, 2, 2, 2))
     save_checkpoint(model.eval(), tmp_path / "a0.pth", class_names=["class0", "class1", "class2"],
                     preprocess=PREPROCESS, recipe="cifar")
     out = tmp_path / f"a0_int8{INT8_SUFFIXES[engine]}"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import fit_colours
-from imagefolders import REPO, make_split
+from imagefolders import REPO, TINY_ARCH, make_split
 from repvgg import create_model, reparameterize, save_checkpoint
 from repvgg.deploy.quantize import int8_engines_installed
 from repvgg.errors import RepVGGError
@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
 def make_run(folder: Path, block: str, data: Path) -> None:
     """``model.pth``, ``model_deploy.pth`` and ``summary.json`` of RepVGG-A0 (strides 2 everywhere) trained a few
     steps on the three colours, as the ablation leaves them."""
-    model = fit_colours(create_model("repvgg_a0", num_classes=3, strides=(2, 2, 2, 2, 2), block=block), data,
+    model = fit_colours(create_model(TINY_ARCH, num_classes=3, strides=(2, 2, 2, 2, 2), block=block), data,
                         PREPROCESS, 10)
     meta = dict(class_names=CLASSES, preprocess=PREPROCESS, recipe="cifar", epochs=1)
     save_checkpoint(model, folder / "model.pth", **meta)
@@ -79,14 +79,14 @@ def test_quantization_study_on_a_tiny_budget(trained: Path, tmp_path: Path, caps
             assert all(v > 0 for v in setting["images_per_s"].values())
             assert {f"int8 {e}" for e in engines} <= set(setting["images_per_s"])
         assert list(m["targets"]["speed"]) == ["16"] and "loss_points" in m["targets"]["accuracy"]
-    assert m["name"] == "QARepVGG-A0" and m["block"] == "qarepvgg"
+    assert m["name"] == "QARepVGG-tiny" and m["block"] == "qarepvgg"
     md = (tmp_path / "out" / "quantization.md").read_text()
     assert "int8 naive PTQ" in md and "int8 / fastest float32" in md and result["machine"]["model"] in md
     assert (tmp_path / "out" / "quantization.png").stat().st_size > 1000
     printed = capsys.readouterr().out
     assert printed.count("QAT step mode for every model") == 1 and "speed probe" not in printed  # no probe per model
     assert result["qat_step_mode"] in printed and result["qat_step_mode"].endswith("1 thread")
-    assert "\nRepVGG-A0 accuracy" in printed and "\nQARepVGG-A0 accuracy" in printed
+    assert "\nRepVGG-tiny accuracy" in printed and "\nQARepVGG-tiny accuracy" in printed
     assert "naive PTQ loss (as measured)" in printed
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from imagefolders import PYTHON, REPO, TINY_TRAIN, make_dataset, subprocess_env
+from imagefolders import PYTHON, REPO, TINY_ARCH, TINY_TRAIN, make_dataset, subprocess_env
 from repvgg import create_model, save_checkpoint
 from repvgg.cli import main
 from repvgg.deploy.engines import INT8_SUFFIXES
@@ -51,8 +51,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Image folders, and a checkpoint for ``qat`` to fine-tune."""
     root = tmp_path_factory.mktemp("inputs")
     make_dataset(root / "data", train=16, val=4)
-    model = create_model("repvgg_a0", num_classes=3, strides=STRIDES)
-    save_checkpoint(model.eval(), root / "a0.pth", class_names=["class0", "class1", "class2"],
+    model = create_model(TINY_ARCH, num_classes=3, strides=STRIDES)
+    save_checkpoint(model.eval(), root / "tiny.pth", class_names=["class0", "class1", "class2"],
                     preprocess=PREPROCESS, recipe="cifar")
     return root
 
@@ -62,8 +62,8 @@ def _command(kind: str, inputs: Path, out: Path) -> tuple[list[str], Path]:
     both, one for ``qat``), and the run folder it trains in."""
     if kind == "train":
         return ["train", "--data", str(inputs / "data"), "--out", str(out), *PROBED, "--epochs", "2"], out
-    artifact = out / f"a0_int8{INT8_SUFFIXES[ENGINE]}"
-    argv = ["qat", str(inputs / "a0.pth"), "--data", str(inputs / "data"), "--out", str(artifact), "--epochs", "1",
+    artifact = out / f"tiny_int8{INT8_SUFFIXES[ENGINE]}"
+    argv = ["qat", str(inputs / "tiny.pth"), "--data", str(inputs / "data"), "--out", str(artifact), "--epochs", "1",
             "--batch-size", "8", "--workers", "0", "--calib-images", "8", "--engine", ENGINE]
     return argv, artifact.with_suffix(".qat")
 

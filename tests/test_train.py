@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from imagefolders import PYTHON, REPO, TINY_TRAIN, make_dataset, subprocess_env
+from imagefolders import PYTHON, REPO, TINY_ARCH, TINY_MODEL, TINY_TRAIN, make_dataset, subprocess_env
 from repvgg import create_model, hardware, model_from_checkpoint, save_checkpoint
 from repvgg.cli import main
 from repvgg.errors import Interrupted, RepVGGError
@@ -57,8 +57,8 @@ ONE_EPOCH, THREE_EPOCHS = dataclasses.replace(TINY, epochs=1), dataclasses.repla
 
 
 def _opts(out: Path, recipe=TINY, **kw) -> TrainOptions:
-    kw = {"workers": 0, "amp": "none", "channels_last": False, "probe": False, "tensorboard": False,
-          "log": lambda s: None, **kw}
+    kw = {"model": TINY_ARCH, "workers": 0, "amp": "none", "channels_last": False, "probe": False,
+          "tensorboard": False, "log": lambda s: None, **kw}
     return TrainOptions(data=None, out_dir=str(out), recipe=recipe, **kw)
 
 
@@ -218,7 +218,7 @@ def test_a_short_run_saves_the_batchnorm_statistics_of_its_final_weights(tmp_pat
     so with both top-1s."""
     logs: list[str] = []
     recipe = dataclasses.replace(TINY, warmup_epochs=2)
-    summary = train(_opts(tmp_path / "run", recipe, log=logs.append), Noisy(), VAL, CLASSES)
+    summary = train(_opts(tmp_path / "run", recipe, model="repvgg_a0", log=logs.append), Noisy(), VAL, CLASSES)
     assert "warning: the 2-epoch warm-up spans the whole 2-epoch run: the learning rate ends at its peak" in logs[0]
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
     running = create_model("repvgg_a0", num_classes=3, strides=TINY.strides)
@@ -402,9 +402,12 @@ def test_a_resume_continues_in_the_step_mode_its_probe_chose(tmp_path: Path, mon
 def test_step_mode_flags_on_a_new_run_a_resume_and_an_older_state(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A new run's probe keeps the flags given (before the fix, a faster float32 NCHW replaced --channels-last); a
-    resume keeps its saved mode over other flags, saying so; a state that records no mode resumes unprobed."""
+    resume keeps its saved mode over other flags, saying so; a state that records no mode resumes unprobed; a run
+    whose flags choose everything is not probed."""
     calls: list[list[StepMode]] = []
     monkeypatch.setattr(setup, "probe_modes", _probe_preferring(StepMode(), calls))
+    # bf16 a candidate on any CPU: --channels-last alone leaves a choice to probe wherever the suite runs
+    monkeypatch.setattr(setup, "candidate_modes", lambda *a, **k: candidate_modes(*a, **{**k, "bf16": True}))
     out, logs = tmp_path / "run", []
     with pytest.raises(Interrupted):
         train(_opts(out, ONE_EPOCH, **{**PROBED, "channels_last": True}, log=logs.append, callbacks=[StopAt(0, 1)]),
@@ -427,6 +430,9 @@ def test_step_mode_flags_on_a_new_run_a_resume_and_an_older_state(tmp_path: Path
     assert len(calls) == 1
     assert any("does not record the step mode it trained in (an older version wrote it); resuming in fp32 NCHW, "
                "1 thread, without a speed probe" in line for line in logs)
+    every_flag = {**PROBED, "amp": "none", "channels_last": True, "threads": 1}
+    train(_opts(tmp_path / "given", ONE_EPOCH, **every_flag), Noisy(), VAL, CLASSES)
+    assert len(calls) == 1  # float32 and every flag given: nothing to choose or warn about, so no probe
 
 
 def test_the_stopper_catches_a_hangup_unless_the_process_ignores_it() -> None:
@@ -474,7 +480,7 @@ def test_resume_with_other_settings_names_the_differences(tmp_path: Path) -> Non
         train(_opts(out, callbacks=[StopAt(0, 1)]), Noisy(), VAL, CLASSES)
     changes = [(dataclasses.replace(TINY, lr=0.05), {}, "lr: 0.2 -> 0.05"),
                (dataclasses.replace(TINY, strides=(1, 2, 2, 2, 2)), {}, "strides"),
-               (TINY, {"model": "repvgg_b0"}, "model_name: 'repvgg_a0' -> 'repvgg_b0'"),
+               (TINY, {"model": "repvgg_b0"}, "model_name: 'RepVGG-tiny' -> 'repvgg_b0'"),
                (dataclasses.replace(TINY, name="paper"), {}, "name: 'cifar' -> 'paper'")]
     for recipe, extra, message in changes:
         with pytest.raises(RepVGGError, match=re.escape(message)):
@@ -501,7 +507,7 @@ def test_a_second_run_into_the_same_directory_is_refused_and_debris_is_cleared(t
 
 
 def test_fine_tuning_replaces_the_classifier_freezes_stages_and_scales_the_backbone_lr(tmp_path: Path) -> None:
-    source = create_model("repvgg_a0", num_classes=7, strides=(2, 2, 2, 2, 2))
+    source = create_model(TINY_ARCH, num_classes=7, strides=(2, 2, 2, 2, 2))
     save_checkpoint(source, tmp_path / "pre.pth")
     logs: list[str] = []
     opts = _opts(tmp_path / "run", pretrained=str(tmp_path / "pre.pth"), freeze_stages=2, backbone_lr_scale=0.1,
@@ -524,7 +530,7 @@ def test_batchnorm_biases_train_at_their_own_learning_rate(tmp_path: Path) -> No
     """``bn_bias_lr_scale`` 4: every BN bias, and nothing else, in groups at 4x the lr, without weight decay."""
     train(_opts(tmp_path / "run", dataclasses.replace(ONE_EPOCH, bn_bias_lr_scale=4.0)), Noisy(), VAL, CLASSES)
     groups = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["optimizer"]["param_groups"]
-    model = create_model("repvgg_a0", num_classes=len(CLASSES), strides=TINY.strides)
+    model = create_model(TINY_ARCH, num_classes=len(CLASSES), strides=TINY.strides)
     bn_biases = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     peak = TINY.scaled_lr(TINY.batch_size)
     fast = [g for g in groups if math.isclose(g["initial_lr"], 4 * peak)]
@@ -534,8 +540,8 @@ def test_batchnorm_biases_train_at_their_own_learning_rate(tmp_path: Path) -> No
 
 def test_paper_recipe_on_small_images_warns(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     argv = ["train", "--data", str(data), "--out", str(tmp_path / "r"), "--recipe", "paper", "--epochs", "1",
-            "--batch-size", "8", "--workers", "0", "--no-tensorboard", "--no-probe", "--img-size", "64",
-            "--eval-resize", "64"]
+            "--model", TINY_MODEL, "--batch-size", "8", "--workers", "0", "--no-tensorboard", "--no-probe",
+            "--img-size", "64", "--eval-resize", "64"]
     assert main(argv) == 0
     assert "'paper' recipe crops 64x64 from 16-pixel images" in capsys.readouterr().out
 

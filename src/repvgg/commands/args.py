@@ -5,15 +5,20 @@ starts; and the help formatters of the sub-commands and the benchmark scripts.""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import RepVGGError
 from ..files import check_output_path
 
+if TYPE_CHECKING:
+    from ..models.architectures import RepVGGConfig
+
 __all__ = ["DefaultsFormatter", "HelpFormatter", "PRETRAINED_HELP", "positive_int", "nonneg_int", "positive_float",
-           "nonneg_float", "prob_float", "output_file", "figure_file", "add_checkpoint", "checkpoint_of",
-           "add_results_arguments", "results_folder", "existing_data"]
+           "nonneg_float", "prob_float", "architecture", "output_file", "figure_file", "add_checkpoint",
+           "checkpoint_of", "add_results_arguments", "results_folder", "existing_data"]
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -87,6 +92,22 @@ def prob_float(text: str) -> float:
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text!r}")
     return value
+
+
+def architecture(text: str) -> str | RepVGGConfig:
+    """``--model``: a registered name (checked where it is built), or a ``.json`` file of a :class:`RepVGGConfig`."""
+    if not text.endswith(".json"):
+        return text
+    from ..models.architectures import RepVGGConfig
+
+    try:
+        return RepVGGConfig.from_dict(json.loads(Path(text).read_text()))
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {e.strerror or e}") from None
+    except RepVGGError as e:
+        raise argparse.ArgumentTypeError(f"{text}: {e}") from None
+    except ValueError as e:  # bad JSON, or bytes that are not text
+        raise argparse.ArgumentTypeError(f"{text} is not a JSON architecture config: {e}") from None
 
 
 def output_file(text: str) -> str:

@@ -7,7 +7,7 @@ from dataclasses import fields
 from typing import TYPE_CHECKING
 
 from ..files import Outputs
-from .args import nonneg_float, nonneg_int, positive_float, positive_int, prob_float
+from .args import architecture, nonneg_float, nonneg_int, positive_float, positive_int, prob_float
 
 if TYPE_CHECKING:
     from ..training.options import TrainOptions
@@ -88,7 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--data", help="folder with train/ and val/ (or test/) class folders, or .tar/.tar.gz archives "
                    "of them (required unless --print-config)")
-    p.add_argument("--model", default="repvgg_a0", help="architecture (see `repvgg list`)")
+    p.add_argument("--model", type=architecture, default="repvgg_a0",
+                   help="architecture: a registered name (see `repvgg list`), or a .json file of one's own (the fields "
+                   "of repvgg.RepVGGConfig: official_name, depths, widths, and optionally groups, se, se_reduction)")
     p.add_argument("--block", choices=BLOCK_KINDS, default="repvgg",
                    help="training-time block: RepVGG's, or QARepVGG's quantization-friendly one")
     p.add_argument("--branches", choices=BRANCHES, default="full",
@@ -114,7 +116,7 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
     from ..training.recipes import Recipe, recipe_with
 
     overrides = {f.name: getattr(args, f.name, None) for f in fields(Recipe) if f.name != "name"}
-    return TrainOptions(data=args.data, out_dir=args.out or f"runs/{args.model}-{args.recipe}", model=args.model,
+    opts = TrainOptions(data=args.data, out_dir=args.out or "", model=args.model,
                         recipe=recipe_with(args.recipe, **overrides), block=args.block, branches=args.branches,
                         pretrained=args.pretrained,
                         freeze_stages=args.freeze_stages, backbone_lr_scale=args.backbone_lr_scale,
@@ -124,6 +126,8 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
                         resume=args.resume, bad_images=args.bad_images, cache_dir=args.cache_dir,
                         time_budget_min=args.time_budget_min, device=args.device, eval_every=args.eval_every,
                         tensorboard=args.tensorboard)
+    opts.out_dir = opts.out_dir or f"runs/{opts.model_name}-{args.recipe}"
+    return opts
 
 
 def run(args: argparse.Namespace, outputs: Outputs) -> None:

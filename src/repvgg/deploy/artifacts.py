@@ -49,10 +49,7 @@ def artifact_metadata(model: nn.Module, metadata: Mapping[str, Any] | None, img_
     crop set to the exported input size), and the library version; metadata that predict or eval would refuse
     (class names of another count than the outputs, say) is refused here, before anything is written."""
     metadata = dict(metadata or {})
-    try:
-        described = model_metadata(model)
-    except RepVGGError:  # a custom architecture, not in the registry
-        described = {}
+    described = model_metadata(model)
     if not described:  # any other network (a segmenter with a RepVGG backbone, say): what it says of itself
         described = {"num_classes": getattr(model, "num_classes", None), "deploy": is_deploy(model)}
     preprocess = preprocess_for_size(metadata.get("preprocess"), img_size)

@@ -84,7 +84,7 @@ class BenchSource:
     """A file to time: a checkpoint (its own model) or an exported file (on the engines that read its format)."""
 
     path: str
-    network: str  # registered architecture ("" when an exported file does not say)
+    network: str  # registry name, the name of the file's own architecture, or "" (an exported file that does not say)
     format: str | None  # the exported format; None for a checkpoint
     deploy: bool  # already the deploy form: there is no training-time model to time
     precision: str  # "float32" or "int8"
@@ -100,7 +100,7 @@ def bench_source(path: str | os.PathLike, model: str | None = None,
     """What :func:`run_benchmark` needs of a checkpoint or exported file: architecture (``model`` where the file
     does not say), form, precision and input size (the metadata's crop unless ``img_size`` overrides it; an exported
     file's graph has a fixed size, so another one is refused)."""
-    from ..models.architectures import canonical_name
+    from ..models.architectures import canonical_name, registered_name
     from ..models.checkpoints import model_from_checkpoint
     from ..models.preprocess import input_size
     from .artifacts import artifact_format, read_artifact_metadata
@@ -113,7 +113,7 @@ def bench_source(path: str | os.PathLike, model: str | None = None,
         net, ckpt = model_from_checkpoint(path, model, headless=True)
         if net.stage0.in_channels != 3:
             raise RepVGGError(f"{path} takes {net.stage0.in_channels}-channel images; bench times 3-channel ones")
-        return BenchSource(path, canonical_name(net.config.official_name), None, ckpt.deploy, "float32",
+        return BenchSource(path, registered_name(net.config) or net.config.official_name, None, ckpt.deploy, "float32",
                            tuple(img_size or input_size(ckpt.metadata)))
     meta = read_artifact_metadata(path, fmt)
     own = input_size(meta)
@@ -180,7 +180,7 @@ def _build_model(network: str, form: str, source: str | None = None, exported: b
     do not depend on their values); for an exported file the architecture its metadata describes (to count
     parameters and MACs), None when it does not say."""
     from ..models.architectures import build_model
-    from ..models.checkpoints import model_from_checkpoint
+    from ..models.checkpoints import architecture_of, model_from_checkpoint
     from ..models.reparam import reparameterize
 
     if form == "baseline":
@@ -189,11 +189,12 @@ def _build_model(network: str, form: str, source: str | None = None, exported: b
         if not network:
             return None
         meta = _exported_metadata(source)
-        return build_model(network, meta.get("num_classes", 1000), deploy=True,
+        config = architecture_of(meta, {}) if meta.get("architecture") else network
+        return build_model(config, meta.get("num_classes", 1000), deploy=True,
                            **{k: meta[k] for k in ("in_chans", "strides", "groups") if k in meta}).eval()
     if source is None:
         return build_model(network, deploy=form == "deploy").eval()
-    model, ckpt = model_from_checkpoint(source, network, headless=True)
+    model, ckpt = model_from_checkpoint(source, headless=True)  # the file's own architecture, checked by bench_source
     return model if form == "train" or ckpt.deploy else reparameterize(model)
 
 
@@ -409,10 +410,10 @@ def run_benchmark(model: str | None = None, img_size: tuple[int, int] | None = N
 
 
 def _title(network: str) -> str:
-    """The official name of a registered architecture ("unknown architecture" for "")."""
-    from ..models.architectures import get_config
+    """The official name of a registered architecture, the name of any other ("unknown architecture" for "")."""
+    from ..models.architectures import MODEL_CONFIGS
 
-    return get_config(network).official_name if network else "unknown architecture"
+    return MODEL_CONFIGS[network].official_name if network in MODEL_CONFIGS else network or "unknown architecture"
 
 
 def _measure(configs: Sequence[BenchConfig], img_size: tuple[int, int], batch_sizes: Sequence[int], rounds: int,

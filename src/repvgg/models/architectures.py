@@ -7,8 +7,8 @@ import inspect
 import itertools
 import math
 import operator
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import MISSING, dataclass, fields, replace
 from numbers import Real
 from typing import Any, NamedTuple
 
@@ -21,7 +21,7 @@ from .blocks import BLOCK_KINDS, BRANCHES, BlockKind, Branches, RepVGGBlock, SEP
 from .reparam import is_batchnorm
 
 __all__ = ["RepVGGConfig", "BlockShape", "OUTPUT_STRIDES", "stage_dilations", "RepVGG", "AuxHead", "FeatureInfo",
-           "MODEL_CONFIGS", "build_model", "get_config", "canonical_name", "NOT_IN_REPVGG"]
+           "MODEL_CONFIGS", "build_model", "get_config", "canonical_name", "registered_name", "NOT_IN_REPVGG"]
 
 STAGE_BASE_WIDTHS = (64, 128, 256, 512)
 GROUPED_LAYERS = tuple(range(2, 27, 2))  # layers 2, 4, ..., 26; layer 1 is the first block of stage1
@@ -73,6 +73,28 @@ class RepVGGConfig:
         """Where RepVGGplus auxiliary heads read: name -> (stage, number of its blocks run before the tap)."""
         d = self.depths
         return {"stage1": (1, d[0]), "stage2": (2, d[1]), "stage3_first": (3, d[2] // 2)}
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field as JSON values: how a checkpoint describes an architecture that is not registered."""
+        return {f.name: list(v) if isinstance(v, tuple) else v
+                for f in fields(self) for v in [getattr(self, f.name)]}
+
+    @classmethod
+    def from_dict(cls, data: object) -> RepVGGConfig:
+        """The config :meth:`as_dict` wrote, checked as a new one is; missing or unknown fields are refused."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(data, Mapping):
+            raise RepVGGError(f"an architecture config must be a mapping of {', '.join(names)}; got {data!r:.60}")
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        missing, unknown = [n for n in required if n not in data], sorted(set(data) - set(names))
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"unknown {', '.join(map(str, unknown))}"] if unknown else [])
+        if parts:
+            raise RepVGGError(f"architecture config: {'; '.join(parts)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        if not isinstance(values["official_name"], str):
+            raise RepVGGError(f"architecture config: official_name must be a string, got {values['official_name']!r}")
+        return cls(**values)
 
 
 def _check_config(config: RepVGGConfig) -> None:
@@ -176,6 +198,14 @@ def canonical_name(name: str) -> str:
 def get_config(name: str) -> RepVGGConfig:
     """The config of a registered model, by any accepted spelling of its name."""
     return MODEL_CONFIGS[canonical_name(name)]
+
+
+def registered_name(config: RepVGGConfig) -> str | None:
+    """The registry key of ``config`` (its grouped-conv setting aside, which :func:`build_model` can override), or
+    None for an architecture of the user's own."""
+    key = config.official_name.strip().lower().replace("-", "_")
+    known = MODEL_CONFIGS.get(key)
+    return key if known is not None and replace(known, groups=config.groups) == config else None
 
 
 @contextlib.contextmanager
@@ -409,14 +439,14 @@ def _refuse_timm_options(options: dict) -> None:
             raise RepVGGError(f"{key}={value!r} is not supported: {reason}")
 
 
-def build_model(name: str, num_classes: int = 1000, deploy: bool = False, **options) -> RepVGG:
-    """Build a registered architecture by name (``repvgg_a0`` or the official ``RepVGG-A0``), randomly
-    initialized; :func:`repvgg.create_model` adds published or local weights on top.
+def build_model(name: str | RepVGGConfig, num_classes: int = 1000, deploy: bool = False, **options) -> RepVGG:
+    """Build a registered architecture by name (``repvgg_a0`` or the official ``RepVGG-A0``), or any
+    :class:`RepVGGConfig`, randomly initialized; :func:`repvgg.create_model` adds published or local weights on top.
 
     ``options`` are passed to :class:`RepVGG` (``in_chans``, ``strides``, ``out_indices``, ``output_stride``,
     ``aux_weight``, ``branches``, ``block``); ``groups`` overrides the config's grouped-conv setting.
     """
-    config = get_config(name)
+    config = name if isinstance(name, RepVGGConfig) else get_config(name)
     _refuse_timm_options(options)
     if "groups" in options:
         config = replace(config, groups=options.pop("groups"))

@@ -15,7 +15,7 @@ import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -26,13 +26,22 @@ from torch import Tensor, nn
 from .._version import __version__
 from ..errors import RepVGGError
 from ..files import atomic_write
-from .architectures import MODEL_CONFIGS, RepVGG, build_model, canonical_name
+from .architectures import (
+    MODEL_CONFIGS,
+    STAGE_BASE_WIDTHS,
+    RepVGG,
+    RepVGGConfig,
+    build_model,
+    canonical_name,
+    get_config,
+    registered_name,
+)
 from .preprocess import preprocess_settings
 from .reparam import is_deploy
 
 __all__ = ["Checkpoint", "read_checkpoint", "load_checkpoint", "save_checkpoint", "model_metadata",
-           "model_from_checkpoint", "infer_architecture", "check_finite", "describe_checkpoint", "CLASSIFIER_PREFIXES",
-           "torch_bytes", "check_metadata"]
+           "model_from_checkpoint", "infer_config", "architecture_of", "check_finite", "describe_checkpoint",
+           "CLASSIFIER_PREFIXES", "torch_bytes", "check_metadata"]
 
 FORMAT_NATIVE, FORMAT_OFFICIAL, FORMAT_TIMM, FORMAT_MMPRETRAIN = "repvgg", "official", "timm", "mmpretrain"
 CLASSIFIER_PREFIXES = ("linear.", "aux.")
@@ -295,12 +304,16 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
 
 
 def model_metadata(model: nn.Module) -> dict[str, Any]:
-    """What is needed to rebuild ``model`` with :func:`create_model` (empty for models that are not RepVGG)."""
+    """What is needed to rebuild ``model`` (empty for models that are not RepVGG): a registered architecture by
+    name, any other with its whole ``config``, so that the file describes itself wherever it is read."""
     if not isinstance(model, RepVGG):
         return {}
-    return dict(architecture=canonical_name(model.config.official_name), num_classes=model.num_classes,
+    config = model.config
+    name = registered_name(config)
+    meta = dict(architecture=name or config.official_name, num_classes=model.num_classes,
                 in_chans=model.stage0.in_channels, strides=list(model.strides), output_stride=model.output_stride,
-                groups=model.config.groups, branches=model.branches, block=model.block, deploy=is_deploy(model))
+                groups=config.groups, branches=model.branches, block=model.block, deploy=is_deploy(model))
+    return meta if name else {**meta, "config": config.as_dict()}
 
 
 def check_metadata(described: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
@@ -359,30 +372,68 @@ def torch_bytes(obj: Any) -> bytes:
 
 def _signature(state_dict: Mapping[str, Tensor]) -> tuple:
     """(depths, stage widths, groups of layer 2, SE position) as the keys and shapes reveal them."""
+    def kernel(block: str) -> Tensor | None:
+        return state_dict.get(block + "rbr_dense.conv.weight", state_dict.get(block + "rbr_reparam.weight"))
+
     depths = tuple(len({m.group(1) for k in state_dict if (m := re.match(rf"stage{i}\.(\d+)\.", k))})
                    for i in range(1, 5))
-    widths, groups = [], 1
-    for i in range(5):
-        prefix = "stage0." if i == 0 else f"stage{i}.0."
-        weight = state_dict.get(prefix + "rbr_dense.conv.weight", state_dict.get(prefix + "rbr_reparam.weight"))
-        if weight is None:
+    widths = []
+    for prefix in ("stage0.", "stage1.0.", "stage2.0.", "stage3.0.", "stage4.0."):
+        if (weight := kernel(prefix)) is None:
             raise RepVGGError(f"not a RepVGG checkpoint: no weights for {prefix.rstrip('.')}")
         widths.append(weight.shape[0])
-    second = state_dict.get("stage1.1.rbr_dense.conv.weight", state_dict.get("stage1.1.rbr_reparam.weight"))
-    if second is not None:
-        groups = second.shape[0] // second.shape[1]
+    blocks = [f"stage{i}.{j}." for i, depth in enumerate(depths, start=1) for j in range(depth)]
+    second = kernel(blocks[1]) if len(blocks) > 1 else None  # layer 2, the first grouped layer, after layer 1
+    groups = kernel(blocks[0]).shape[0] // second.shape[1] if second is not None else 1
     se = "pre" if any(".se.down." in k for k in state_dict) else "post" if any(
         ".post_se.down." in k for k in state_dict) else None
     return depths, tuple(widths), groups, se
 
 
-def infer_architecture(state_dict: Mapping[str, Tensor]) -> str:
-    """Name the registered architecture whose layout matches ``state_dict`` (in this library's key layout)."""
-    depths, widths, groups, se = _signature(state_dict)
-    for name, cfg in MODEL_CONFIGS.items():
-        if (cfg.depths, cfg.stage_channels, cfg.groups, cfg.se) == (depths, widths, groups, se):
-            return name
-    raise RepVGGError(f"no registered architecture has depths {depths}, widths {widths}, groups {groups}")
+def infer_config(state_dict: Mapping[str, Tensor]) -> RepVGGConfig:
+    """The architecture whose layout matches ``state_dict`` (in this library's key layout): the registered one,
+    else one named ``custom`` with the depths, widths, groups and squeeze-excitation its shapes reveal."""
+    depths, channels, groups, se = _signature(state_dict)
+    matches = [c for c in MODEL_CONFIGS.values() if (c.depths, c.stage_channels, c.se) == (depths, channels, se)]
+    if matches:  # an exact match before a registered model with its groups overridden
+        return replace(min(matches, key=lambda c: c.groups != groups), groups=groups)
+    widths = tuple(c / base for c, base in zip(channels[1:], STAGE_BASE_WIDTHS, strict=True))
+    down = next((v for k, v in state_dict.items() if re.match(r"stage0\.(post_)?se\.down\.weight$", k)), None)
+    try:
+        config = RepVGGConfig("custom", depths, widths, groups, se, channels[0] // down.shape[0] if se else 16,
+                              any(k.startswith("aux.") for k in state_dict))
+    except RepVGGError:
+        config = None
+    if config is None or config.stage_channels != channels:
+        raise RepVGGError(f"no RepVGG architecture has depths {depths}, stage channels {channels}, groups {groups}")
+    return config
+
+
+def architecture_of(metadata: Mapping[str, Any], state_dict: Mapping[str, Tensor],
+                    model_name: str | None = None) -> RepVGGConfig:
+    """The architecture a checkpoint holds: the config its metadata carries (one of the user's own), else the
+    registered model that ``model_name`` or the metadata names, else the one its tensor shapes reveal."""
+    saved, own = metadata.get("architecture"), metadata.get("config")
+    if saved is not None and not isinstance(saved, str):
+        raise RepVGGError(f"metadata architecture must be a model name, got {saved!r:.60}")
+    if own is not None:
+        try:
+            config = RepVGGConfig.from_dict(own)
+        except RepVGGError as e:
+            raise RepVGGError(f"metadata {e}") from None
+        if model_name and _spelling(model_name) != _spelling(config.official_name):
+            raise RepVGGError(f"checkpoint holds its own architecture {config.official_name!r}, not {model_name}")
+        return config
+    if not (model_name or saved):
+        return infer_config(state_dict)
+    name = canonical_name(model_name or saved)
+    if model_name and saved and name != canonical_name(saved):
+        raise RepVGGError(f"checkpoint holds {saved}, not {name}")
+    return get_config(name)
+
+
+def _spelling(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
 
 
 def check_finite(ckpt: Checkpoint) -> None:
@@ -410,12 +461,10 @@ def model_from_checkpoint(source: str | os.PathLike | Mapping[str, Any] | Checkp
     ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(source)
     check_finite(ckpt)
     meta, label = ckpt.metadata, ckpt.path or "checkpoint"
-    saved = meta.get("architecture")
-    if saved is not None and not isinstance(saved, str):
-        raise RepVGGError(f"{label}: metadata architecture must be a model name, got {saved!r:.60}")
-    name = canonical_name(model_name or saved or infer_architecture(ckpt.state_dict))
-    if model_name and saved and name != saved:
-        raise RepVGGError(f"checkpoint holds {saved}, not {name}")
+    try:
+        config = architecture_of(meta, ckpt.state_dict, model_name)
+    except RepVGGError as e:
+        raise RepVGGError(f"{label}: {e}") from None
     num_classes = meta.get("num_classes", _classifier_outputs(ckpt))
     if not num_classes and not headless:
         raise RepVGGError(f"{label} has no classifier (no linear.* weights); pass --headless (headless=True) to use "
@@ -426,7 +475,7 @@ def model_from_checkpoint(source: str | os.PathLike | Mapping[str, Any] | Checkp
         build["in_chans"] = stem.shape[1]
     build.update(options)
     try:
-        model = build_model(name, num_classes=num_classes, deploy=ckpt.deploy, **build)
+        model = build_model(config, num_classes=num_classes, deploy=ckpt.deploy, **build)
     except RepVGGError as e:
         raise RepVGGError(f"{label}: {e}") from None
     load_checkpoint(model, ckpt.state_dict)
@@ -440,7 +489,8 @@ def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     ckpt = read_checkpoint(path)
     meta = ckpt.metadata
     try:
-        arch = meta.get("architecture") or infer_architecture(ckpt.state_dict)
+        config = architecture_of(meta, ckpt.state_dict)
+        arch = registered_name(config) or f"{config.official_name} (its own: {_describe_config(config)})"
     except RepVGGError as e:
         arch = f"unknown ({e})"
     statistics = ("running_mean", "running_var", "num_batches_tracked")
@@ -456,5 +506,10 @@ def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     }
     if ckpt.entry and ckpt.format != FORMAT_NATIVE:  # where a foreign file kept them
         rows["weights"] = repr(ckpt.entry) + (f" ({', '.join(map(repr, ckpt.unread))} not read)" if ckpt.unread else "")
-    rows.update({k: v for k, v in meta.items() if k not in ("architecture", "num_classes", "format")})
+    rows.update({k: v for k, v in meta.items() if k not in ("architecture", "num_classes", "format", "config")})
     return rows
+
+
+def _describe_config(config: RepVGGConfig) -> str:
+    """The fields of an unregistered architecture, as ``repvgg info`` prints them."""
+    return ", ".join(f"{k} {v}" for k, v in config.as_dict().items() if k != "official_name")

@@ -7,7 +7,7 @@ import fnmatch
 from collections.abc import Sequence
 
 from ..errors import RepVGGError
-from .architectures import MODEL_CONFIGS, RepVGG, build_model, canonical_name
+from .architectures import MODEL_CONFIGS, RepVGG, RepVGGConfig, build_model, canonical_name, registered_name
 from .pretrained import PUBLISHED, load_pretrained, read_pretrained
 
 __all__ = ["create_model", "list_models"]
@@ -30,9 +30,10 @@ def list_models(pattern: str | Sequence[str] = "", pretrained: bool = False) -> 
     return [n for n in MODEL_CONFIGS if matches(n) and (not pretrained or PUBLISHED[n].hub_id is not None)]
 
 
-def create_model(name: str, num_classes: int = 1000, deploy: bool = False, pretrained: bool | str | None = False,
-                 features_only: bool = False, **options) -> RepVGG:
-    """Build a registered architecture by name (``repvgg_a0`` or the official ``RepVGG-A0``).
+def create_model(name: str | RepVGGConfig, num_classes: int = 1000, deploy: bool = False,
+                 pretrained: bool | str | None = False, features_only: bool = False, **options) -> RepVGG:
+    """Build a registered architecture by name (``repvgg_a0`` or the official ``RepVGG-A0``), or one of the user's
+    own given as a :class:`RepVGGConfig`.
 
     ``pretrained``: True loads the published ImageNet weights (Hugging Face Hub, cached), or give a Hub id or a
     checkpoint path (see :func:`repvgg.models.pretrained.load_pretrained`); a model for other classes keeps
@@ -47,7 +48,8 @@ def create_model(name: str, num_classes: int = 1000, deploy: bool = False, pretr
         options["out_indices"] = ALL_STAGES
     if pretrained is False or pretrained is None:
         return build_model(name, num_classes, deploy, **options)
-    ckpt = read_pretrained(pretrained, canonical_name(name))
+    known = registered_name(name) if isinstance(name, RepVGGConfig) else canonical_name(name)
+    ckpt = read_pretrained(pretrained, known)
     if ckpt.deploy and not deploy:
         raise RepVGGError(f"pretrained weights {pretrained} are re-parameterized; create the model with deploy=True")
     model = build_model(name, num_classes, ckpt.deploy, **options)

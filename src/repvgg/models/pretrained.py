@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import RepVGGError
-from .architectures import MODEL_CONFIGS, canonical_name
+from .architectures import MODEL_CONFIGS, canonical_name, registered_name
 from .checkpoints import CLASSIFIER_PREFIXES, Checkpoint, check_finite, load_checkpoint, read_checkpoint
 
 __all__ = ["Published", "PUBLISHED", "HUB_FILENAMES", "pretrained_source", "resolve_pretrained", "read_pretrained",
@@ -201,8 +201,7 @@ class LoadedPretrained:
 
 def _registered_name(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
-    key = config.official_name.lower().replace("-", "_") if config is not None else None
-    return key if key in MODEL_CONFIGS else None
+    return registered_name(config) if config is not None else None
 
 
 def load_pretrained(model: nn.Module, spec: bool | str | os.PathLike | Checkpoint, name: str | None = None,

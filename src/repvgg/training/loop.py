@@ -455,7 +455,7 @@ def finish(run: Run) -> dict[str, Any]:
     train_eval = _eval_dict(evaluate_sharded(run, final))
     deploy_eval = _eval_dict(evaluate_sharded(run, deploy))
     out = run.rundir
-    summary = dict(model=run.opts.model, recipe=run.opts.recipe.name, epochs=p.epoch, wall_time_s=run.elapsed(),
+    summary = dict(model=run.opts.model_name, recipe=run.opts.recipe.name, epochs=p.epoch, wall_time_s=run.elapsed(),
                    processes=d.world, skipped_images=p.skipped_total,
                    weights="ema" if run.state.ema is not None else "last", bn_statistics_images=bn_images,
                    running_statistics_top1=running,

@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from ..models.architectures import RepVGGConfig
 from ..models.blocks import BlockKind, Branches
 from .data import BadImagePolicy, DataPath
 from .device import AmpMode
@@ -45,7 +46,7 @@ class TrainOptions:
 
     data: str | None
     out_dir: str
-    model: str = "repvgg_a0"
+    model: str | RepVGGConfig = "repvgg_a0"  # a registered name, or an architecture of one's own
     recipe: Recipe = field(default_factory=lambda: RECIPES["paper"])
     model_factory: Callable[[int], nn.Module] | None = None  # any classifier for a class count (``model`` names it)
     block: BlockKind = "repvgg"  # or "qarepvgg", the quantization-friendly block
@@ -72,6 +73,11 @@ class TrainOptions:
     tensorboard: bool = True
     log: Callable[[str], None] = print
     callbacks: Sequence[Callback] = ()
+
+    @property
+    def model_name(self) -> str:
+        """The model as runs, logs and summaries name it."""
+        return self.model if isinstance(self.model, str) else self.model.official_name
 
 
 def describe(opts: TrainOptions, extra: dict[str, Any] | None = None) -> str:

@@ -111,7 +111,7 @@ def setup_run(opts: TrainOptions, train_set: Dataset | None = None, val_set: Dat
     run.matmul_gflops = machine_matmul_gflops()
     if saved is not None:
         _resume(run, *saved)
-    log(f"training {opts.model} on {len(train_set)} images ({len(names)} classes), validating on {len(val_set)}; "
+    log(f"training {opts.model_name} on {len(train_set)} images ({len(names)} classes), validating on {len(val_set)}; "
         f"{d.world} process(es) on {device}; step: {mode.label}" + (" (the run's own, from its saved state)"
                                                                     if saved_mode else ""))
     log(describe(opts, {"global_batch": r.batch_size, "per_process_batch": run.per_rank,
@@ -186,9 +186,11 @@ def _choose_mode(opts: TrainOptions, raw: nn.Module, num_classes: int, per_rank:
                  log: Any) -> StepMode:
     """The fastest step mode among those left open, measured side by side on the machine at hand once (the timing is
     cached per CPU, threads, torch version, network and batch, so a second run does not pay again); warns when a mode
-    the user asked for is slower than float32. Without a probe: float32, NCHW, torch's threads, unless given."""
+    the user asked for is slower than float32. Without a probe (or with nothing to choose or warn about): float32,
+    NCHW, torch's threads, unless given."""
     modes = candidate_modes(device, opts.amp, opts.channels_last, opts.threads)
-    if not opts.probe or d.world > 1 or len(modes) == 1:
+    nothing_open = sum(not _flags_against(opts, m) for m in modes) == 1 and opts.amp in (None, "none")
+    if not opts.probe or d.world > 1 or nothing_open:
         return _fixed_mode(opts)
     batch, size = min(per_rank, 128), opts.recipe.img_size
     cpu = cpu_info()
@@ -297,7 +299,7 @@ def _assemble(opts: TrainOptions, d: Dist, device: torch.device, raw: nn.Module,
         [v2.CutMix(alpha=r.cutmix, num_classes=len(names))] if r.cutmix else [])
     meta = dict(class_names=names, preprocess=preprocess, recipe=r.name)
     state = RunState(raw, optimizer, scheduler, step_fn.scaler, ema, Progress(total_epochs=r.epochs),
-                     {**model_metadata(raw), **meta, "recipe_values": asdict(r), "model_name": opts.model,
+                     {**model_metadata(raw), **meta, "recipe_values": asdict(r), "model_name": opts.model_name,
                       "origin": dict(opts.origin), "step_mode": asdict(mode)})
     return Run(opts, d, device, raw, model, state, schedule, step_fn, v2.RandomChoice(mixers) if mixers else None,
                SeededSamples(train_set, opts.seed), val_set, len(names), rundir, r.batch_size // d.world, steps, meta)
@@ -341,7 +343,7 @@ def _check_same_run(run: Run, saved: dict[str, Any], path: Path) -> None:
     """Refuse to continue a checkpoint with another model, class count, strides or recipe, naming what differs."""
     mine = run.state.metadata
     differences = [f"{key}: {saved.get(key)!r} -> {mine.get(key)!r}" for key in ("model_name", "architecture",
-                   "num_classes", "strides", "block", "branches", "origin")
+                   "config", "num_classes", "strides", "block", "branches", "origin")
                    if _norm(saved.get(key) or None) != _norm(mine.get(key) or None)]
     if saved.get("recipe") != mine["recipe"]:
         differences.append(f"recipe: {saved.get('recipe')!r} -> {mine['recipe']!r}")
