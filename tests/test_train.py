@@ -481,6 +481,8 @@ def test_resume_with_other_settings_names_the_differences(tmp_path: Path) -> Non
     changes = [(dataclasses.replace(TINY, lr=0.05), {}, "lr: 0.2 -> 0.05"),
                (dataclasses.replace(TINY, strides=(1, 2, 2, 2, 2)), {}, "strides"),
                (TINY, {"model": "repvgg_b0"}, "model_name: 'RepVGG-tiny' -> 'repvgg_b0'"),
+               (TINY, {"model": dataclasses.replace(TINY_ARCH, widths=(0.5, 0.25, 0.25, 0.25))},
+                "(config.widths: [0.25, 0.25, 0.25, 0.25] -> [0.5, 0.25, 0.25, 0.25]);"),
                (dataclasses.replace(TINY, name="paper"), {}, "name: 'cifar' -> 'paper'")]
     for recipe, extra, message in changes:
         with pytest.raises(RepVGGError, match=re.escape(message)):

@@ -343,8 +343,12 @@ def _check_same_run(run: Run, saved: dict[str, Any], path: Path) -> None:
     """Refuse to continue a checkpoint with another model, class count, strides or recipe, naming what differs."""
     mine = run.state.metadata
     differences = [f"{key}: {saved.get(key)!r} -> {mine.get(key)!r}" for key in ("model_name", "architecture",
-                   "config", "num_classes", "strides", "block", "branches", "origin")
+                   "num_classes", "strides", "block", "branches", "origin")
                    if _norm(saved.get(key) or None) != _norm(mine.get(key) or None)]
+    before, now = saved.get("config"), mine.get("config")  # architectures of one's own: the fields that differ
+    if before and now:
+        differences += [f"config.{key}: {before.get(key)!r} -> {now.get(key)!r}"
+                        for key in dict.fromkeys([*before, *now]) if before.get(key) != now.get(key)]
     if saved.get("recipe") != mine["recipe"]:
         differences.append(f"recipe: {saved.get('recipe')!r} -> {mine['recipe']!r}")
     differences += recipe_differences(saved.get("recipe_values", {}), run.opts.recipe)
