@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import trained_looking
-from repvgg import RepVGGError, create_model, save_checkpoint
+from repvgg import RepVGGConfig, RepVGGError, create_model, save_checkpoint
 from repvgg.models.architectures import MODEL_CONFIGS
 from repvgg.models.pretrained import (
     PUBLISHED,
@@ -103,6 +103,11 @@ def test_older_bin_file_and_local_paths(hub_cache: Path, tmp_path: Path) -> None
     save_checkpoint(ours, tmp_path / "mine.safetensors")
     loaded = create_model("repvgg_a0", num_classes=4, pretrained=str(tmp_path / "mine.safetensors")).eval()
     assert torch.equal(loaded(X), ours(X))
+    own = RepVGGConfig("RepVGG-narrow", (1, 1, 2, 1), (0.25, 0.25, 0.25, 0.5))  # an architecture of one's own
+    save_checkpoint(trained_looking(create_model(own, num_classes=4)), tmp_path / "narrow.pth")
+    assert create_model(own, num_classes=4, pretrained=str(tmp_path / "narrow.pth")).config == own
+    with pytest.raises(RepVGGError, match="registered architecture, and this model is not one: pass a checkpoint"):
+        create_model(own, pretrained=True)
 
 
 @pytest.mark.parametrize(("name", "spec", "message"), [

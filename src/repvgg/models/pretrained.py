@@ -103,7 +103,8 @@ def resolve_pretrained(spec: bool | str | os.PathLike, name: str | None = None) 
     weights), a registered model name, a Hub id such as ``timm/repvgg_a0.rvgg_in1k``, or a checkpoint path."""
     if spec is True:
         if name is None:
-            raise RepVGGError("pretrained=True needs the model name")
+            raise RepVGGError("pretrained=True fetches the published weights of a registered architecture, and this "
+                              "model is not one: pass a checkpoint path instead")
         return _published_hub_id(name), canonical_name(name)
     if _is_model_name(spec):
         return _published_hub_id(str(spec)), canonical_name(str(spec))
