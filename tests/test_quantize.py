@@ -15,6 +15,8 @@ from conftest import fit_colours
 from imagefolders import PYTHON, make_dataset, subprocess_env
 from repvgg import create_model, save_checkpoint
 from repvgg.cli import main
+from repvgg.deploy import formats as formats_module
+from repvgg.deploy import quantize as quantize_module
 from repvgg.deploy.artifacts import read_artifact_metadata
 from repvgg.deploy.benchmark import format_table, run_benchmark
 from repvgg.deploy.engines import INT8_ENGINES
@@ -144,9 +146,19 @@ def test_default_int8_engine_is_the_faster(trained: tuple[Path, Path], tmp_path:
 
 
 @pytest.mark.skipif(not int8_engines_installed(), reason="no int8 engine installed")
-def test_bench_int8_rows_beside_float32() -> None:
+def test_bench_int8_rows_beside_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Float32 and int8 rows of every int8 engine; OpenVINO's float32 IR and its int8 model come from one
+    conversion."""
     seed_int8_speeds({b: {"onnxruntime": 1.0, "openvino": 2.0} for b in PROBE_BATCH_SIZES})
     engines = int8_engines_installed()
+    conversions, convert = [], formats_module.to_openvino
+
+    def counted(*args, **kwargs):
+        conversions.append(args)
+        return convert(*args, **kwargs)
+
+    for module in (formats_module, quantize_module):
+        monkeypatch.setattr(module, "to_openvino", counted)
     report = run_benchmark("repvgg_a0", (32, 32), (2,), rounds=1, images_per_round=1, engines=engines,
                            baselines=(), train=False, memory=False, int8=True)
     labels = [r["label"] for r in report["results"]]
@@ -155,5 +167,6 @@ def test_bench_int8_rows_beside_float32() -> None:
     assert all(r["batch"]["2"]["images_per_s"] > 0 for r in report["results"])
     assert report["default_int8_engine"] == ("openvino" if "openvino" in engines else "onnxruntime")
     assert "deploy int8 (" in format_table(report)
+    assert len(conversions) == ("openvino" in engines)
 
 

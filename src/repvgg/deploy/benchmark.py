@@ -247,11 +247,12 @@ def _write_deploy_files(model: nn.Module, configs: Sequence[BenchConfig], int8_e
     from ..optional import require
     from .formats import onnx_bytes, to_openvino
 
-    Path(onnx_path).write_bytes(onnx_bytes(model, img_size))
-    if any(c.onnx_based and c.engine == "openvino" and c.form != "int8" for c in configs):
-        require("openvino").save_model(to_openvino(onnx_path, batch_size=None), _ir_path(onnx_path),
-                                       compress_to_fp16=False)
-    _write_int8(model, int8_engines, onnx_path, img_size)
+    Path(onnx_path).write_bytes(onnx_bytes(model, img_size, dynamic_batch=True))
+    float32 = any(c.onnx_based and c.engine == "openvino" and c.form != "int8" for c in configs)
+    ir = to_openvino(onnx_path, batch_size=None) if float32 or "openvino" in int8_engines else None  # converted once
+    if float32:
+        require("openvino").save_model(ir, _ir_path(onnx_path), compress_to_fp16=False)
+    _write_int8(model, int8_engines, onnx_path, img_size, ir)
 
 
 def _int8_path(onnx_path: str, engine: str) -> str:
@@ -259,12 +260,14 @@ def _int8_path(onnx_path: str, engine: str) -> str:
     return str(Path(onnx_path).with_name(f"int8_{engine}" + (".xml" if engine == "openvino" else ".onnx")))
 
 
-def _write_int8(model: nn.Module, engines: Sequence[str], onnx_path: str, img_size: tuple[int, int]) -> None:
-    """Quantize the deploy model for each engine, calibrated on random images (speed does not depend on values)."""
+def _write_int8(model: nn.Module, engines: Sequence[str], onnx_path: str, img_size: tuple[int, int],
+                ir: Any = None) -> None:
+    """Quantize the deploy model for each engine, calibrated on random images (speed does not depend on values);
+    ``ir``: its OpenVINO conversion, for OpenVINO's int8."""
     from .quantize import quantize_model, random_calibration, save_int8
 
     for e in engines:
-        save_int8(quantize_model(model, e, random_calibration(img_size), img_size=img_size), e,
+        save_int8(quantize_model(model, e, random_calibration(img_size), img_size=img_size, ir=ir), e,
                   _int8_path(onnx_path, e), {})
 
 

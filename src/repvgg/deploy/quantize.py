@@ -144,16 +144,16 @@ def _quantize_onnxruntime(model: nn.Module, batches: Sequence[np.ndarray], metho
 
 
 def quantize_model(model: nn.Module, engine: str, batches: Sequence[np.ndarray], method: str | None = None,
-                   img_size: tuple[int, int] = (224, 224)) -> Any:
+                   img_size: tuple[int, int] = (224, 224), ir: Any = None) -> Any:
     """``model`` (deploy form) quantized for ``engine``, calibrated on ``batches``: an ``openvino.Model``
-    (dynamic batch) or QDQ ONNX bytes."""
+    (dynamic batch) or QDQ ONNX bytes. ``ir``: ``model`` already converted to OpenVINO (dynamic batch), if at hand."""
     method = check_method(engine, method)
     model = model.eval()
     if engine == "onnxruntime":
         return _quantize_onnxruntime(model, batches, method, img_size)
     nncf = require("nncf")
     nncf.set_log_level(logging.ERROR)
-    ir = to_openvino(onnx_bytes(model, img_size, dynamic_batch=True), batch_size=None)
+    ir = ir if ir is not None else to_openvino(onnx_bytes(model, img_size, dynamic_batch=True), batch_size=None)
     dataset = nncf.Dataset([x[i:i + 1] for x in batches for i in range(len(x))])
     # NNCF's torch backend loads torch's C++-extension helpers, which warn "No CUDA runtime is found" on any
     # CPU-only machine that has a CUDA toolkit folder: nothing here uses CUDA, so that line is noise.
