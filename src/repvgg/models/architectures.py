@@ -21,7 +21,8 @@ from .blocks import BLOCK_KINDS, BRANCHES, BlockKind, Branches, RepVGGBlock, SEP
 from .reparam import is_batchnorm
 
 __all__ = ["RepVGGConfig", "BlockShape", "OUTPUT_STRIDES", "stage_dilations", "RepVGG", "AuxHead", "FeatureInfo",
-           "MODEL_CONFIGS", "build_model", "get_config", "canonical_name", "registered_name", "NOT_IN_REPVGG"]
+           "MODEL_CONFIGS", "build_model", "get_config", "canonical_name", "name_key", "registered_name",
+           "NOT_IN_REPVGG"]
 
 STAGE_BASE_WIDTHS = (64, 128, 256, 512)
 GROUPED_LAYERS = tuple(range(2, 27, 2))  # layers 2, 4, ..., 26; layer 1 is the first block of stage1
@@ -185,11 +186,16 @@ MODEL_CONFIGS: dict[str, RepVGGConfig] = {
 }
 
 
+def name_key(name: str) -> str:
+    """``RepVGG-A0``, ``repvgg-a0`` or ``repvgg_a0`` spelled as registry keys are: ``repvgg_a0`` (registered or not)."""
+    return name.strip().lower().replace("-", "_")
+
+
 def canonical_name(name: str) -> str:
     """Map ``RepVGG-A0``, ``repvgg-a0`` or ``repvgg_a0`` to the registry key ``repvgg_a0``."""
     if not isinstance(name, str):
         raise RepVGGError(f"the model name must be a string, got {name!r}; choose one of: {', '.join(MODEL_CONFIGS)}")
-    key = name.strip().lower().replace("-", "_")
+    key = name_key(name)
     if key not in MODEL_CONFIGS:
         raise RepVGGError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_CONFIGS)}")
     return key
@@ -203,7 +209,7 @@ def get_config(name: str) -> RepVGGConfig:
 def registered_name(config: RepVGGConfig) -> str | None:
     """The registry key of ``config`` (its grouped-conv setting aside, which :func:`build_model` can override), or
     None for an architecture of the user's own."""
-    key = config.official_name.strip().lower().replace("-", "_")
+    key = name_key(config.official_name)
     known = MODEL_CONFIGS.get(key)
     return key if known is not None and replace(known, groups=config.groups) == config else None
 

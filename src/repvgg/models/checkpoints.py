@@ -34,6 +34,7 @@ from .architectures import (
     build_model,
     canonical_name,
     get_config,
+    name_key,
     registered_name,
 )
 from .preprocess import preprocess_settings
@@ -421,7 +422,7 @@ def architecture_of(metadata: Mapping[str, Any], state_dict: Mapping[str, Tensor
             config = RepVGGConfig.from_dict(own)
         except RepVGGError as e:
             raise RepVGGError(f"metadata {e}") from None
-        if model_name and _spelling(model_name) != _spelling(config.official_name):
+        if model_name and name_key(model_name) != name_key(config.official_name):
             raise RepVGGError(f"checkpoint holds its own architecture {config.official_name!r}, not {model_name}")
         return config
     if not (model_name or saved):
@@ -430,10 +431,6 @@ def architecture_of(metadata: Mapping[str, Any], state_dict: Mapping[str, Tensor
     if model_name and saved and name != canonical_name(saved):
         raise RepVGGError(f"checkpoint holds {saved}, not {name}")
     return get_config(name)
-
-
-def _spelling(name: str) -> str:
-    return name.strip().lower().replace("-", "_")
 
 
 def check_finite(ckpt: Checkpoint) -> None:

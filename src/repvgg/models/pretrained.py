@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import RepVGGError
-from .architectures import MODEL_CONFIGS, canonical_name, registered_name
+from .architectures import MODEL_CONFIGS, canonical_name, name_key, registered_name
 from .checkpoints import CLASSIFIER_PREFIXES, Checkpoint, check_finite, load_checkpoint, read_checkpoint
 
 __all__ = ["Published", "PUBLISHED", "HUB_FILENAMES", "pretrained_source", "resolve_pretrained", "read_pretrained",
@@ -86,7 +86,7 @@ def _hub_source(spec: str) -> str | None:
 
 
 def _is_model_name(spec: Any) -> bool:
-    return isinstance(spec, str) and spec.strip().lower().replace("-", "_") in MODEL_CONFIGS
+    return isinstance(spec, str) and name_key(spec) in MODEL_CONFIGS
 
 
 def _published_hub_id(name: str) -> str:
