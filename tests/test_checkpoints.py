@@ -226,6 +226,9 @@ def test_registered_models_are_named_and_configs_checked_when_read() -> None:
     with torch.device("meta"):
         inferred = infer_config(create_model("repvgg_a0", groups=2).state_dict())
     assert registered_name(inferred) == "repvgg_a0" and inferred.groups == 2
+    with_se = RepVGG(OWN[1]).state_dict()
+    with pytest.raises(RepVGGError, match=r"no RepVGG architecture has depths \(3, 2, 1, 1\)"):  # SE but not on stage0
+        infer_config({k: v for k, v in with_se.items() if not k.startswith("stage0.se.")})
     with pytest.raises(RepVGGError, match=r"architecture config: missing depths; unknown width$"):
         RepVGGConfig.from_dict({"official_name": "x", "widths": [1, 1, 1, 1], "width": 2})
     with pytest.raises(RepVGGError, match=r"x: depths must be four block counts of at least 1, got \(1, 0, 1, 1\)"):

@@ -400,11 +400,11 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> RepVGGConfig:
         return replace(min(matches, key=lambda c: c.groups != groups), groups=groups)
     widths = tuple(c / base for c, base in zip(channels[1:], STAGE_BASE_WIDTHS, strict=True))
     down = next((v for k, v in state_dict.items() if re.match(r"stage0\.(post_)?se\.down\.weight$", k)), None)
-    try:
-        config = RepVGGConfig("custom", depths, widths, groups, se, channels[0] // down.shape[0] if se else 16,
-                              any(k.startswith("aux.") for k in state_dict))
-    except RepVGGError:
-        config = None
+    config = None
+    if down is not None or not se:  # every block has the SE when any has: a stage0 without it fits no config
+        with contextlib.suppress(RepVGGError):
+            config = RepVGGConfig("custom", depths, widths, groups, se, channels[0] // down.shape[0] if se else 16,
+                                  any(k.startswith("aux.") for k in state_dict))
     if config is None or config.stage_channels != channels:
         raise RepVGGError(f"no RepVGG architecture has depths {depths}, stage channels {channels}, groups {groups}")
     return config
