@@ -27,16 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from folders import RUNS, add_data_argument, add_results_arguments, cifar10_data, results_folder
 from repvgg import create_model, model_from_checkpoint
-from repvgg.commands.args import (
-    HelpFormatter,
-    add_results_arguments,
-    existing_data,
-    nonneg_float,
-    nonneg_int,
-    positive_int,
-    results_folder,
-)
+from repvgg.commands.args import HelpFormatter, nonneg_float, nonneg_int, positive_int
 from repvgg.commands.exits import run_command
 from repvgg.files import atomic_write
 from repvgg.hardware import cpu_info, matmul_gflops, measure_throughput
@@ -49,9 +42,6 @@ from repvgg.training.setup import load_datasets
 from repvgg.training.speed import StepMode, candidate_modes, probe_modes, step_runner
 from repvgg.training.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
-COMMITTED_RESULTS, OWN_RESULTS = ROOT / "benchmarks" / "results", ROOT / "runs" / "results"
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
 BASELINE = "resnet18"
 QAREPVGG = "qarepvgg"  # the full block in its quantization-friendly form (QARepVGG), for the quantization study
 PAPER_B0 = {"3x3": 72.39, "3x3+1x1": 73.15, "3x3+identity": 74.79, "full": 75.14}  # ImageNet top-1, 120 epochs
@@ -244,7 +234,7 @@ def _plot(path: Path, table: dict[str, dict[str, Any]]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The command line, every option with a help line and its default."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="folder with train/ and test/ (or their archives)")
+    add_data_argument(p)
     p.add_argument("--model", default="repvgg_a0", help="RepVGG architecture every branch variant is built from")
     p.add_argument("--strides", type=positive_int, nargs=5, default=[1, 2, 2, 2, 2], help="stage0..stage4 strides")
     p.add_argument("--epochs", type=positive_int, default=4, help="epochs per run (the same for every variant)")
@@ -260,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure-batch", type=positive_int, default=128, help="batch of the speed and memory measurements")
     p.add_argument("--img-size", type=positive_int, default=32, help="image side of the speed and memory measurements")
     p.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds of the speed measurements")
-    p.add_argument("--run-root", default=str(ROOT / "runs" / "ablation"), help="one run folder per variant and seed")
-    add_results_arguments(p, COMMITTED_RESULTS, OWN_RESULTS)
+    p.add_argument("--run-root", default=str(RUNS / "ablation"), help="one run folder per variant and seed")
+    add_results_arguments(p)
     p.add_argument("--measure-memory", metavar="VARIANT", help=argparse.SUPPRESS)
     return p
 
@@ -271,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.measure_memory:  # a subprocess of the study: random images, no data set
         _measure_memory(args)
         return
-    existing_data(args.data, "CIFAR-10")
+    cifar10_data(args)
     probe_model = build("full", 10, args)
     x, y = torch.randn(args.measure_batch, 3, args.img_size, args.img_size), torch.randint(0, 10, (args.measure_batch,))
     speeds = probe_modes(probe_model, candidate_modes(torch.device("cpu"), None, None, None), x, y)
@@ -285,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
                   machine=dict(**cpu_info(), matmul_fp32_gflops=matmul_gflops(), torch=torch.__version__,
                                python=platform.python_version()),
                   command=" ".join(["python", *sys.argv]))
-    out = results_folder(args, COMMITTED_RESULTS, OWN_RESULTS)
+    out = results_folder(args)
     write_report(out, result)
     print((out / "ablation.md").read_text())
 

@@ -25,15 +25,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from folders import RUNS, add_data_argument, add_results_arguments, cifar10_data, results_folder
 from repvgg import create_model, model_from_checkpoint
-from repvgg.commands.args import (
-    HelpFormatter,
-    add_results_arguments,
-    existing_data,
-    nonneg_int,
-    positive_int,
-    results_folder,
-)
+from repvgg.commands.args import HelpFormatter, nonneg_int, positive_int
 from repvgg.commands.exits import run_command
 from repvgg.errors import RepVGGError
 from repvgg.files import atomic_write
@@ -49,9 +43,6 @@ from repvgg.training.setup import load_datasets
 from repvgg.training.speed import StepMode, candidate_modes, probe_modes
 from repvgg.training.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
-COMMITTED_RESULTS, OWN_RESULTS = ROOT / "benchmarks" / "results", ROOT / "runs" / "results"
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
 TARGET_TOP1, TARGET_EPOCHS = 90.0, 30
 PROBE_FILE = "speed_probe.json"
 TTA = "flip-translate"  # the test-time augmentation reported beside the plain figure
@@ -163,13 +154,13 @@ def write_markdown(path: Path, r: dict[str, Any]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The command line, every option with a help line and its default."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="folder with train.tar.gz/test.tar.gz or train/ test/")
+    add_data_argument(p)
     p.add_argument("--epochs", type=positive_int, default=TARGET_EPOCHS, help="training epochs")
     p.add_argument("--batch-size", type=positive_int, help="images per step (default: the cifar recipe's)")
     p.add_argument("--workers", type=nonneg_int, default=1, help="data-loading worker processes")
-    p.add_argument("--run-dir", default=str(ROOT / "runs" / "cifar10_a0"),
+    p.add_argument("--run-dir", default=str(RUNS / "cifar10_a0"),
                    help="run directory: checkpoints, metrics and the speed probe")
-    add_results_arguments(p, COMMITTED_RESULTS, OWN_RESULTS)
+    add_results_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from --run-dir")
     return p
@@ -177,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    existing_data(args.data, "CIFAR-10")
+    cifar10_data(args)
     args.recipe = recipe_with("cifar", epochs=args.epochs, batch_size=args.batch_size)
     opts = TrainOptions(data=args.data, out_dir=args.run_dir, model="repvgg_a0", recipe=args.recipe,
                         workers=args.workers, probe=False,
@@ -197,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"trained in {(time.monotonic() - t0) / 60:.1f} min", flush=True)
     torch.set_num_threads(probe_result["chosen_mode"]["threads"])
     result = report(run_dir, Path(val_set.root), probe_result, args)
-    out = results_folder(args, COMMITTED_RESULTS, OWN_RESULTS)
+    out = results_folder(args)
     atomic_write(out / "cifar10_a0.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     write_markdown(out / "cifar10_a0.md", result)
     plot_run(args.run_dir, out / "cifar10_a0.png")

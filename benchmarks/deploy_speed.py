@@ -13,16 +13,13 @@ import argparse
 import json
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-from repvgg.commands.args import HelpFormatter, add_results_arguments, positive_int, results_folder
+from folders import add_results_arguments, results_folder
+from repvgg.commands.args import HelpFormatter, positive_int
 from repvgg.commands.exits import run_command
 from repvgg.deploy.benchmark import BASELINES, BENCH_ENGINES, format_table, plot_report, run_benchmark
 from repvgg.files import atomic_write
-
-ROOT = Path(__file__).resolve().parents[1]
-COMMITTED_RESULTS, OWN_RESULTS = ROOT / "benchmarks" / "results", ROOT / "runs" / "results"
 
 # summary ratio -> the least value accepted
 TARGETS = {
@@ -51,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="deploy engines to time")
     parser.add_argument("--baselines", nargs="*", default=list(BASELINES), help="torchvision models timed alongside")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    add_results_arguments(parser, COMMITTED_RESULTS, OWN_RESULTS)
+    add_results_arguments(parser)
     parser.add_argument("--no-plot", action="store_true", help="no chart beside the JSON report")
     return parser
 
@@ -65,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     report["targets"] = check_targets(report["summary"])
     for key, t in report["targets"].items():
         print(f"{key}: {t['value']:.2f}x, target >= {t['target']}x: {'met' if t['met'] else 'NOT met'}")
-    out = results_folder(args, COMMITTED_RESULTS, OWN_RESULTS)
+    out = results_folder(args)
     atomic_write(out / "bench_a0.json", json.dumps(report, indent=2) + "\n")
     print(f"results -> {out / 'bench_a0.json'}")
     if not args.no_plot:

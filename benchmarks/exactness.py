@@ -16,18 +16,15 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from folders import add_results_arguments, results_folder
 from repvgg import create_model, list_models, reparameterize
-from repvgg.commands.args import HelpFormatter, add_results_arguments, positive_int, results_folder
+from repvgg.commands.args import HelpFormatter, positive_int
 from repvgg.commands.exits import run_command
 from repvgg.files import atomic_write
 from repvgg.models.reparam import randomize_bn, relative_difference
-
-ROOT = Path(__file__).resolve().parents[1]
-COMMITTED_RESULTS, OWN_RESULTS = ROOT / "benchmarks" / "results", ROOT / "runs" / "results"
 
 SHAPES = ((1, 3, 224, 224), (2, 3, 96, 160), (1, 3, 75, 61))
 
@@ -54,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", nargs="+", default=list_models(),
                         help="architectures to check (default: every one)")
     parser.add_argument("--seeds", type=positive_int, default=2, help="random initializations per model")
-    add_results_arguments(parser, COMMITTED_RESULTS, OWN_RESULTS)
+    add_results_arguments(parser)
     return parser
 
 
@@ -62,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     report = {"shapes": [list(s) for s in SHAPES], "seeds": args.seeds, "torch": torch.__version__,
               "max_relative_error": {}}
-    out = results_folder(args, COMMITTED_RESULTS, OWN_RESULTS) / "exactness.json"
+    out = results_folder(args) / "exactness.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
     if {k: previous.get(k) for k in ("shapes", "seeds")} == {k: report[k] for k in ("shapes", "seeds")}:
         report["max_relative_error"] = previous["max_relative_error"]  # runs model by model add up

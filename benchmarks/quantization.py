@@ -33,15 +33,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from folders import CIFAR10, RUNS, add_data_argument, add_results_arguments, cifar10_data, results_folder
 from repvgg import model_from_checkpoint
-from repvgg.commands.args import (
-    HelpFormatter,
-    add_results_arguments,
-    existing_data,
-    nonneg_int,
-    positive_int,
-    results_folder,
-)
+from repvgg.commands.args import HelpFormatter, nonneg_int, positive_int
 from repvgg.commands.exits import run_command
 from repvgg.deploy.engines import INT8_ENGINES, INT8_SUFFIXES, Engine, available_engines, create_engine
 from repvgg.deploy.qat import QAT_METHOD, QATOptions, finetune_qat, qat_recipe
@@ -67,10 +61,7 @@ from repvgg.training.sampling import fixed_subset
 from repvgg.training.setup import load_datasets
 from repvgg.training.speed import StepMode, candidate_modes, probe_modes
 
-ROOT = Path(__file__).resolve().parents[1]
-COMMITTED_RESULTS, OWN_RESULTS = ROOT / "benchmarks" / "results", ROOT / "runs" / "results"
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
-DEFAULT_RUN_ROOT = ROOT / "runs" / "ablation"
+DEFAULT_RUN_ROOT = RUNS / "ablation"
 ENTRIES = ("full", "qarepvgg")  # the ablation's RepVGG-A0 and QARepVGG-A0
 ABLATION_SEEDS = (0, 1, 2)
 ABLATION_ARGS = "--epochs 4 --seeds {seeds} --train-subset 20000 --batch-size 128 --warmup-epochs 0.5"
@@ -98,7 +89,7 @@ def ablation_command(args: argparse.Namespace) -> str:
     """The ablation command that trains the runs this study reads."""
     seeds = " ".join(map(str, sorted({*ABLATION_SEEDS, args.seed})))
     cmd = "python benchmarks/ablation.py " + ABLATION_ARGS.format(seeds=seeds)
-    if Path(args.data) != DEFAULT_DATA:
+    if Path(args.data) != CIFAR10:
         cmd += f" --data {args.data}"
     return cmd + (f" --run-root {args.run_root}" if Path(args.run_root) != DEFAULT_RUN_ROOT else "")
 
@@ -433,7 +424,7 @@ def study(args: argparse.Namespace, run: Run, test: tuple[np.ndarray, np.ndarray
 def build_parser() -> argparse.ArgumentParser:
     """The command line, every option with a help line and its default."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="folder with train/ and test/ (or their archives)")
+    add_data_argument(p)
     p.add_argument("--run-root", default=str(DEFAULT_RUN_ROOT), help="the ablation's runs: <entry>-seed<seed>/")
     p.add_argument("--seed", type=nonneg_int, default=0, help="which ablation seed's models; also the QAT seed")
     p.add_argument("--extra-runs", nargs="*", default=[], metavar="RUN_DIR",
@@ -454,13 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed-sizes", type=positive_int, nargs="+", default=[32, 224],
                    help="image sides of the speed runs")
     p.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds of the speed measurements")
-    add_results_arguments(p, COMMITTED_RESULTS, OWN_RESULTS)
+    add_results_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    existing_data(args.data, "CIFAR-10")
+    cifar10_data(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     installed = int8_engines_installed()
@@ -493,7 +484,7 @@ def main(argv: list[str] | None = None) -> None:
                   machine=dict(**cpu_info(), matmul_fp32_gflops=matmul_gflops(), torch=torch.__version__,
                                python=platform.python_version()),
                   command=" ".join(["python", "benchmarks/quantization.py", *(sys.argv[1:] if argv is None else argv)]))
-    out = results_folder(args, COMMITTED_RESULTS, OWN_RESULTS)
+    out = results_folder(args)
     write_report(out, result)
     print((out / "quantization.md").read_text())
     print("\n".join(line for r in models.values() for line in target_lines(r["name"], r["targets"])))

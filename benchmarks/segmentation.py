@@ -36,17 +36,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from folders import add_data_argument, add_results_arguments, cifar10_data, results_folder
 from repvgg import create_model, output_difference, reparameterize
-from repvgg.commands.args import (
-    HelpFormatter,
-    add_results_arguments,
-    existing_data,
-    nonneg_float,
-    nonneg_int,
-    positive_float,
-    positive_int,
-    results_folder,
-)
+from repvgg.commands.args import HelpFormatter, nonneg_float, nonneg_int, positive_float, positive_int
 from repvgg.commands.exits import run_command
 from repvgg.deploy.artifacts import artifact_metadata
 from repvgg.deploy.engines import INT8_SUFFIXES, INT8_TOOLS, Engine, TorchEngine, available_engines, load_artifact
@@ -59,9 +51,6 @@ from repvgg.models.preprocess import IMAGENET_PREPROCESS
 from repvgg.models.profile import count_macs, count_params
 from repvgg.training.data import ImageFolder, read_image, resolve_split
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
-COMMITTED_RESULTS, OWN_RESULTS = ROOT / "benchmarks" / "results", ROOT / "runs" / "results"
 BACKBONE, OUTPUT_STRIDE, STAGE = "repvgg_a0", 8, 3  # stage 3: A0's 14 blocks, dilated to stay at 1/8
 MEAN = np.array(IMAGENET_PREPROCESS["mean"], np.float32).reshape(1, 3, 1, 1)
 STD = np.array(IMAGENET_PREPROCESS["std"], np.float32).reshape(1, 3, 1, 1)
@@ -437,9 +426,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     """The command line, every option with a help line and its default."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="folder with train/ and test/ (or their archives)")
+    add_data_argument(p)
     p.add_argument("--out", default="runs/segmentation", help="folder for the training state and the model files")
-    add_results_arguments(p, COMMITTED_RESULTS, OWN_RESULTS)
+    add_results_arguments(p)
     p.add_argument("--train-canvases", type=positive_int, default=4000, help="training canvases")
     p.add_argument("--test-canvases", type=positive_int, default=1000, help="test canvases (mIoU over all of them)")
     p.add_argument("--calib-canvases", type=positive_int, default=64, help="training canvases that calibrate int8")
@@ -460,11 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    existing_data(args.data, "CIFAR-10")
+    cifar10_data(args)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     result = run(args)
     result["command"] = " ".join(["python", "benchmarks/segmentation.py", *(sys.argv[1:] if argv is None else argv)])
-    folder = results_folder(args, COMMITTED_RESULTS, OWN_RESULTS)
+    folder = results_folder(args)
     write_report(folder, result)
     print((folder / "segmentation.md").read_text())
     return result

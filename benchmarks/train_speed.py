@@ -35,8 +35,9 @@ from torch import Tensor, nn
 from torch.nn import functional as nnf
 from torch.utils.data import Subset
 
+from folders import add_data_argument, add_results_arguments, cifar10_data, results_folder
 from repvgg import create_model
-from repvgg.commands.args import HelpFormatter, add_results_arguments, positive_int, results_folder
+from repvgg.commands.args import HelpFormatter, positive_int
 from repvgg.commands.exits import run_command
 from repvgg.errors import RepVGGError
 from repvgg.files import atomic_write
@@ -51,9 +52,6 @@ from repvgg.training.setup import load_datasets
 from repvgg.training.speed import StepMode, native_bf16, training_flops_per_image
 from repvgg.training.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
-COMMITTED_RESULTS, OWN_RESULTS = ROOT / "benchmarks" / "results", ROOT / "runs" / "results"
 TARGET = 0.95  # repvgg train (its default data path) / the minimal loop, in images/s
 PATHS = ("memory", "loader")
 
@@ -88,7 +86,7 @@ def train_call(args: argparse.Namespace, sets: tuple[Any, Any, list[str]], path:
     def call() -> None:
         clock = StepClock(args.warmup_steps + args.steps)
         with tempfile.TemporaryDirectory(prefix="train_speed-") as out:
-            opts = TrainOptions(data=str(args.data), out_dir=out, recipe=args.recipe, branches=branches,
+            opts = TrainOptions(data=args.data, out_dir=out, recipe=args.recipe, branches=branches,
                                 workers=args.workers, data_path=path, amp=mode.amp,
                                 channels_last=mode.channels_last, threads=mode.threads, probe=False, device="cpu",
                                 tensorboard=False, log=lambda s: None, callbacks=[clock])
@@ -149,13 +147,13 @@ def datasets(args: argparse.Namespace) -> tuple[dict[str, tuple[Any, Any, list[s
     """Each data path's (subset of the training set, validation set, classes), and the path ``repvgg train``
     chooses by default for this data."""
     def load(path: str) -> tuple[Any, Any, list[str]]:
-        opts = TrainOptions(data=str(args.data), out_dir="", recipe=args.recipe, data_path=path,
+        opts = TrainOptions(data=args.data, out_dir="", recipe=args.recipe, data_path=path,
                             log=lambda s: print(s, file=sys.stderr, flush=True))
         train_set, val_set, classes = load_datasets(opts)
         return fixed_subset(train_set, args.subset), Subset(val_set, range(min(len(val_set), 512))), classes
 
     sets = {path: load(path) for path in PATHS}
-    auto = load_datasets(TrainOptions(data=str(args.data), out_dir="", recipe=args.recipe, log=lambda s: None))[0]
+    auto = load_datasets(TrainOptions(data=args.data, out_dir="", recipe=args.recipe, log=lambda s: None))[0]
     return sets, "memory" if in_memory(auto) else "loader"
 
 
@@ -242,8 +240,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The command line, every option with a help line and its default."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                   help="CIFAR-10: a folder with train/ and test/ (folders or .tar.gz archives)")
+    add_data_argument(p)
     p.add_argument("--subset", type=positive_int, default=5000, help="training images: a fixed random subset")
     p.add_argument("--batch-size", type=positive_int, default=256, help="batch size (the cifar recipe's)")
     p.add_argument("--steps", type=positive_int, default=3, help="timed optimizer steps per measurement")
@@ -258,12 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(), help="torch threads")
     p.add_argument("--workers", type=positive_int, default=default_workers(),
                    help="loading processes of the loader path (repvgg train's default)")
-    add_results_arguments(p, COMMITTED_RESULTS, OWN_RESULTS)
+    add_results_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    cifar10_data(args)
     args.recipe = recipe_with("cifar", batch_size=args.batch_size)
     if args.subset // args.batch_size < args.warmup_steps + args.steps:
         raise RepVGGError(f"--subset {args.subset} holds fewer than --warmup-steps + --steps batches")
@@ -281,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "target": {"path": measured["default_path"], "least": TARGET, "lowest": lowest, "met": lowest >= TARGET},
         "results": results,
     }
-    out = results_folder(args, COMMITTED_RESULTS, OWN_RESULTS)
+    out = results_folder(args)
     atomic_write(out / "train_speed.json", json.dumps(report, indent=2) + "\n")
     write_markdown(out / "train_speed.md", report)
     print((out / "train_speed.md").read_text())

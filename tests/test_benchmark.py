@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from folders import add_results_arguments, results_folder
 from imagefolders import PYTHON, REPO, TINY_ARCH, make_dataset, subprocess_env
 from repvgg import RepVGGError, create_model, model_from_checkpoint, reparameterize, save_checkpoint
 from repvgg.cli import main
-from repvgg.commands.args import add_results_arguments, results_folder
 from repvgg.commands.exits import run_command
 from repvgg.deploy.benchmark import (
     BenchConfig,
@@ -97,16 +97,18 @@ def test_benchmarks_write_into_the_users_folder_unless_asked_and_name_missing_da
     """A user's run does not write over the committed results, and a checkout without the default data set is told
     which option to pass."""
     parser = argparse.ArgumentParser()
-    add_results_arguments(parser, Path("committed"), Path("own"))
-    assert results_folder(parser.parse_args([]), Path("committed"), Path("own")) == Path("own")
-    assert results_folder(parser.parse_args(["--update-results"]), Path("committed"), Path("own")) == Path("committed")
-    assert results_folder(parser.parse_args(["--results", "x"]), Path("committed"), Path("own")) == Path("x")
-    spec = importlib.util.spec_from_file_location("cifar10_benchmark", REPO / "benchmarks" / "cifar10.py")
-    cifar10 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cifar10)
-    capsys.readouterr()
-    assert run_command("cifar10.py", lambda: cifar10.main(["--data", str(tmp_path / "none")])) == 2
-    assert capsys.readouterr().err == f"cifar10.py: error: CIFAR-10 not found at {tmp_path / 'none'}; pass --data DIR\n"
+    add_results_arguments(parser)
+    assert results_folder(parser.parse_args([])) == REPO / "runs" / "results"
+    assert results_folder(parser.parse_args(["--update-results"])) == REPO / "benchmarks" / "results"
+    assert results_folder(parser.parse_args(["--results", "x"])) == Path("x")
+    for name in ("cifar10", "ablation", "quantization", "segmentation", "train_speed"):
+        spec = importlib.util.spec_from_file_location(f"{name}_data", REPO / "benchmarks" / f"{name}.py")
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+        capsys.readouterr()
+        assert run_command(f"{name}.py", lambda s=script: s.main(["--data", str(tmp_path / "none")])) == 2
+        error = f"{name}.py: error: CIFAR-10 not found at {tmp_path / 'none'}; pass --data DIR\n"
+        assert capsys.readouterr().err == error
 
 
 def test_peak_memory_is_measured_in_a_fresh_process() -> None:

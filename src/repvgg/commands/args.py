@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DefaultsFormatter", "HelpFormatter", "PRETRAINED_HELP", "positive_int", "nonneg_int", "positive_float",
            "nonneg_float", "prob_float", "architecture", "output_file", "figure_file", "add_checkpoint",
-           "checkpoint_of", "add_results_arguments", "results_folder", "existing_data"]
+           "checkpoint_of"]
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -147,25 +147,3 @@ def checkpoint_of(args: argparse.Namespace) -> str | None:
     if given and option and given != option:
         raise RepVGGError(f"two model files given, {given} and --checkpoint {option}: name one")
     return given or option
-
-
-def add_results_arguments(p: argparse.ArgumentParser, committed: Path, own: Path) -> None:
-    """A benchmark's report folder: the user's own (``own``) unless ``--update-results`` asks for the committed
-    results (``committed``), or ``--results`` names one."""
-    p.add_argument("--results", help=f"folder for the report files (default: {own}, or {committed} with "
-                   "--update-results)")
-    p.add_argument("--update-results", action="store_true",
-                   help=f"write the report into the committed results, {committed}")
-
-
-def results_folder(args: argparse.Namespace, committed: Path, own: Path) -> Path:
-    """The folder :func:`add_results_arguments` chose."""
-    return Path(args.results) if args.results else committed if args.update_results else own
-
-
-def existing_data(path: str, what: str) -> str:
-    """``path`` when it exists, else a one-line error naming ``--data`` (benchmarks default to a data set that a
-    checkout elsewhere does not have)."""
-    if not Path(path).exists():
-        raise RepVGGError(f"{what} not found at {path}; pass --data DIR")
-    return path
