@@ -38,7 +38,7 @@ from repvgg.training.evaluate import evaluate
 from repvgg.training.metrics import read_metrics
 from repvgg.training.options import Callback, TrainOptions
 from repvgg.training.plot import plot_run
-from repvgg.training.recipes import recipe_with
+from repvgg.training.recipes import RECIPES, Recipe, recipe_of, recipe_with
 from repvgg.training.setup import load_datasets
 from repvgg.training.speed import StepMode, candidate_modes, probe_modes
 from repvgg.training.train import train
@@ -82,10 +82,11 @@ def stored_probe(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def report(run_dir: Path, data_root: Path, probe_result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def report(run_dir: Path, data_root: Path, probe_result: dict[str, Any]) -> dict[str, Any]:
     """Results of a finished run: summary, per-epoch rows, and the deploy file re-loaded and evaluated."""
     summary = json.loads((run_dir / "summary.json").read_text())
     model, ckpt = model_from_checkpoint(summary["deploy_checkpoint"])
+    recipe = recipe_of(ckpt.metadata)
     test = ImageFolder(data_root, eval_transform(ckpt.metadata["preprocess"]))
     loader = DataLoader(test, batch_size=256, collate_fn=collate, num_workers=1)
     classes = len(ckpt.metadata["class_names"])
@@ -104,11 +105,19 @@ def report(run_dir: Path, data_root: Path, probe_result: dict[str, Any], args: a
                     met=in_budget and summary["deploy_top1"] >= TARGET_TOP1,
                     met_with_tta=in_budget and reloaded.tta.top1 >= TARGET_TOP1),
         probe=probe_result, per_epoch=[{k: v for k, v in r.items() if k != "lr_steps"} for r in rows],
-        recipe_values={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(args.recipe).items()},
+        recipe_values={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(recipe).items()},
         machine=dict(**cpu_info(), matmul_fp32_gflops=gflops, torch=torch.__version__,
                      python=platform.python_version()),
-        command=" ".join(["python", *(a for a in sys.argv if a not in ("--resume", "--report-only"))]),
+        command=reproduce_command(recipe),
     )
+
+
+def reproduce_command(recipe: Recipe) -> str:
+    """The command that trains this run again: the options that shape its result, from the run's own recipe."""
+    cifar = RECIPES["cifar"]
+    changed = [f"--epochs {recipe.epochs}"] if recipe.epochs != TARGET_EPOCHS else []
+    changed += [f"--batch-size {recipe.batch_size}"] if recipe.batch_size != cifar.batch_size else []
+    return " ".join(["python benchmarks/cifar10.py", *changed])
 
 
 def met(flag: bool) -> str:
@@ -169,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     cifar10_data(args)
-    args.recipe = recipe_with("cifar", epochs=args.epochs, batch_size=args.batch_size)
-    opts = TrainOptions(data=args.data, out_dir=args.run_dir, model="repvgg_a0", recipe=args.recipe,
+    recipe = recipe_with("cifar", epochs=args.epochs, batch_size=args.batch_size)
+    opts = TrainOptions(data=args.data, out_dir=args.run_dir, model="repvgg_a0", recipe=recipe,
                         workers=args.workers, probe=False,
                         resume="auto" if args.resume else None)
     train_set, val_set, classes = load_datasets(opts)
@@ -187,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         train(opts, train_set, val_set, classes)
         print(f"trained in {(time.monotonic() - t0) / 60:.1f} min", flush=True)
     torch.set_num_threads(probe_result["chosen_mode"]["threads"])
-    result = report(run_dir, Path(val_set.root), probe_result, args)
+    result = report(run_dir, Path(val_set.root), probe_result)
     out = results_folder(args)
     atomic_write(out / "cifar10_a0.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     write_markdown(out / "cifar10_a0.md", result)

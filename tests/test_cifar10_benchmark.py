@@ -64,7 +64,8 @@ def test_cifar10_benchmark_on_a_tiny_folder(tmp_path: Path, capsys: pytest.Captu
     assert 0 <= result["reloaded_deploy_top1_tta"] <= 100 and result["tta"] == "flip-translate"
     assert result["target"]["met"] is (result["deploy_top1"] >= 90)
     assert result["target"]["met_with_tta"] is (result["reloaded_deploy_top1_tta"] >= 90)
-    assert "--resume" not in result["command"] and "--report-only" not in result["command"]
+    assert result["command"] == "python benchmarks/cifar10.py --epochs 1 --batch-size 4"  # from the run's recipe
+    assert result["recipe_values"]["epochs"] == 1 and result["recipe_values"]["batch_size"] == 4
     assert result["probe"]["chosen"] in result["probe"]["images_per_s"]
     md = (tmp_path / "results" / "cifar10_a0.md").read_text()
     assert "| epoch | lr (end) |" in md and "with flip-translate TTA" in md

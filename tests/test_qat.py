@@ -4,6 +4,7 @@ plain model's checkpoints, and ``repvgg qat`` fine-tunes a trained model into an
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,11 @@ from repvgg import create_model, reparameterize, save_checkpoint
 from repvgg.cli import main
 from repvgg.deploy.artifacts import read_artifact_metadata
 from repvgg.deploy.engines import INT8_ENGINES, INT8_SUFFIXES
+from repvgg.deploy.qat import QAT_LR_FRACTION, qat_recipe
 from repvgg.deploy.quantize import int8_engines_installed
+from repvgg.models.checkpoints import read_checkpoint
 from repvgg.models.fakequant import ActivationFakeQuant, FakeQuantBlock, fake_quant_weight, is_qat, prepare_qat
+from repvgg.training.recipes import RECIPES, recipe_with
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PREPROCESS = {"resize": 16, "crop": 16, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -65,6 +69,23 @@ def test_fake_quant_blocks_run_the_int8_conv_and_train_every_branch(block: str) 
     assert torch.allclose(b.eval()(feature), expected)
     plain, converted = reparameterize(model), reparameterize(qat)
     assert all(torch.equal(plain.state_dict()[k], v) for k, v in converted.state_dict().items())
+
+
+def test_qat_fine_tunes_with_the_values_the_model_was_trained_with(tmp_path: Path) -> None:
+    """The trained recipe's values (a file that predates them: its recipe's registered ones), with no warm-up, EMA,
+    mixup or cutmix and a fraction of the learning rate."""
+    model = create_model(TINY_ARCH, num_classes=3, strides=(2, 2, 2, 2, 2))
+    trained = recipe_with("cifar", lr=0.04, label_smoothing=0.3, weight_decay=1e-3, batch_size=64, ema_decay=0.99,
+                          mixup=0.2, warmup_epochs=1)
+    save_checkpoint(model, tmp_path / "new.pth", preprocess=PREPROCESS, recipe="cifar", recipe_values=asdict(trained))
+    save_checkpoint(model, tmp_path / "old.pth", preprocess=PREPROCESS, recipe="cifar")
+    tuned = qat_recipe(read_checkpoint(str(tmp_path / "new.pth")), epochs=2)
+    assert tuned.lr == pytest.approx(0.04 * QAT_LR_FRACTION) and tuned.batch_size == 64 and tuned.epochs == 2
+    assert (tuned.label_smoothing, tuned.weight_decay) == (0.3, 1e-3)
+    assert (tuned.ema_decay, tuned.mixup, tuned.warmup_epochs) == (0, 0, 0)
+    assert tuned.strides == (2, 2, 2, 2, 2) and tuned.img_size == tuned.eval_resize == 16
+    older = qat_recipe(read_checkpoint(str(tmp_path / "old.pth")), epochs=2, lr=0.01, batch_size=32)
+    assert (older.lr, older.batch_size, older.label_smoothing) == (0.01, 32, RECIPES["cifar"].label_smoothing)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

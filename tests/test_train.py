@@ -37,6 +37,7 @@ from repvgg.training.recipes import (
     custom_l2_penalty,
     param_groups,
     recipe_differences,
+    recipe_of,
     recipe_with,
 )
 from repvgg.training.rundir import RunDir
@@ -150,6 +151,15 @@ def test_a_recipe_field_a_checkpoint_predates_counts_as_its_default() -> None:
     assert recipe_differences(stored, recipe_with("cifar", schedule="linear")) == ["schedule: 'cosine' -> 'linear'"]
 
 
+def test_a_checkpoint_tells_its_recipe_values_else_its_registered_name() -> None:
+    trained = recipe_with("cifar", lr=0.05, label_smoothing=0.3, strides=(2, 2, 2, 2, 2))
+    stored = json.loads(json.dumps(dataclasses.asdict(trained)))  # as a .safetensors header keeps them: lists
+    assert recipe_of({"recipe": "cifar", "recipe_values": stored}) == trained
+    older = {k: v for k, v in stored.items() if k != "schedule"} | {"a_later_field": 1}
+    assert recipe_of({"recipe_values": older}) == trained  # a field it predates: the default; a later one: ignored
+    assert recipe_of({"recipe": "strong"}) == RECIPES["strong"] and recipe_of({}) == RECIPES["paper"]
+
+
 def test_recipes_are_printed_presets(capsys: pytest.CaptureFixture) -> None:
     assert RECIPES["paper"].epochs == 120 and RECIPES["paper"].lr == 0.1 and RECIPES["paper"].weight_decay == 1e-4
     assert RECIPES["paper"].label_smoothing == 0 and RECIPES["paper"].warmup_epochs == 0
@@ -183,6 +193,9 @@ def test_short_training_run_end_to_end(data: Path, tmp_path: Path, capsys: pytes
         assert ckpt.deploy == deploy and model.strides == (2, 2, 2, 2, 2)
         assert ckpt.metadata["class_names"] == ["class0", "class1", "class2"]
         assert ckpt.metadata["preprocess"]["crop"] == 16
+        assert recipe_of(ckpt.metadata) == recipe_with(  # TINY_TRAIN's values and this run's own
+            "cifar", epochs=2, lr=0.4, ema_decay=0.9, custom_l2=True, mixup=0.2, cutmix=1.0, img_size=16,
+            eval_resize=16, strides=(2, 2, 2, 2, 2), batch_size=8, warmup_epochs=0)
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["progress"]["epoch"] == 2 and state["progress"]["step"] == 0 and state["ema"] is not None
     assert main(["plot", str(out)]) == 0 and (out / "curves.png").stat().st_size > 1000

@@ -20,7 +20,7 @@ from ..files import file_sha256
 from ..models.checkpoints import Checkpoint, model_from_checkpoint, read_checkpoint
 from ..models.fakequant import prepare_qat
 from ..training.options import TrainOptions, default_workers
-from ..training.recipes import Recipe, recipe_with
+from ..training.recipes import Recipe, recipe_of
 from ..training.setup import load_datasets
 from ..training.train import train
 from .quantize import DEFAULT_CALIB_IMAGES, QuantizeOptions, QuantizeResult, engine_and_out, quantize_checkpoint
@@ -61,15 +61,15 @@ class QATResult:
 
 
 def qat_recipe(ckpt: Checkpoint, epochs: int, lr: float | None = None, batch_size: int | None = None) -> Recipe:
-    """The checkpoint's recipe (strides and image sizes as it was trained) turned into a short fine-tune: no
-    warm-up, EMA, mixup or cutmix, and a small cosine learning rate."""
-    meta = ckpt.metadata
-    name = meta.get("recipe") or "paper"
+    """The recipe the checkpoint was trained with (strides and image sizes as saved) turned into a short fine-tune:
+    no warm-up, EMA, mixup or cutmix, and a small cosine learning rate."""
+    meta, trained = ckpt.metadata, recipe_of(ckpt.metadata)
     sizes = meta.get("preprocess") or {}
-    return recipe_with(name, strides=meta.get("strides"), epochs=epochs,
-                       lr=lr or recipe_with(name).lr * QAT_LR_FRACTION, batch_size=batch_size, warmup_epochs=0.0,
-                       ema_decay=0.0, mixup=0.0, cutmix=0.0, img_size=sizes.get("crop"),
-                       eval_resize=sizes.get("resize"))
+    return replace(trained, epochs=epochs, lr=lr or trained.lr * QAT_LR_FRACTION,
+                   batch_size=batch_size or trained.batch_size, warmup_epochs=0.0, ema_decay=0.0, mixup=0.0,
+                   cutmix=0.0, strides=tuple(meta.get("strides") or trained.strides),
+                   img_size=sizes.get("crop") or trained.img_size,
+                   eval_resize=sizes.get("resize") or trained.eval_resize)
 
 
 def _training_checkpoint(path: str) -> Checkpoint:

@@ -4,6 +4,7 @@ learning-rate schedule."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any, Literal
 
@@ -15,8 +16,8 @@ from ..models.blocks import RepVGGBlock
 from ..models.preprocess import IMAGENET_PREPROCESS
 from .data import AutoAugment, TrainCrop
 
-__all__ = ["Decay", "Recipe", "RECIPES", "recipe_with", "recipe_differences", "param_groups", "custom_l2_penalty",
-           "WarmupDecay", "preprocess_of"]
+__all__ = ["Decay", "Recipe", "RECIPES", "recipe_with", "recipe_of", "recipe_differences", "param_groups",
+           "custom_l2_penalty", "WarmupDecay", "preprocess_of"]
 
 Decay = Literal["cosine", "linear"]
 
@@ -73,6 +74,17 @@ def recipe_with(name: str, **overrides: Any) -> Recipe:
     if "strides" in overrides:
         overrides["strides"] = tuple(overrides["strides"])
     return replace(RECIPES[name], **overrides)
+
+
+def recipe_of(metadata: Mapping[str, Any]) -> Recipe:
+    """The recipe a checkpoint was trained with: its stored values (a field it predates takes its default, one from
+    a later version is ignored), else its recipe's name as registered (``paper`` when it names none)."""
+    values = metadata.get("recipe_values")
+    if not values:
+        return recipe_with(metadata.get("recipe") or "paper")
+    known = {f.name for f in fields(Recipe)}
+    kept = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
+    return Recipe(**kept)
 
 
 def param_groups(model: nn.Module, weight_decay: float, custom_l2: bool = False) -> list[dict[str, Any]]:

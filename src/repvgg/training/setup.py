@@ -297,9 +297,9 @@ def _assemble(opts: TrainOptions, d: Dist, device: torch.device, raw: nn.Module,
         if r.ema_decay else None
     mixers = ([v2.MixUp(alpha=r.mixup, num_classes=len(names))] if r.mixup else []) + (
         [v2.CutMix(alpha=r.cutmix, num_classes=len(names))] if r.cutmix else [])
-    meta = dict(class_names=names, preprocess=preprocess, recipe=r.name)
+    meta = dict(class_names=names, preprocess=preprocess, recipe=r.name, recipe_values=asdict(r))
     state = RunState(raw, optimizer, scheduler, step_fn.scaler, ema, Progress(total_epochs=r.epochs),
-                     {**model_metadata(raw), **meta, "recipe_values": asdict(r), "model_name": opts.model_name,
+                     {**model_metadata(raw), **meta, "model_name": opts.model_name,
                       "origin": dict(opts.origin), "step_mode": asdict(mode)})
     return Run(opts, d, device, raw, model, state, schedule, step_fn, v2.RandomChoice(mixers) if mixers else None,
                SeededSamples(train_set, opts.seed), val_set, len(names), rundir, r.batch_size // d.world, steps, meta)
