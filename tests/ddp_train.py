@@ -2,9 +2,10 @@
 
     torchrun --nproc_per_node 2 tests/ddp_train.py OUT_DIR RECORD_DIR [MODE ...]
 
-Each MODE (``ok``, ``bad-rank-1``, ``nan-rank-1``) is one run into OUT_DIR/MODE, one after the other in the same
-process group: every process must leave a failed run at the same point, ready for the next. Exits with the status
-of the last run.
+Each MODE is one run into OUT_DIR/MODE, one after the other in the same process group: ``ok``; ``ok-resumed``, the
+same run checkpointed after every step, killed (an exception on both processes) after step 3 and resumed;
+``bad-rank-1`` and ``nan-rank-1``, where every process must leave the failed run at the same point, ready for the
+next. Exits with the status of the last run.
 """
 
 from __future__ import annotations
@@ -59,12 +60,31 @@ class Record(Callback):
         (self.folder / f"params_rank{self.rank}.txt").write_text(f"{checksum!r}\n")
 
 
+class Killed(Exception):
+    """The run's end without a chance to save, as a SIGKILL or a power cut."""
+
+
+class KillAfter(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, epoch: int, step: int) -> None:
+        if (epoch, step) == (0, self.step):
+            raise Killed
+
+
 def run(out: str, record: str, mode: str) -> None:
     torch.set_num_threads(1)
     recipe = recipe_with("cifar", epochs=2, batch_size=8, img_size=16, eval_resize=16, strides=(2, 2, 2, 2, 2),
                          warmup_epochs=0)
     opts = TrainOptions(data=None, out_dir=out, model=TINY_ARCH, recipe=recipe, workers=0, amp="none",
                         channels_last=False, probe=False, tensorboard=False, callbacks=[Record(Path(record))])
+    if mode == "ok-resumed":
+        opts.save_every_min, opts.callbacks = 1e-9, [KillAfter(3)]
+        try:
+            train(opts, Images(48, mode, 0), Images(12, "", 1), ["a", "b", "c"])
+        except Killed:
+            opts.resume, opts.callbacks = "auto", [Record(Path(record))]
     train(opts, Images(48, mode, 0), Images(12, "", 1), ["a", "b", "c"])
 
 

@@ -17,6 +17,7 @@ import subprocess
 import termios
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -32,9 +33,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # each signal, and where it stops the run: (epoch, 0-based; optimizer step, 1-based). ``qat`` trains through the same
 # loop, so it is stopped once, mid-epoch, with its fake quantizers' ranges in flight (its resume is "the same command
-# again")
-STOPS = {"train": [("SIGTERM", (0, 2)), ("SIGINT", (0, 4)), ("SIGKILL", (1, 2)), ("SIGHUP", (1, 4))],
-         "qat": [("SIGTERM", (0, 2))]}
+# again"). The last SIGKILL comes to a run that checkpoints after every step (``--save-every`` a tiny interval)
+SAVE_EVERY_STEP = ["--save-every", "1e-9"]
+STOPS = {"train": [("SIGTERM", (0, 2), []), ("SIGINT", (0, 4), []), ("SIGKILL", (1, 2), []), ("SIGHUP", (1, 4), []),
+                   ("SIGKILL", (1, 5), SAVE_EVERY_STEP)],
+         "qat": [("SIGTERM", (0, 2), [])]}
 # the default flags (the speed probe chooses), and no stride-2 conv on a 1x1 input, where bf16 autocast gets wrong
 # weight gradients on some CPUs (oneDNN)
 STRIDES = (1, 2, 2, 2, 2)
@@ -42,7 +45,7 @@ PROBED = [*(flag for flag in TINY_TRAIN if flag != "--no-probe"), "--strides", *
 PREPROCESS = {"resize": 16, "crop": 16, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 # ONNX Runtime where installed: the resume is the engine's business only at the final export, and it needs no NNCF
 ENGINE = "onnxruntime" if "onnxruntime" in int8_engines_installed() else next(iter(int8_engines_installed()), None)
-DATA_PATHS = ["loader", "memory", "loader", "memory"]  # the data path of ``train`` up to each stop
+DATA_PATHS = ["loader", "memory", "loader", "memory", "loader"]  # the data path of ``train`` up to each stop
 TIMEOUT_S = 300
 
 
@@ -117,8 +120,9 @@ def _stopped_run(argv: list[str], folder: Path, sig: str, at: tuple[int, int], e
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _uninterrupted(kind: str, inputs: Path, folder: Path, mode: StepMode) -> dict[str, torch.Tensor]:
-    """The final weights of the same command run in one go in ``mode``."""
+def _uninterrupted(kind: str, inputs: Path, folder: Path,
+                   mode: StepMode) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """The final weights and metrics rows of the same command run in one go in ``mode``."""
     argv, run = _command(kind, inputs, folder)
     flags = ["--channels-last" if mode.channels_last else "--no-channels-last", "--threads", str(mode.threads)]
     if kind == "train":
@@ -128,7 +132,7 @@ def _uninterrupted(kind: str, inputs: Path, folder: Path, mode: StepMode) -> dic
     assert main([*argv, *flags]) == 0
     state = torch.load(run / "last.pt", weights_only=True)
     assert state["repvgg"]["step_mode"] == dataclasses.asdict(mode)  # the flags, not a probe, chose the mode
-    return state["model"]
+    return state["model"], [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("kind", ["train", pytest.param("qat", marks=pytest.mark.skipif(
@@ -143,10 +147,10 @@ def test_a_run_stopped_by_each_signal_resumes_in_its_own_step_mode_to_the_uninte
     resume = [*argv, "--resume"] if kind == "train" else argv  # qat: the same command again
     elsewhere = {**subprocess_env(), "OMP_NUM_THREADS": "2"}
     mode, saved_at = None, (0, 0)
-    for n, (sig, at) in enumerate(STOPS[kind]):
-        (tmp_path / sig).mkdir()
+    for n, (sig, at, flags) in enumerate(STOPS[kind]):
+        (tmp_path / f"{n}").mkdir()
         path = ["--data-path", DATA_PATHS[n]] if kind == "train" else []
-        status, output = _stopped_run([*(resume if n else argv), *path], tmp_path / sig, sig, at,
+        status, output = _stopped_run([*(resume if n else argv), *path, *flags], tmp_path / f"{n}", sig, at,
                                       elsewhere if n else subprocess_env())
         signum = getattr(signal, sig)
         assert status == (-signum if sig == "SIGKILL" else 128 + signum), f"{sig}: {output[-3000:]}"
@@ -156,7 +160,7 @@ def test_a_run_stopped_by_each_signal_resumes_in_its_own_step_mode_to_the_uninte
             mode = StepMode(**state["repvgg"]["step_mode"])
         else:
             _assert_resumed(output, mode, saved_at)
-        saved_at = (at[0], 0) if sig == "SIGKILL" else at  # SIGKILL: the last save is the epoch boundary
+        saved_at = (at[0], 0) if sig == "SIGKILL" and not flags else at  # SIGKILL: the last save before it
         assert (state["progress"]["epoch"], state["progress"]["step"]) == saved_at, sig
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the last resume runs in this process, where torch's default is two threads too
@@ -165,11 +169,12 @@ def test_a_run_stopped_by_each_signal_resumes_in_its_own_step_mode_to_the_uninte
     finally:
         torch.set_num_threads(threads)
     _assert_resumed(capsys.readouterr().out, mode, saved_at)
-    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == ([1, 2] if kind == "train" else [1])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == ([1, 2] if kind == "train" else [1])
     final = torch.load(run / "last.pt", weights_only=True)["model"]
-    reference = _uninterrupted(kind, inputs, tmp_path / "straight", mode)
+    reference, reference_rows = _uninterrupted(kind, inputs, tmp_path / "straight", mode)
     assert all(torch.equal(final[k], reference[k]) for k in reference)
+    assert [r["train_loss"] for r in rows] == pytest.approx([r["train_loss"] for r in reference_rows], rel=1e-12)
 
 
 def _assert_resumed(output: str, mode: StepMode, at: tuple[int, int]) -> None:

@@ -594,14 +594,22 @@ BROKEN = {"bad-rank-1": ["no readable training image in epoch 1"] * 2,
 
 
 def test_torchrun_two_processes_train_disjoint_shards_and_stop_together_when_one_breaks(tmp_path: Path) -> None:
-    """One launch of two processes, three runs in turn: a healthy one (disjoint shards, reshuffled every epoch, the
-    same weights, one checkpoint), then each broken mode, where both processes stop the run with one error line
-    (before the fix, the healthy process waited for the broken one until timeout) and go on in step."""
+    """One launch of two processes, four runs in turn: a healthy one (disjoint shards, reshuffled every epoch, the
+    same weights, one checkpoint), the same checkpointed after every step, killed mid-epoch and resumed (the same
+    weights and losses: rank 0 saves every process's partial sums, the others drop theirs on resume), then each broken
+    mode, where both processes stop the run with one error line (before the fix, the healthy process waited for the
+    broken one until timeout) and go on in step."""
     cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "ddp_train.py"), str(tmp_path / "run"), str(tmp_path), "ok", *BROKEN]
+           str(REPO / "tests" / "ddp_train.py"), str(tmp_path / "run"), str(tmp_path), "ok", "ok-resumed", *BROKEN]
     done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     err = done.stderr  # the two processes' lines may interleave
-    assert done.stdout.count("final (last weights)") == 1 and "2 process(es)" in done.stdout, done.stdout[-3000:]
+    assert done.stdout.count("final (last weights)") == 2 and "2 process(es)" in done.stdout, done.stdout[-3000:]
+    ok, resumed = ([json.loads(line) for line in (tmp_path / "run" / m / "metrics.jsonl").read_text().splitlines()]
+                   for m in ("ok", "ok-resumed"))
+    assert [r["train_loss"] for r in resumed] == pytest.approx([r["train_loss"] for r in ok], rel=1e-12)
+    a, b = (torch.load(tmp_path / "run" / m / "model.pth", weights_only=True)["state_dict"]
+            for m in ("ok", "ok-resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
     shards = [[set(map(int, line.split())) for line in (tmp_path / f"indices_rank{r}.txt").read_text().splitlines()]
               for r in range(2)]
     for epoch in range(2):

@@ -76,6 +76,9 @@ def _machinery_arguments(p: argparse.ArgumentParser) -> None:
                    "~/.cache/repvgg/datasets)")
     g.add_argument("--time-budget-min", type=positive_float, help="shrink the planned epochs to fit this many "
                    "minutes")
+    g.add_argument("--save-every", dest="save_every_min", type=nonneg_float, default=10.0, metavar="MIN",
+                   help="also checkpoint the run (last.pt) mid-epoch every MIN minutes, so that a kill or power cut "
+                   "loses less; 0: at each epoch's end and on a stop signal only")
     g.add_argument("--eval-every", type=positive_int, default=1, help="validate every N epochs")
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard events")
@@ -124,8 +127,8 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
                         channels_last=args.channels_last, threads=args.threads, probe=args.probe,
                         grad_checkpointing=args.grad_checkpointing, sync_bn=args.sync_bn, seed=args.seed,
                         resume=args.resume, bad_images=args.bad_images, cache_dir=args.cache_dir,
-                        time_budget_min=args.time_budget_min, device=args.device, eval_every=args.eval_every,
-                        tensorboard=args.tensorboard)
+                        time_budget_min=args.time_budget_min, save_every_min=args.save_every_min,
+                        device=args.device, eval_every=args.eval_every, tensorboard=args.tensorboard)
     opts.out_dir = opts.out_dir or f"runs/{opts.model_name}-{args.recipe}"
     return opts
 

@@ -157,6 +157,7 @@ class Run:
     loss_sum: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))  # on ``device``
     t_start: float = field(default_factory=time.monotonic)
     elapsed_before: float = 0.0
+    saved_at: float = field(default_factory=time.monotonic)  # when last.pt was last written
 
     @property
     def progress(self) -> Progress:
@@ -168,6 +169,16 @@ class Run:
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.monotonic() - self.t_start
+
+    def save_due(self) -> bool:
+        """Rank 0's clock says ``last.pt`` is older than ``opts.save_every_min`` (the other processes follow it)."""
+        every = self.opts.save_every_min * 60
+        return self.d.main and every > 0 and time.monotonic() - self.saved_at >= every
+
+    def save_state(self) -> None:
+        """Rank 0: write the whole training state to ``last.pt``."""
+        self.state.save(self.rundir.last)
+        self.saved_at = time.monotonic()
 
     def loader(self, dataset: Dataset, sampler: Iterable[int] | None, drop_last: bool) -> Iterable[Batch]:
         """Batches of this process's share: built as whole tensors when ``dataset`` is held in memory, else by a
@@ -195,7 +206,8 @@ def train_one_epoch(run: Run) -> None:
     """Train the epoch in progress from where it stands (a resumed run skips the samples already used).
 
     On SIGINT, SIGTERM or SIGHUP every process stops after the same step; the state is saved and
-    :class:`~repvgg.errors.Interrupted` raised (a process stopped for another's signal reports SIGINT).
+    :class:`~repvgg.errors.Interrupted` raised (a process stopped for another's signal reports SIGINT). Every
+    ``opts.save_every_min`` minutes the state is also saved after a step, so a kill loses less than that.
     """
     p, d, opts = run.progress, run.d, run.opts
     run.model.train()
@@ -213,29 +225,56 @@ def train_one_epoch(run: Run) -> None:
     t0, seen = time.monotonic(), 0
     while p.step < run.steps_per_epoch:
         batch = _next_batch(batches, run.stopper)
-        n = _train_on_batch(run, batch) if batch is not None else None
-        if n is None:
+        if batch is None:
             break
-        seen += n
+        empty, stop, save = map(bool, d.all_sum([len(batch) == 0, run.stopper.signum is not None, run.save_due()],
+                                                run.device))
+        if stop:
+            break
+        seen += _train_on_batch(run, batch, empty)
         p.step += 1
         bar.update(1)
+        if save and p.step < run.steps_per_epoch:  # the epoch's end saves anyway
+            _fold_epoch_sums(run, seen, t0)
+            seen, t0 = 0, time.monotonic()
+            _save_mid_epoch(run)
         for callback in opts.callbacks:
             callback.on_step_end(p.epoch, p.step)
     bar.close()
+    _fold_epoch_sums(run, seen, t0)
+    if d.all_sum([run.stopper.signum is not None], run.device)[0]:
+        _save_interrupted(run)
+
+
+def _fold_epoch_sums(run: Run, seen: int, t0: float) -> None:
+    """Add what this process trained on since ``t0`` to the epoch's sums in its progress."""
+    p = run.progress
     p.epoch_loss_sum += float(run.loss_sum)
     run.loss_sum.zero_()
     p.epoch_seen += seen
     p.epoch_train_s += time.monotonic() - t0
-    if d.all_sum([run.stopper.signum is not None], run.device)[0]:
-        _save_interrupted(run)
+
+
+def _save_mid_epoch(run: Run) -> None:
+    """Write ``last.pt`` where the epoch stands: rank 0 takes over every process's sums so far (the others drop
+    theirs, as a resumed process other than rank 0 does), so that a resume counts each image once. Every process
+    returns once the file is written."""
+    p, d = run.progress, run.d
+    skipped, loss_sum, seen, train_s = d.all_sum([p.epoch_skipped, p.epoch_loss_sum, p.epoch_seen, p.epoch_train_s],
+                                                 run.device)
+    if d.main:
+        p.epoch_skipped, p.epoch_loss_sum, p.epoch_seen, p.epoch_train_s = int(skipped), loss_sum, int(seen), train_s
+        p.elapsed_s = run.elapsed()
+        run.save_state()
+    else:
+        p.clear_epoch_sums()
+    d.barrier()
 
 
 def _save_interrupted(run: Run) -> None:
     """Save the state of a run stopped mid-epoch by a signal (on any process), say so, and raise Interrupted."""
     p, signum = run.progress, run.stopper.signum
-    if run.d.main:
-        p.elapsed_s = run.elapsed()
-        run.state.save(run.rundir.last)
+    _save_mid_epoch(run)
     cause = signal.Signals(signum).name if signum else "a signal to another process"
     run.log(f"interrupted by {cause}; saved epoch {p.epoch + 1} step {p.step} to {run.rundir.last} (continue with "
             f"--resume)")
@@ -252,14 +291,10 @@ def _next_batch(batches: Iterator[Batch], stopper: Stopper) -> Batch | None:
         return None
 
 
-def _train_on_batch(run: Run, batch: Batch) -> int | None:
-    """One step on every process, decided together: a stop requested on any process stops all before the step
-    (None), a step that some process has no readable image for is skipped by all (0), a non-finite loss on any
-    stops all with an error. Returns the images trained on."""
+def _train_on_batch(run: Run, batch: Batch, empty: bool) -> int:
+    """One step on every process: a step that some process has no readable image for (``empty``, decided together)
+    is skipped by all (0), a non-finite loss on any stops all with an error. Returns the images trained on."""
     p, d, opts = run.progress, run.d, run.opts
-    empty, stop = d.all_sum([len(batch) == 0, run.stopper.signum is not None], run.device)
-    if stop:
-        return None
     p.epoch_skipped += check_bad(batch, opts.bad_images, report=tqdm.write if d.main else lambda s: None)
     if empty:
         p.epoch_skipped_steps += 1
@@ -340,7 +375,7 @@ def _write_epoch(run: Run, row: dict[str, Any], top1: float | None) -> None:
         p.best_top1 = top1
         best = run.state.ema.module if run.state.ema is not None else run.raw
         save_checkpoint(best, run.rundir.best, epoch=p.epoch, top1=top1, **run.checkpoint_meta)
-    run.state.save(run.rundir.last)
+    run.save_state()
     val = f", val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%" if "val_top1" in row else ""
     val += f", EMA top-1 {row['ema_val_top1']:.2f}%" if "ema_val_top1" in row else ""
     of_matmul = (f" ({row['train_of_matmul']:.0%} of the float32 matmul rate)" if row.get("train_of_matmul")

@@ -68,6 +68,7 @@ class TrainOptions:
     bad_images: BadImagePolicy = "skip"
     cache_dir: str | None = None
     time_budget_min: float | None = None
+    save_every_min: float = 10.0  # also write last.pt mid-epoch this often (0: at epoch ends and on a stop only)
     eval_every: int = 1  # validate every n epochs (the final model is always evaluated)
     device: str | None = None
     tensorboard: bool = True

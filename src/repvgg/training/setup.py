@@ -322,7 +322,8 @@ def _resume(run: Run, state: dict[str, Any], path: Path) -> None:
     _check_same_run(run, state["repvgg"], path)
     run.state.load_state_dict(state, restore_rng=run.d.main)
     p = run.progress
-    if not run.d.main:
+    if not run.d.main:  # rank 0 holds the epoch's sums of every process, and the RNG state it saved is its own
+        p.clear_epoch_sums()
         torch.manual_seed(opts.seed + run.d.rank + 1000 * (p.epoch + 1) + p.step)
     planned = state["repvgg"]["recipe_values"]["epochs"]
     if opts.recipe.epochs != planned:

@@ -40,8 +40,12 @@ class Progress:
     last_eval: dict[str, float] | None = None  # the final-form model's evaluation: epoch, top1, top5, loss
 
     def start_epoch(self) -> None:
-        self.step, self.epoch_loss_sum, self.epoch_seen, self.epoch_skipped, self.epoch_train_s = 0, 0.0, 0, 0, 0.0
-        self.epoch_skipped_steps, self.epoch_lr_steps = 0, []
+        self.step, self.epoch_skipped_steps, self.epoch_lr_steps = 0, 0, []
+        self.clear_epoch_sums()
+
+    def clear_epoch_sums(self) -> None:
+        """Zero the sums a process adds to over the epoch in progress (loss, images, skipped images, time)."""
+        self.epoch_loss_sum, self.epoch_seen, self.epoch_skipped, self.epoch_train_s = 0.0, 0, 0, 0.0
 
 
 def _rng_state() -> dict[str, Any]:
