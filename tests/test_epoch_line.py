@@ -11,8 +11,7 @@ def epoch_line(**row: float) -> str:
     """The line ``_write_epoch`` logs for a metrics row (no evaluation: nothing but ``last.pt`` is saved)."""
     lines: list[str] = []
     run = SimpleNamespace(progress=SimpleNamespace(epoch=3, total_epochs=15, best_top1=0.0, skipped_total=0),
-                          metrics=None, state=SimpleNamespace(save=lambda path: None),
-                          rundir=SimpleNamespace(last="last.pt"), log=lines.append)
+                          metrics=None, save_state=lambda: None, log=lines.append)
     _write_epoch(run, {"train_loss": 0.5, "train_images_per_s": 150.0, "epoch_time_s": 60.0, **row}, None)
     return lines[0]
 
