@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader
 
 from folders import RUNS, add_data_argument, add_results_arguments, cifar10_data, results_folder
 from repvgg import create_model, model_from_checkpoint
-from repvgg.commands.args import HelpFormatter, nonneg_int, positive_int
+from repvgg.commands.args import HelpFormatter, nonneg_int
 from repvgg.commands.exits import run_command
+from repvgg.commands.train import add_recipe_arguments, recipe_flags, recipe_overrides
 from repvgg.errors import RepVGGError
 from repvgg.files import atomic_write
 from repvgg.hardware import cpu_info, matmul_gflops
@@ -113,11 +114,8 @@ def report(run_dir: Path, data_root: Path, probe_result: dict[str, Any]) -> dict
 
 
 def reproduce_command(recipe: Recipe) -> str:
-    """The command that trains this run again: the options that shape its result, from the run's own recipe."""
-    cifar = RECIPES["cifar"]
-    changed = [f"--epochs {recipe.epochs}"] if recipe.epochs != TARGET_EPOCHS else []
-    changed += [f"--batch-size {recipe.batch_size}"] if recipe.batch_size != cifar.batch_size else []
-    return " ".join(["python benchmarks/cifar10.py", *changed])
+    """The command that trains this run again: the run's own recipe as flags over the ``cifar`` recipe."""
+    return " ".join(["python benchmarks/cifar10.py", *recipe_flags(recipe, RECIPES["cifar"])])
 
 
 def met(flag: bool) -> str:
@@ -164,21 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line, every option with a help line and its default."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_data_argument(p)
-    p.add_argument("--epochs", type=positive_int, default=TARGET_EPOCHS, help="training epochs")
-    p.add_argument("--batch-size", type=positive_int, help="images per step (default: the cifar recipe's)")
     p.add_argument("--workers", type=nonneg_int, default=1, help="data-loading worker processes")
     p.add_argument("--run-dir", default=str(RUNS / "cifar10_a0"),
                    help="run directory: checkpoints, metrics and the speed probe")
     add_results_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from --run-dir")
+    add_recipe_arguments(p)  # a trial of the recipe search: the cifar recipe with some values changed
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     cifar10_data(args)
-    recipe = recipe_with("cifar", epochs=args.epochs, batch_size=args.batch_size)
+    recipe = recipe_with("cifar", **recipe_overrides(args))
     opts = TrainOptions(data=args.data, out_dir=args.run_dir, model="repvgg_a0", recipe=recipe,
                         workers=args.workers, probe=False,
                         resume="auto" if args.resume else None)

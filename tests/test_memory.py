@@ -27,7 +27,7 @@ from repvgg.training import memory
 from repvgg.training.data import ImageFolder, collate, train_transform
 from repvgg.training.memory import InMemoryEval, InMemoryTrain, NotSquare, hold_in_memory, memory_batches
 from repvgg.training.options import Callback, TrainOptions
-from repvgg.training.recipes import preprocess_of, recipe_with
+from repvgg.training.recipes import Recipe, preprocess_of, recipe_with
 from repvgg.training.sampling import SeededSamples, fixed_subset
 from repvgg.training.setup import load_datasets
 from repvgg.training.train import train
@@ -52,14 +52,14 @@ def data(tmp_path: Path) -> Path:
     return root
 
 
-def _folders(data: Path) -> tuple[ImageFolder, ImageFolder]:
+def _folders(data: Path, recipe: Recipe = TINY) -> tuple[ImageFolder, ImageFolder]:
     """The loader path's datasets, as ``load_datasets`` builds them."""
-    return (ImageFolder(data / "train", train_transform(TINY.img_size, TINY.crop)),
-            ImageFolder(data / "val", eval_transform(preprocess_of(TINY))))
+    return (ImageFolder(data / "train", train_transform(recipe.img_size, recipe.crop, cutout=recipe.cutout)),
+            ImageFolder(data / "val", eval_transform(preprocess_of(recipe))))
 
 
-def _held(data: Path, logs: list[str] | None = None) -> tuple[InMemoryTrain, InMemoryEval]:
-    held = hold_in_memory(*_folders(data), TINY, "memory", "skip", (logs if logs is not None else []).append)
+def _held(data: Path, logs: list[str] | None = None, recipe: Recipe = TINY) -> tuple[InMemoryTrain, InMemoryEval]:
+    held = hold_in_memory(*_folders(data, recipe), recipe, "memory", "skip", (logs if logs is not None else []).append)
     assert held is not None
     return held
 
@@ -72,11 +72,14 @@ def _same(loader_batches, memory_batches_) -> None:
         assert [x.path for x in a.bad] == [x.path for x in b.bad]
 
 
-def test_batches_equal_the_loader_path_bit_for_bit(data: Path) -> None:
-    """Every sample's crop offset and flip come from its own (seed, epoch, index) generator, so a batch built from
-    memory is the loader's batch exactly, in every epoch, in any order, unreadable images set aside alike."""
-    folder, val_folder = _folders(data)
-    held, held_val = _held(data)
+@pytest.mark.parametrize("cutout", [0, 5])
+def test_batches_equal_the_loader_path_bit_for_bit(data: Path, cutout: int) -> None:
+    """Every sample's crop offset, flip and cutout place come from its own (seed, epoch, index) generator, so a batch
+    built from memory is the loader's batch exactly, in every epoch, in any order, unreadable images set aside
+    alike."""
+    recipe = dataclasses.replace(TINY, cutout=cutout)
+    folder, val_folder = _folders(data, recipe)
+    held, held_val = _held(data, recipe=recipe)
     assert held.images.shape == (len(folder), 3, 16, 16) and held.classes == folder.classes
     first: list[torch.Tensor] = []
     for epoch in (0, 5):
@@ -89,6 +92,8 @@ def test_batches_equal_the_loader_path_bit_for_bit(data: Path) -> None:
         assert torch.equal(loaded[7][0], decoded[7][0])  # one sample alone, as a loader worker reads it
         first.append(next(memory_batches(decoded, range(8), 8, drop_last=True)).images)
     assert not torch.equal(*first)  # another epoch, other crops and flips
+    erased = (first[0] == 0).all(dim=1).flatten(1).sum(1)  # pixels zero in every channel: the cutout square
+    assert erased.tolist() == [cutout * cutout] * 8
     _same(DataLoader(val_folder, batch_size=4, collate_fn=collate), memory_batches(held_val, range(len(held_val)), 4,
                                                                                    drop_last=False))
 

@@ -4,6 +4,7 @@ sent from outside, SIGKILL included, are in test_resume.py)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -25,6 +26,7 @@ from torch.utils.data import Dataset
 from imagefolders import PYTHON, REPO, TINY_ARCH, TINY_MODEL, TINY_TRAIN, make_dataset, subprocess_env
 from repvgg import create_model, hardware, model_from_checkpoint, save_checkpoint
 from repvgg.cli import main
+from repvgg.commands.train import add_recipe_arguments, recipe_flags, recipe_overrides
 from repvgg.errors import Interrupted, RepVGGError
 from repvgg.files import TMP_SUFFIX
 from repvgg.training import setup
@@ -175,10 +177,32 @@ def test_recipes_are_printed_presets(capsys: pytest.CaptureFixture) -> None:
     assert re.search(r"recipe\.strides +\(1, 1, 2, 2, 2\)", printed)
 
 
+def test_recipe_flags_parse_back_into_the_recipe() -> None:
+    """A run's recipe written as flags over its base (how a benchmark's report says to reproduce it) parses back
+    into the same recipe: every kind of field, booleans turned off included."""
+    base = RECIPES["cifar"]
+    recipe = dataclasses.replace(base, epochs=7, lr=0.35, nesterov=False, custom_l2=True, crop="random_resized",
+                                 schedule="linear", cutout=8, strides=(2, 1, 2, 2, 1), bn_bias_lr_scale=16.0)
+    flags = recipe_flags(recipe, base)
+    assert flags[:4] == ["--epochs", "7", "--lr", "0.35"] and "--no-nesterov" in flags
+    assert recipe_flags(base, base) == []
+    parser = argparse.ArgumentParser()
+    add_recipe_arguments(parser)
+    assert recipe_with("cifar", **recipe_overrides(parser.parse_args(flags))) == recipe
+
+
+def test_a_cutout_as_large_as_the_crop_is_refused(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--cutout", "16", *TINY_TRAIN]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "cutout 16 must be at least 0 and smaller than the training crop side 16")
+    assert not (tmp_path / "run").exists()
+
+
 def test_short_training_run_end_to_end(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"
     assert main(["train", "--data", str(data), "--out", str(out), "--epochs", "2", "--lr", "0.4",
-                 "--ema-decay", "0.9", "--custom-l2", "--mixup", "0.2", "--cutmix", "1.0", *TINY_TRAIN]) == 0
+                 "--ema-decay", "0.9", "--custom-l2", "--mixup", "0.2", "--cutmix", "1.0", "--cutout", "4",
+                 *TINY_TRAIN]) == 0
     printed = capsys.readouterr().out
     assert re.search(rf"recipe\.label_smoothing +{RECIPES['cifar'].label_smoothing}\n", printed)
     assert re.search(r"recipe\.custom_l2 +True", printed)
@@ -194,7 +218,7 @@ def test_short_training_run_end_to_end(data: Path, tmp_path: Path, capsys: pytes
         assert ckpt.metadata["class_names"] == ["class0", "class1", "class2"]
         assert ckpt.metadata["preprocess"]["crop"] == 16
         assert recipe_of(ckpt.metadata) == recipe_with(  # TINY_TRAIN's values and this run's own
-            "cifar", epochs=2, lr=0.4, ema_decay=0.9, custom_l2=True, mixup=0.2, cutmix=1.0, img_size=16,
+            "cifar", epochs=2, lr=0.4, ema_decay=0.9, custom_l2=True, mixup=0.2, cutmix=1.0, cutout=4, img_size=16,
             eval_resize=16, strides=(2, 2, 2, 2, 2), batch_size=8, warmup_epochs=0)
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["progress"]["epoch"] == 2 and state["progress"]["step"] == 0 and state["ema"] is not None

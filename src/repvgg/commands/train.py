@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..files import Outputs
 from .args import architecture, nonneg_float, nonneg_int, positive_float, positive_int, prob_float
 
 if TYPE_CHECKING:
     from ..training.options import TrainOptions
+    from ..training.recipes import Recipe
 
 WRITES = False  # a run folder: never replaced, continued only with --resume
 
@@ -19,8 +20,9 @@ def inputs(args: argparse.Namespace) -> list[str | None]:
     return [args.pretrained]
 
 
-def _recipe_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("recipe overrides (default: the recipe's value; see --print-config)")
+def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per recipe field, named as the field (``--weight-decay`` also ``--wd``); None keeps the recipe's."""
+    g = p.add_argument_group("recipe overrides (default: the recipe's value)")
     g.add_argument("--epochs", type=positive_int, help="epochs to train (more than a checkpoint's plan extends it)")
     g.add_argument("--batch-size", type=positive_int, help="global batch over all processes")
     g.add_argument("--lr", type=positive_float, help="peak learning rate for a global batch of 256; the run uses "
@@ -37,6 +39,8 @@ def _recipe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--label-smoothing", type=prob_float, help="label smoothing (0: off)")
     g.add_argument("--mixup", type=nonneg_float, help="mixup alpha (0: off)")
     g.add_argument("--cutmix", type=nonneg_float, help="cutmix alpha (0: off)")
+    g.add_argument("--cutout", type=nonneg_int, help="side in pixels of a square erased at a random place of each "
+                   "training image (0: off)")
     g.add_argument("--bn-bias-lr-scale", type=positive_float, help="learning rate of BatchNorm biases relative to "
                    "the rest")
     g.add_argument("--ema-decay", type=prob_float, help="EMA of weights per step (0: off), e.g. 0.9998")
@@ -109,18 +113,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep stage0..stage(N-1) fixed (weights and BN statistics)")
     g.add_argument("--backbone-lr-scale", type=nonneg_float, default=1.0, metavar="F",
                    help="learning rate of all but the classifier, as a fraction of --lr")
-    _recipe_arguments(p)
+    add_recipe_arguments(p)
     _machinery_arguments(p)
+
+
+def recipe_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe fields parsed by :func:`add_recipe_arguments` (None where not given), for ``recipe_with``."""
+    from ..training.recipes import Recipe
+
+    return {f.name: getattr(args, f.name, None) for f in fields(Recipe) if f.name != "name"}
+
+
+def recipe_flags(recipe: Recipe, base: Recipe) -> list[str]:
+    """The flags of :func:`add_recipe_arguments` that turn ``base`` into ``recipe``: how a command line reproduces a
+    run's recipe."""
+    flags: list[str] = []
+    for f in fields(recipe):
+        value = getattr(recipe, f.name)
+        if f.name == "name" or value == getattr(base, f.name):
+            continue
+        flag = f.name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            flags += [f"--{flag}", *(map(str, value) if isinstance(value, tuple) else [str(value)])]
+    return flags
 
 
 def options_from_args(args: argparse.Namespace) -> TrainOptions:
     """TrainOptions from parsed ``repvgg train`` arguments."""
     from ..training.options import TrainOptions
-    from ..training.recipes import Recipe, recipe_with
+    from ..training.recipes import recipe_with
 
-    overrides = {f.name: getattr(args, f.name, None) for f in fields(Recipe) if f.name != "name"}
     opts = TrainOptions(data=args.data, out_dir=args.out or "", model=args.model,
-                        recipe=recipe_with(args.recipe, **overrides), block=args.block, branches=args.branches,
+                        recipe=recipe_with(args.recipe, **recipe_overrides(args)), block=args.block,
+                        branches=args.branches,
                         pretrained=args.pretrained,
                         freeze_stages=args.freeze_stages, backbone_lr_scale=args.backbone_lr_scale,
                         workers=args.workers, data_path=args.data_path, amp=None if args.amp == "auto" else args.amp,

@@ -68,9 +68,11 @@ def read_image(path: str | os.PathLike) -> Image.Image:
 
 def train_transform(img_size: int, crop: TrainCrop = "random_resized", auto_augment: AutoAugment = "none",
                     mean: Sequence[float] = IMAGENET_PREPROCESS["mean"],
-                    std: Sequence[float] = IMAGENET_PREPROCESS["std"]) -> v2.Compose:
+                    std: Sequence[float] = IMAGENET_PREPROCESS["std"], cutout: int = 0) -> v2.Compose:
     """Training augmentation: random-resized crop (ImageNet) or pad-4 random crop (small images), flip,
-    optional RandAugment/AutoAugment, then a normalized float tensor."""
+    optional RandAugment/AutoAugment, then a normalized float tensor with an optional cutout square."""
+    if not 0 <= cutout < img_size:
+        raise RepVGGError(f"cutout {cutout} must be at least 0 and smaller than the training crop side {img_size}")
     steps: list[Callable] = [v2.Lambda(to_rgb), v2.ToImage()]
     if crop == "pad":
         steps += [v2.Resize(img_size, antialias=True), v2.RandomCrop(img_size, padding=img_size // 8)]
@@ -82,7 +84,16 @@ def train_transform(img_size: int, crop: TrainCrop = "random_resized", auto_augm
     elif auto_augment == "auto":
         steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    if cutout:
+        steps.append(cutout_transform(img_size, cutout))
     return v2.Compose(steps)
+
+
+def cutout_transform(img_size: int, side: int) -> v2.RandomErasing:
+    """Cutout (DeVries & Taylor, 2017): a ``side`` x ``side`` square set to 0 (the mean, after normalization) at a
+    uniformly random place wholly inside the image, as torchvision's RandomErasing with one fixed area and shape."""
+    area = side * side / (img_size * img_size)
+    return v2.RandomErasing(p=1.0, scale=(area, area), ratio=(1.0, 1.0), value=0)
 
 
 def default_cache_dir() -> Path:

@@ -3,10 +3,10 @@ into a uint8 tensor, cached on disk under the user cache folder, and batches are
 training process, with no loading processes competing with the model for the cores.
 
 A batch is the loader path's batch bit for bit. Training images are decoded and resized as ``train_transform`` does;
-each sample's pad-crop offset and flip are drawn, in torchvision's order, from a generator seeded by (seed, epoch,
-index) as :class:`~repvgg.training.sampling.SeededSamples` seeds the per-image transforms; evaluation images are
-resized and centre-cropped by ``eval_crop`` and scaled and normalized as ``eval_transform`` does. A run may therefore
-change paths between a stop and its resume and still end bit-identical.
+each sample's pad-crop offset, flip and cutout place are drawn, in torchvision's order, from a generator seeded by
+(seed, epoch, index) as :class:`~repvgg.training.sampling.SeededSamples` seeds the per-image transforms; evaluation
+images are resized and centre-cropped by ``eval_crop`` and scaled and normalized as ``eval_transform`` does. A run may
+therefore change paths between a stop and its resume and still end bit-identical.
 """
 
 from __future__ import annotations
@@ -91,23 +91,36 @@ class InMemoryImages(Dataset):
 
 
 class InMemoryTrain(InMemoryImages):
-    """Training images at the recipe's size, augmented as ``train_transform(size, "pad")``: pad-``size // 8`` random
-    crop, then horizontal flip, then scaled and normalized."""
+    """Training images at the recipe's size, augmented as ``train_transform(size, "pad", cutout=cutout)``:
+    pad-``size // 8`` random crop, then horizontal flip, then scaled and normalized, then the cutout square."""
 
-    def __init__(self, folder: ImageFolder, decoded: Decoded, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, folder: ImageFolder, decoded: Decoded, mean: Sequence[float], std: Sequence[float],
+                 cutout: int = 0) -> None:
         super().__init__(folder, decoded, mean, std)
         self.size = decoded.images.shape[-1]
         self.padding = self.size // 8
+        self.cutout = cutout
 
-    def _draw(self, generator: torch.Generator | None) -> tuple[int, int, bool]:
-        """(top, left, flip) as RandomCrop and RandomHorizontalFlip draw them."""
+    def _draw(self, generator: torch.Generator | None) -> tuple[int, int, bool, int, int]:
+        """(top, left, flip, cutout top, cutout left) as RandomCrop, RandomHorizontalFlip and the cutout's
+        RandomErasing (:func:`~repvgg.training.data.cutout_transform`) draw them."""
         span = 2 * self.padding + 1
         top, left = (int(torch.randint(0, span, size=(), generator=generator)),
                      int(torch.randint(0, span, size=(), generator=generator))) if self.padding else (0, 0)
-        return top, left, bool(torch.rand(1, generator=generator) < 0.5)
+        flip = bool(torch.rand(1, generator=generator) < 0.5)
+        if not self.cutout:
+            return top, left, flip, 0, 0
+        area = self.cutout ** 2 / self.size ** 2
+        torch.rand(1, generator=generator)  # RandomErasing's p draw, then its area and log-ratio draws
+        torch.empty(1).uniform_(area, area, generator=generator)
+        torch.empty(1).uniform_(0.0, 0.0, generator=generator)
+        places = self.size - self.cutout + 1
+        return (top, left, flip, int(torch.randint(0, places, size=(1,), generator=generator)),
+                int(torch.randint(0, places, size=(1,), generator=generator)))
 
     def tensors(self, rows: Sequence[int], generators: Sequence[torch.Generator | None]) -> Tensor:
-        top, left, flip = (torch.tensor(v) for v in zip(*(self._draw(g) for g in generators), strict=True))
+        top, left, flip, cut_top, cut_left = (torch.tensor(v) for v in zip(*(self._draw(g) for g in generators),
+                                                                             strict=True))
         images = self.images[list(rows)]
         if self.padding:
             images = nnf.pad(images, [self.padding] * 4)
@@ -116,7 +129,12 @@ class InMemoryTrain(InMemoryImages):
         xs = torch.where(flip[:, None], xs.flip(1), xs)  # a flipped crop reads its columns right to left
         picked = torch.gather(images, 2, ys.view(n, 1, size, 1).expand(n, 3, size, images.shape[-1]))
         crops = torch.gather(picked, 3, xs.view(n, 1, 1, size).expand(n, 3, size, size))
-        return v2f.normalize_image(v2f.to_dtype_image(crops, torch.float32, scale=True), self.mean, self.std)
+        images = v2f.normalize_image(v2f.to_dtype_image(crops, torch.float32, scale=True), self.mean, self.std)
+        if not self.cutout:
+            return images
+        inside_y = (steps >= cut_top[:, None]) & (steps < cut_top[:, None] + self.cutout)
+        inside_x = (steps >= cut_left[:, None]) & (steps < cut_left[:, None] + self.cutout)
+        return images.masked_fill((inside_y[:, :, None] & inside_x[:, None, :])[:, None], 0.0)
 
 
 class InMemoryEval(InMemoryImages):
@@ -244,7 +262,7 @@ def _decode_both(train: ImageFolder, val: ImageFolder, recipe: Recipe, bad_image
         for decoded in (decoded_train, decoded_val):
             if decoded.bad:
                 raise unreadable(next(iter(decoded.bad.values())))
-    return (InMemoryTrain(train, decoded_train, p["mean"], p["std"]),
+    return (InMemoryTrain(train, decoded_train, p["mean"], p["std"], recipe.cutout),
             InMemoryEval(val, decoded_val, p["mean"], p["std"]))
 
 

@@ -24,8 +24,9 @@ Decay = Literal["cosine", "linear"]
 
 @dataclass(frozen=True)
 class Recipe:
-    """Every hyper-parameter of a training recipe; ``lr`` is for a global batch of 256 and scales linearly, and
-    BatchNorm biases train at ``bn_bias_lr_scale`` times the learning rate of the rest."""
+    """Every hyper-parameter of a training recipe; ``lr`` is for a global batch of 256 and scales linearly,
+    BatchNorm biases train at ``bn_bias_lr_scale`` times the learning rate of the rest, and ``cutout`` is the side
+    of the square each training image loses (0: none)."""
 
     name: str
     epochs: int
@@ -43,6 +44,7 @@ class Recipe:
     label_smoothing: float = 0.0
     mixup: float = 0.0
     cutmix: float = 0.0
+    cutout: int = 0
     ema_decay: float = 0.0
     bn_bias_lr_scale: float = 1.0
     custom_l2: bool = False
