@@ -511,6 +511,20 @@ def test_resume_after_the_last_epoch_finishes_and_a_complete_run_says_so(tmp_pat
     assert sorted(set(epochs)) == [1, 2, 3]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_run_on_the_gpu_resumes_to_the_uninterrupted_weights(tmp_path: Path) -> None:
+    """A state saved on the GPU is read to the CPU and each part put back where it lives (generators, optimizer)."""
+    gpu = {"device": "cuda", "recipe": dataclasses.replace(TINY, ema_decay=0.9)}
+    straight = train(_opts(tmp_path / "straight", **gpu), Noisy(), VAL, CLASSES)
+    with pytest.raises(KeyboardInterrupt):
+        train(_opts(tmp_path / "stopped", callbacks=[StopAt(0, 2)], **gpu), Noisy(), VAL, CLASSES)
+    resumed = train(_opts(tmp_path / "stopped", resume="auto", **gpu), Noisy(), VAL, CLASSES)
+    assert resumed["epochs"] == straight["epochs"] == 2
+    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True)["model"] for d in ("straight", "stopped"))
+    for name, value in a.items():
+        assert torch.allclose(value.float(), b[name].float(), atol=1e-4), name
+
+
 def test_resume_with_other_settings_names_the_differences(tmp_path: Path) -> None:
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):

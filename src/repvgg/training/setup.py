@@ -89,7 +89,7 @@ def setup_run(opts: TrainOptions, train_set: Dataset | None = None, val_set: Dat
     if r.warmup_epochs >= r.epochs:
         log(f"warning: the {r.warmup_epochs:g}-epoch warm-up spans the whole {r.epochs}-epoch run: the learning rate "
             f"ends at its peak instead of decaying (lower --warmup-epochs or raise --epochs)")
-    saved = _saved_state(opts, device, log)
+    saved = _saved_state(opts, log)
     saved_mode = _resumed_mode(opts, *saved, device, log) if saved is not None else None
     torch.manual_seed(opts.seed + d.rank)
     random.seed(opts.seed + d.rank)
@@ -305,7 +305,7 @@ def _assemble(opts: TrainOptions, d: Dist, device: torch.device, raw: nn.Module,
                SeededSamples(train_set, opts.seed), val_set, len(names), rundir, r.batch_size // d.world, steps, meta)
 
 
-def _saved_state(opts: TrainOptions, device: torch.device, log: Any) -> tuple[dict[str, Any], Path] | None:
+def _saved_state(opts: TrainOptions, log: Any) -> tuple[dict[str, Any], Path] | None:
     """With ``--resume``: the training state to continue (None for a new run: ``auto`` finding no checkpoint)."""
     if not opts.resume:
         return None
@@ -313,7 +313,7 @@ def _saved_state(opts: TrainOptions, device: torch.device, log: Any) -> tuple[di
     if opts.resume == "auto" and not path.is_file():
         log(f"no checkpoint at {path}; starting a new run")
         return None
-    return read_state(path, device), path
+    return read_state(path), path
 
 
 def _resume(run: Run, state: dict[str, Any], path: Path) -> None:

@@ -113,12 +113,13 @@ class RunState:
         atomic_write(path, torch_bytes(self.state_dict()))
 
 
-def read_state(path: Path, device: torch.device) -> dict[str, Any]:
-    """A ``last.pt`` written by :meth:`RunState.save`, or a one-line error saying what the file is instead."""
+def read_state(path: Path) -> dict[str, Any]:
+    """A ``last.pt`` written by :meth:`RunState.save`, read to the CPU (loading it puts each tensor on its device; the
+    generator states must stay CPU tensors), or a one-line error saying what the file is instead."""
     if not path.is_file():
         raise RepVGGError(f"checkpoint to resume from not found: {path}")
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or corrupt archives raise many unrelated types
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise RepVGGError(f"cannot resume from {path}: not a readable training state (truncated, corrupt, or it "
