@@ -166,7 +166,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     classes = len(sets["memory"][2])
     modes = [StepMode(amp, layout == "channels_last", args.threads) for amp in args.amp for layout in args.layouts]
     rates: dict[tuple[str, StepMode, str], list[float]] = {}
-    calls: dict[tuple[str, StepMode, str], Callable[[], None]] = {}
+    calls: dict[tuple[str, StepMode | None, str], Callable[[], None]] = {}
     for branches in args.branches:
         for mode in modes:
             for path in PATHS:
@@ -176,16 +176,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             rates[branches, mode, "minimal"] = []
             calls[branches, mode, "minimal"] = minimal_call(args, decoded, targets, classes, branches, mode,
                                                             rates[branches, mode, "minimal"])
+    matmul: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    for name in matmul:  # the yardsticks, taken in every round beside the rows they divide
+        calls["matmul", None, name] = lambda d=name: matmul[d].append(matmul_gflops(dtype=getattr(torch, d)))
     time_interleaved(calls, rounds=args.rounds, warmup=0, inference=False,
                      after_round=lambda r: print(f"round {r}/{args.rounds} done", file=sys.stderr, flush=True))
-    return {"rates": rates, "default_path": default_path, "modes": modes}
+    return {"rates": rates, "default_path": default_path, "modes": modes,
+            "matmul": {name: statistics.median(samples) for name, samples in matmul.items()},
+            "matmul_samples": matmul}
 
 
-def summarize(args: argparse.Namespace, measured: dict[str, Any], matmul: dict[str, float]) -> list[dict[str, Any]]:
+def summarize(args: argparse.Namespace, measured: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (block, step mode): median images/s, GFLOP/s and shares of the matmul rates, and the median over
     rounds of each path's images/s over the minimal loop's in the same round (measured minutes apart at most, so
     that a change in the machine's load between rounds does not enter the ratio)."""
-    rows = []
+    rows, matmul = [], measured["matmul"]
     size = (args.recipe.img_size, args.recipe.img_size)
     for branches in args.branches:
         model = create_model("repvgg_a0", num_classes=10, strides=args.recipe.strides, branches=branches)
@@ -214,8 +219,9 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
     lines = [
         "# Training speed: `repvgg train` against a minimal loop", "",
         f"{m['cpu']} ({', '.join(m['cpu_features'])}), {m['cpu_count']} cores, torch {m['versions']['torch']}; "
-        f"matmul {m['matmul_gflops']['float32']:.0f} GFLOP/s float32, {m['matmul_gflops']['bfloat16']:.1f} bf16"
-        + ("." if native else " (emulated: no native bf16 on this CPU, so no bf16 share is given)."),
+        f"matmul {m['matmul_gflops']['float32']:.0f} GFLOP/s float32, {m['matmul_gflops']['bfloat16']:.1f} bf16 "
+        "(medians of one product per round, taken beside the rows)"
+        + ("." if native else "; bf16 emulated: no native bf16 on this CPU, so no bf16 share is given."),
         f"RepVGG-A0, `cifar` recipe (batch {s['batch_size']}, {s['img_size']}x{s['img_size']}), a fixed "
         f"{s['subset']}-image CIFAR-10 subset; {s['steps']} timed steps after {s['warmup_steps']} per measurement, "
         f"median of {s['rounds']} interleaved rounds; loader path with {s['workers']} loading process(es); "
@@ -266,12 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.subset // args.batch_size < args.warmup_steps + args.steps:
         raise RepVGGError(f"--subset {args.subset} holds fewer than --warmup-steps + --steps batches")
     torch.set_num_threads(args.threads)
-    matmul = {"float32": matmul_gflops(), "bfloat16": matmul_gflops(dtype=torch.bfloat16)}
     measured = measure(args)
-    results = summarize(args, measured, matmul)
+    results = summarize(args, measured)
     lowest = min(r["train_vs_minimal"] for r in results)
     report = {
-        "machine": {**machine_description(), "matmul_gflops": matmul, "bf16_native": native_bf16(torch.device("cpu"))},
+        "machine": {**machine_description(), "matmul_gflops": measured["matmul"],
+                    "matmul_gflops_per_round": measured["matmul_samples"],
+                    "bf16_native": native_bf16(torch.device("cpu"))},
         "settings": {"model": "repvgg_a0", "recipe": "cifar", "img_size": args.recipe.img_size,
                      "batch_size": args.batch_size, "subset": args.subset, "steps": args.steps,
                      "warmup_steps": args.warmup_steps, "rounds": args.rounds, "workers": args.workers,
