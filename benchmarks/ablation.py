@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from folders import RUNS, add_data_argument, add_results_arguments, cifar10_data, results_folder
+from folders import RUNS, add_data_argument, add_results_arguments, cifar10_data, rerun_command, results_folder
 from repvgg import create_model, model_from_checkpoint
 from repvgg.commands.args import HelpFormatter, nonneg_float, nonneg_int, positive_int
 from repvgg.commands.exits import run_command
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
                                      peak_memory_mib(args), deploy_speed(args)),
                   machine=dict(**cpu_info(), matmul_fp32_gflops=matmul_gflops(), torch=torch.__version__,
                                python=platform.python_version()),
-                  command=" ".join(["python", *sys.argv]))
+                  command=rerun_command("ablation.py", sys.argv[1:] if argv is None else argv))
     out = results_folder(args)
     write_report(out, result)
     print((out / "ablation.md").read_text())

@@ -4,6 +4,7 @@ change both. A user's run writes into ``runs/``, so it never replaces the commit
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 from repvgg.errors import RepVGGError
@@ -39,3 +40,28 @@ def add_results_arguments(p: argparse.ArgumentParser) -> None:
 def results_folder(args: argparse.Namespace) -> Path:
     """The folder :func:`add_results_arguments` chose."""
     return Path(args.results) if args.results else COMMITTED_RESULTS if args.update_results else OWN_RESULTS
+
+
+LOCATION_FLAGS = {"--data": 1, "--results": 1, "--update-results": 0}  # each flag's count of values
+
+
+def rerun_command(script: str, argv: Sequence[str]) -> str:
+    """The command a report names to measure again on another machine: ``argv`` without the flags that only say where
+    the data and the report are (the data's path is the measuring machine's own)."""
+    kept, skip = [], 0
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if skip:
+            skip -= 1
+        elif name in LOCATION_FLAGS:
+            skip = 0 if "=" in arg else LOCATION_FLAGS[name]
+        else:
+            kept.append(arg)
+    return " ".join(["python", f"benchmarks/{script}", *kept])
+
+
+def shown_path(path: str | Path) -> str:
+    """``path`` as a report names it: relative to the checkout when inside it, so that no machine's own folders enter
+    a committed result."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)

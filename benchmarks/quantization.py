@@ -33,7 +33,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from folders import CIFAR10, RUNS, add_data_argument, add_results_arguments, cifar10_data, results_folder
+from folders import (
+    CIFAR10,
+    RUNS,
+    add_data_argument,
+    add_results_arguments,
+    cifar10_data,
+    rerun_command,
+    results_folder,
+    shown_path,
+)
 from repvgg import model_from_checkpoint
 from repvgg.commands.args import HelpFormatter, nonneg_int, positive_int
 from repvgg.commands.exits import run_command
@@ -227,8 +236,8 @@ def qat(args: argparse.Namespace, run: Run, batches: list[np.ndarray], test: tup
             model, engine, batches, QAT_METHOD, img_size)
         scores[engine] = top1(int8_engine(q, engine, EVAL_BATCH), *test)
         print(f"  QAT {engine} {QAT_METHOD}: {scores[engine]:.2f}%", flush=True)
-    return dict(top1=scores, method=QAT_METHOD, epochs=done.summary["epochs"], run_dir=done.run_dir,
-                artifact=done.quantized.files[0], float32_deploy_top1=done.summary["deploy_top1"],
+    return dict(top1=scores, method=QAT_METHOD, epochs=done.summary["epochs"], run_dir=shown_path(done.run_dir),
+                artifact=shown_path(done.quantized.files[0]), float32_deploy_top1=done.summary["deploy_top1"],
                 simulated_int8_top1=done.summary["train_top1"])
 
 
@@ -413,7 +422,7 @@ def study(args: argparse.Namespace, run: Run, test: tuple[np.ndarray, np.ndarray
     top = dict(float32_train={"torch": run.summary["train_top1"]}, float32_deploy=deploy,
                int8_naive_ptq={e: s[NAIVE] for e, s in scores.items()},
                int8_best_ptq={e: scores[e][m] for e, m in best.items()}, int8_qat=qat_result.pop("top1"))
-    result = dict(name=run.name, run_dir=str(run.path), block=run.ckpt.metadata.get("block", "repvgg"),
+    result = dict(name=run.name, run_dir=shown_path(run.path), block=run.ckpt.metadata.get("block", "repvgg"),
                   summary={k: run.summary.get(k) for k in ("epochs", "train_top1", "deploy_top1")}, top1=top,
                   best_ptq_method=best, ptq=scores, qat=qat_result,
                   speed=speed(args, model, {e: (m, quantized[e][m]) for e, m in best.items()}, img_size))
@@ -473,8 +482,9 @@ def main(argv: list[str] | None = None) -> None:
                            calibration_batches(args.data, preprocess, args.calib_images))
         models[entry] = study(args, run, *inputs[key])
     meta, first = next(iter(runs.values())).ckpt.metadata, next(iter(inputs.values()))
-    result = dict(run_root=args.run_root, seed=args.seed, recipe=meta.get("recipe"), strides=meta.get("strides"),
-                  preprocess=meta.get("preprocess"), epochs=next(iter(runs.values())).summary.get("epochs"),
+    result = dict(run_root=shown_path(args.run_root), seed=args.seed, recipe=meta.get("recipe"),
+                  strides=meta.get("strides"), preprocess=meta.get("preprocess"),
+                  epochs=next(iter(runs.values())).summary.get("epochs"),
                   test_images=len(first[0][1]), calib_images=sum(map(len, first[1])), qat_epochs=args.qat_epochs,
                   train_subset=args.train_subset, threads=torch.get_num_threads(), batch_sizes=list(BATCH_SIZES),
                   qat_step_mode=args.qat_mode.label,
@@ -483,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
                   models=models,
                   machine=dict(**cpu_info(), matmul_fp32_gflops=matmul_gflops(), torch=torch.__version__,
                                python=platform.python_version()),
-                  command=" ".join(["python", "benchmarks/quantization.py", *(sys.argv[1:] if argv is None else argv)]))
+                  command=rerun_command("quantization.py", sys.argv[1:] if argv is None else argv))
     out = results_folder(args)
     write_report(out, result)
     print((out / "quantization.md").read_text())

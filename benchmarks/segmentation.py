@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from folders import add_data_argument, add_results_arguments, cifar10_data, results_folder
+from folders import add_data_argument, add_results_arguments, cifar10_data, rerun_command, results_folder
 from repvgg import create_model, output_difference, reparameterize
 from repvgg.commands.args import HelpFormatter, nonneg_float, nonneg_int, positive_float, positive_int
 from repvgg.commands.exits import run_command
@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cifar10_data(args)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     result = run(args)
-    result["command"] = " ".join(["python", "benchmarks/segmentation.py", *(sys.argv[1:] if argv is None else argv)])
+    result["command"] = rerun_command("segmentation.py", sys.argv[1:] if argv is None else argv)
     folder = results_folder(args)
     write_report(folder, result)
     print((folder / "segmentation.md").read_text())

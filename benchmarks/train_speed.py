@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn import functional as nnf
 from torch.utils.data import Subset
 
-from folders import add_data_argument, add_results_arguments, cifar10_data, results_folder
+from folders import add_data_argument, add_results_arguments, cifar10_data, rerun_command, results_folder
 from repvgg import create_model
 from repvgg.commands.args import HelpFormatter, positive_int
 from repvgg.commands.exits import run_command
@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"model": "repvgg_a0", "recipe": "cifar", "img_size": args.recipe.img_size,
                      "batch_size": args.batch_size, "subset": args.subset, "steps": args.steps,
                      "warmup_steps": args.warmup_steps, "rounds": args.rounds, "workers": args.workers,
-                     "threads": args.threads, "command": " ".join(["python", *sys.argv])},
+                     "threads": args.threads,
+                     "command": rerun_command("train_speed.py", sys.argv[1:] if argv is None else argv)},
         "target": {"path": measured["default_path"], "least": TARGET, "lowest": lowest, "met": lowest >= TARGET},
         "results": results,
     }

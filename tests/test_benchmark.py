@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from folders import add_results_arguments, results_folder
+from folders import add_results_arguments, rerun_command, results_folder, shown_path
 from imagefolders import PYTHON, REPO, TINY_ARCH, make_dataset, subprocess_env
 from repvgg import RepVGGError, create_model, model_from_checkpoint, reparameterize, save_checkpoint
 from repvgg.cli import main
@@ -109,6 +109,14 @@ def test_benchmarks_write_into_the_users_folder_unless_asked_and_name_missing_da
         assert run_command(f"{name}.py", lambda s=script: s.main(["--data", str(tmp_path / "none")])) == 2
         error = f"{name}.py: error: CIFAR-10 not found at {tmp_path / 'none'}; pass --data DIR\n"
         assert capsys.readouterr().err == error
+
+
+def test_a_report_names_no_folder_of_the_machine_it_ran_on() -> None:
+    argv = ["--steps", "4", "--data", "/somewhere/cifar10", "--update-results", "--results=out", "--rounds", "5",
+            "--data=/elsewhere"]
+    assert rerun_command("train_speed.py", argv) == "python benchmarks/train_speed.py --steps 4 --rounds 5"
+    assert rerun_command("ablation.py", []) == "python benchmarks/ablation.py"
+    assert shown_path(REPO / "runs" / "ablation") == "runs/ablation" and shown_path("/elsewhere/x") == "/elsewhere/x"
 
 
 def test_peak_memory_is_measured_in_a_fresh_process() -> None:
