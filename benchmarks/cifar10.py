@@ -4,6 +4,7 @@ and deploy form, with the speed probe's side-by-side figures and the machine the
     python benchmarks/cifar10.py                 # train (30 epochs by default), then report
     python benchmarks/cifar10.py --resume        # continue an interrupted run, then report
     python benchmarks/cifar10.py --report-only   # rebuild the report from the run directory
+    python benchmarks/cifar10.py --cutout 8 --run-dir runs/c8 --device cuda   # a trial of the search, on a GPU
 
 Writes ``runs/results/cifar10_a0.{json,md,png}`` (``benchmarks/results/`` with ``--update-results``, the committed
 results). Target: at least 90% test top-1 for the deploy model within 30 epochs.
@@ -32,9 +33,10 @@ from repvgg.commands.exits import run_command
 from repvgg.commands.train import add_recipe_arguments, recipe_flags, recipe_overrides
 from repvgg.errors import RepVGGError
 from repvgg.files import atomic_write
-from repvgg.hardware import cpu_info, matmul_gflops
+from repvgg.hardware import cpu_info, device_name, matmul_gflops
 from repvgg.models.preprocess import eval_transform
 from repvgg.training.data import ImageFolder, collate
+from repvgg.training.device import resolve_device
 from repvgg.training.evaluate import evaluate
 from repvgg.training.metrics import read_metrics
 from repvgg.training.options import Callback, TrainOptions
@@ -49,13 +51,14 @@ PROBE_FILE = "speed_probe.json"
 TTA = "flip-translate"  # the test-time augmentation reported beside the plain figure
 
 
-def probe(opts: TrainOptions, train_set: ImageFolder, classes: int) -> dict[str, Any]:
-    """Training images/s of every step mode on a real batch, side by side (the fastest is used for the run; kept in
-    the run directory for a resume and ``--report-only``)."""
+def probe(opts: TrainOptions, train_set: ImageFolder, classes: int, device: torch.device) -> dict[str, Any]:
+    """Training images/s of every step mode on a real batch on ``device``, side by side (the fastest is used for the
+    run; kept in the run directory for a resume and ``--report-only``)."""
     first = next(iter(DataLoader(train_set, batch_size=128, shuffle=True, collate_fn=collate,
                                  generator=torch.Generator().manual_seed(0))))
-    model = create_model(opts.model, num_classes=classes, strides=opts.recipe.strides)
-    speeds = probe_modes(model, candidate_modes(torch.device("cpu"), None, None, None), first.images, first.targets)
+    model = create_model(opts.model, num_classes=classes, strides=opts.recipe.strides).to(device)
+    speeds = probe_modes(model, candidate_modes(device, None, None, None), first.images.to(device),
+                         first.targets.to(device))
     chosen = max(speeds, key=speeds.get)
     print("speed probe: " + ", ".join(f"{m.label} {v:.0f} img/s" for m, v in speeds.items()), flush=True)
     return dict(batch_size=len(first.targets), images_per_s={m.label: v for m, v in speeds.items()},
@@ -83,15 +86,16 @@ def stored_probe(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def report(run_dir: Path, data_root: Path, probe_result: dict[str, Any]) -> dict[str, Any]:
-    """Results of a finished run: summary, per-epoch rows, and the deploy file re-loaded and evaluated."""
+def report(run_dir: Path, data_root: Path, probe_result: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Results of a finished run: summary, per-epoch rows, and the deploy file re-loaded and evaluated on
+    ``device``."""
     summary = json.loads((run_dir / "summary.json").read_text())
     model, ckpt = model_from_checkpoint(summary["deploy_checkpoint"])
     recipe = recipe_of(ckpt.metadata)
     test = ImageFolder(data_root, eval_transform(ckpt.metadata["preprocess"]))
     loader = DataLoader(test, batch_size=256, collate_fn=collate, num_workers=1)
     classes = len(ckpt.metadata["class_names"])
-    reloaded = evaluate(model, loader, torch.device("cpu"), classes, tta=TTA)
+    reloaded = evaluate(model.to(device), loader, device, classes, tta=TTA)
     rows = read_metrics(run_dir)
     gflops = matmul_gflops()
     in_budget = summary["epochs"] <= TARGET_EPOCHS
@@ -108,7 +112,7 @@ def report(run_dir: Path, data_root: Path, probe_result: dict[str, Any]) -> dict
         probe=probe_result, per_epoch=[{k: v for k, v in r.items() if k != "lr_steps"} for r in rows],
         recipe_values={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(recipe).items()},
         machine=dict(**cpu_info(), matmul_fp32_gflops=gflops, torch=torch.__version__,
-                     python=platform.python_version()),
+                     python=platform.python_version(), device=device_name(device)),
         command=reproduce_command(recipe),
     )
 
@@ -139,7 +143,8 @@ def write_markdown(path: Path, r: dict[str, Any]) -> None:
     lines = [
         "# RepVGG-A0 on CIFAR-10 (`cifar` recipe)", "",
         f"CPU: {m['model']}, {m['cores']} cores, flags {', '.join(m['features']) or 'none of AVX2/AVX-512/AMX'}; "
-        f"float32 matmul {m['matmul_fp32_gflops']:.0f} GFLOP/s; torch {m['torch']}.", "",
+        f"float32 matmul {m['matmul_fp32_gflops']:.0f} GFLOP/s; torch {m['torch']}"
+        + (f"; trained and evaluated on {m['device']}." if m.get("device", "cpu") != "cpu" else "."), "",
         "| epochs | training time | training images/s | top-1 training-time | top-1 deploy | deploy file re-loaded "
         f"| same, {r['tta']} TTA |", "|---:|---:|---:|---:|---:|---:|---:|",
         f"| {r['epochs']} | {r['training_time_s'] / 60:.1f} min | {r['train_images_per_s']:.0f} | "
@@ -168,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_results_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from --run-dir")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     add_recipe_arguments(p)  # a trial of the recipe search: the cifar recipe with some values changed
     return p
 
@@ -176,15 +182,16 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     cifar10_data(args)
     recipe = recipe_with("cifar", **recipe_overrides(args))
+    device = resolve_device(args.device)
     opts = TrainOptions(data=args.data, out_dir=args.run_dir, model="repvgg_a0", recipe=recipe,
-                        workers=args.workers, probe=False,
+                        workers=args.workers, probe=False, device=str(device),
                         resume="auto" if args.resume else None)
     train_set, val_set, classes = load_datasets(opts)
     run_dir = Path(args.run_dir)
     if args.report_only or (args.resume and (run_dir / PROBE_FILE).is_file()):
         probe_result = stored_probe(run_dir)  # a resume trains on in the mode the run's own probe chose
     else:
-        probe_result = probe(opts, train_set, len(classes))
+        probe_result = probe(opts, train_set, len(classes), device)
     if not args.report_only:
         chosen = StepMode(**probe_result["chosen_mode"])
         opts.amp, opts.channels_last, opts.threads = chosen.amp, chosen.channels_last, chosen.threads
@@ -193,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         train(opts, train_set, val_set, classes)
         print(f"trained in {(time.monotonic() - t0) / 60:.1f} min", flush=True)
     torch.set_num_threads(probe_result["chosen_mode"]["threads"])
-    result = report(run_dir, Path(val_set.root), probe_result)
+    result = report(run_dir, Path(val_set.root), probe_result, device)
     out = results_folder(args)
     atomic_write(out / "cifar10_a0.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     write_markdown(out / "cifar10_a0.md", result)

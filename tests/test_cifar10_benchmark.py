@@ -48,7 +48,7 @@ def test_cifar10_benchmark_on_a_tiny_folder(tmp_path: Path, capsys: pytest.Captu
     make_split(tmp_path / "data", "train", 4, size=32)
     make_split(tmp_path / "data", "test", 2, size=32, seed=1)
     argv = ["--data", str(tmp_path / "data"), "--epochs", "1", "--batch-size", "4", "--cutout", "8", "--workers", "0",
-            "--run-dir", str(tmp_path / "run"), "--results", str(tmp_path / "results")]
+            "--run-dir", str(tmp_path / "run"), "--results", str(tmp_path / "results"), "--device", "cpu"]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_module, "setup_run", stopping_after_step_1(train_module.setup_run))
         assert run_command("cifar10.py", lambda: cifar10.main(argv)) == 128 + signal.SIGTERM
@@ -66,7 +66,7 @@ def test_cifar10_benchmark_on_a_tiny_folder(tmp_path: Path, capsys: pytest.Captu
     assert result["target"]["met_with_tta"] is (result["reloaded_deploy_top1_tta"] >= 90)
     assert result["command"] == "python benchmarks/cifar10.py --epochs 1 --batch-size 4 --cutout 8"  # the run's recipe
     assert result["recipe_values"]["epochs"] == 1 and result["recipe_values"]["cutout"] == 8
-    assert result["probe"]["chosen"] in result["probe"]["images_per_s"]
+    assert result["probe"]["chosen"] in result["probe"]["images_per_s"] and result["machine"]["device"] == "cpu"
     md = (tmp_path / "results" / "cifar10_a0.md").read_text()
     assert "| epoch | lr (end) |" in md and "with flip-translate TTA" in md
     assert f"evaluated in the run's step mode ({result['probe']['chosen']})" in md

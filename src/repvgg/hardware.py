@@ -20,9 +20,9 @@ import torch
 
 from .files import atomic_write, cache_dir
 
-__all__ = ["CPU_FEATURES", "cpu_info", "machine_description", "measurement_key", "Timing", "BUSY_ELSEWHERE",
-           "busy_elsewhere", "keep_speeds", "cached_speeds", "matmul_gflops", "MATMUL_FILE", "matmul_measurement",
-           "machine_matmul_gflops", "time_interleaved", "measure_throughput"]
+__all__ = ["CPU_FEATURES", "cpu_info", "device_name", "machine_description", "measurement_key", "Timing",
+           "BUSY_ELSEWHERE", "busy_elsewhere", "keep_speeds", "cached_speeds", "matmul_gflops", "MATMUL_FILE",
+           "matmul_measurement", "machine_matmul_gflops", "time_interleaved", "measure_throughput"]
 
 K = TypeVar("K")
 T = TypeVar("T")
@@ -46,6 +46,11 @@ def cpu_info() -> dict[str, Any]:
     except OSError:
         pass
     return {"model": model, "cores": os.cpu_count(), "features": [f for f in CPU_FEATURES if f in flags]}
+
+
+def device_name(device: torch.device) -> str:
+    """What a measurement on ``device`` ran on: the GPU's name, or ``cpu`` (whose model :func:`cpu_info` gives)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def machine_description() -> dict[str, Any]:

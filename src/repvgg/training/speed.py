@@ -95,6 +95,8 @@ def step_runner(model: nn.Module, mode: StepMode, images: torch.Tensor, targets:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if images.is_cuda:  # time the GPU's work, not only its launch
+            torch.cuda.synchronize(images.device)
 
     return step
 
