@@ -9,7 +9,7 @@ import torch
 
 from ..errors import RepVGGError
 
-__all__ = ["AmpMode", "AMP_DTYPES", "resolve_device", "autocast", "check_amp"]
+__all__ = ["AmpMode", "AMP_DTYPES", "resolve_device", "autocast", "check_amp", "synchronize"]
 
 AmpMode = Literal["none", "bf16", "fp16"]
 AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,3 +43,10 @@ def autocast(device: torch.device, amp: AmpMode = "none") -> contextlib.Abstract
     """The forward pass's autocast context for ``amp`` on ``device`` (a no-op in full precision)."""
     dtype = AMP_DTYPES.get(amp)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a GPU runs asynchronously), so that a clock read after it times the
+    work and not only its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..errors import RepVGGError
 from ..models.preprocess import eval_transform, preprocess_settings, resize_for
 from .data import BadImagePolicy, Batch, ImageFolder, check_bad, collate, resolve_split
-from .device import AmpMode, autocast, check_amp, resolve_device
+from .device import AmpMode, autocast, check_amp, resolve_device, synchronize
 
 __all__ = ["EvalResult", "EvalSettings", "FolderEval", "TTA", "tta_views", "evaluate", "evaluate_folder",
            "align_classes"]
@@ -87,11 +87,6 @@ class EvalResult:
                     skipped_images=self.skipped, **tta)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
 def _logits(model: nn.Module, images: Tensor) -> Tensor:
     out = model(images)
@@ -143,11 +138,11 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], device: torch.device, nu
         images, targets = batch.images.to(device, non_blocking=True), batch.targets.to(device)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         with autocast():
             logits = [_logits(model, view) for view in tta_views(images, tta)]
-        _sync(device)
+        synchronize(device)
         result.model_time_s += time.perf_counter() - start
         top = _count(result, logits[0], targets, num_classes)
         if result.tta is not None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..hardware import measure_throughput
-from .device import AmpMode, autocast
+from .device import AmpMode, autocast, synchronize
 
 __all__ = ["StepMode", "native_bf16", "candidate_modes", "probe_modes", "step_runner", "training_flops_per_image"]
 
@@ -95,8 +95,7 @@ def step_runner(model: nn.Module, mode: StepMode, images: torch.Tensor, targets:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if images.is_cuda:  # time the GPU's work, not only its launch
-            torch.cuda.synchronize(images.device)
+        synchronize(images.device)
 
     return step
 
