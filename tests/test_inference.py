@@ -168,9 +168,11 @@ def test_predict_reads_folders_and_patterns_and_saves_json_and_csv(ckpt, images,
     assert rows[0] == ["path", "class_1", "probability_1", "class_2", "probability_2"]
     direct = predict(repvgg.reparameterize(repvgg.model_from_checkpoint(ckpt)[0]), images, "torch",
                      repvgg.read_checkpoint(ckpt).metadata, topk=2, batch_size=2)  # in two batches
-    for row, top in zip(rows[1:], direct, strict=True):
+    for row, top, kept in zip(rows[1:], direct, saved["images"], strict=True):
         assert row[1::2] == [name for name, _ in top]
-        assert [float(p) for p in row[2::2]] == pytest.approx([p for _, p in top], abs=1e-6)
+        assert [float(p) for p in row[2::2]] == pytest.approx([t["probability"] for t in kept["top"]], abs=5.1e-7)
+        # float32 convolutions may differ in the last bits with the batch's size (oneDNN picks kernels by shape)
+        assert [t["probability"] for t in kept["top"]] == pytest.approx([p for _, p in top], abs=1e-5)
     assert main([*argv, "--json", str(out_json)]) == 2  # an existing result file is kept without --overwrite
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert main([*argv, "--csv", images[1]]) == 2  # nor is an input image ever written over
