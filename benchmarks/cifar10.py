@@ -33,7 +33,7 @@ from repvgg.commands.exits import run_command
 from repvgg.commands.train import add_recipe_arguments, recipe_flags, recipe_overrides
 from repvgg.errors import RepVGGError
 from repvgg.files import atomic_write
-from repvgg.hardware import cpu_info, device_name, matmul_gflops
+from repvgg.hardware import BUSY_ELSEWHERE, busy_elsewhere, cpu_info, device_name, matmul_gflops
 from repvgg.models.preprocess import eval_transform
 from repvgg.training.data import ImageFolder, collate
 from repvgg.training.device import resolve_device
@@ -53,16 +53,21 @@ TTA = "flip-translate"  # the test-time augmentation reported beside the plain f
 
 def probe(opts: TrainOptions, train_set: ImageFolder, classes: int, device: torch.device) -> dict[str, Any]:
     """Training images/s of every step mode on a real batch on ``device``, side by side (the fastest is used for the
-    run; kept in the run directory for a resume and ``--report-only``)."""
+    run; kept in the run directory for a resume and ``--report-only``), and the share of the cores other processes
+    kept busy meanwhile: such a probe ranks the modes for a loaded machine, and the run keeps its choice to the end."""
     first = next(iter(DataLoader(train_set, batch_size=128, shuffle=True, collate_fn=collate,
                                  generator=torch.Generator().manual_seed(0))))
     model = create_model(opts.model, num_classes=classes, strides=opts.recipe.strides).to(device)
-    speeds = probe_modes(model, candidate_modes(device, None, None, None), first.images.to(device),
-                         first.targets.to(device))
+    speeds, busy = busy_elsewhere(lambda: probe_modes(model, candidate_modes(device, None, None, None),
+                                                      first.images.to(device), first.targets.to(device)))
     chosen = max(speeds, key=speeds.get)
     print("speed probe: " + ", ".join(f"{m.label} {v:.0f} img/s" for m, v in speeds.items()), flush=True)
+    if busy > BUSY_ELSEWHERE:
+        print(f"warning: other processes kept {busy:.0%} of the cores busy during the speed probe; this run keeps its "
+              f"choice ({chosen.label}) to the end: stop it and start it again on idle cores to train in the mode "
+              f"fastest there", flush=True)
     return dict(batch_size=len(first.targets), images_per_s={m.label: v for m, v in speeds.items()},
-                chosen=chosen.label, chosen_mode=asdict(chosen))
+                chosen=chosen.label, chosen_mode=asdict(chosen), busy_elsewhere=round(busy, 3))
 
 
 class KeepProbe(Callback):
@@ -155,7 +160,8 @@ def write_markdown(path: Path, r: dict[str, Any]) -> None:
         f"Target: deploy top-1 >= {TARGET_TOP1:.0f}% within {TARGET_EPOCHS} epochs: without TTA "
         f"**{met(r['target']['met'])}**; with {r['tta']} TTA **{met(r['target']['met_with_tta'])}**.", "",
         f"Speed probe (training images/s, batch {p['batch_size']}, interleaved rounds, medians): {speeds}. "
-        f"Chosen: {p['chosen']}.", "",
+        f"Chosen: {p['chosen']}" + (f" (measured while other processes kept {p['busy_elsewhere']:.0%} of the cores "
+                                    "busy)." if p.get("busy_elsewhere", 0.0) > BUSY_ELSEWHERE else "."), "",
         "Curves: `cifar10_a0.png`. Recipe: " + ", ".join(f"{k}={v}" for k, v in r["recipe_values"].items()), "",
         *epoch_table(r["per_epoch"]), "",
         "Reproduce: `" + r["command"] + "`", "",

@@ -84,3 +84,20 @@ def test_cifar10_benchmark_on_a_tiny_folder(tmp_path: Path, capsys: pytest.Captu
     with pytest.raises(RepVGGError, match=r"speed_probe\.json not found"):
         cifar10.main([*argv, "--report-only"])
 
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("busy", [0.6, 0.1])
+def test_a_probe_on_busy_cores_is_flagged(tmp_path: Path, busy: float, capsys: pytest.CaptureFixture,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    make_split(tmp_path / "data", "train", 4, size=32)
+    make_split(tmp_path / "data", "test", 2, size=32, seed=1)
+    monkeypatch.setattr(cifar10, "busy_elsewhere", lambda run: (run(), busy))  # as if other work held the cores
+    opts = cifar10.TrainOptions(data=str(tmp_path / "data"), out_dir=str(tmp_path / "run"),
+                                recipe=cifar10.RECIPES["cifar"], workers=0)
+    train_set, _, classes = cifar10.load_datasets(opts)
+    result = cifar10.probe(opts, train_set, len(classes), cifar10.torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert result["busy_elsewhere"] == busy and result["chosen"] in result["images_per_s"]
+    warning = (f"warning: other processes kept 60% of the cores busy during the speed probe; this run keeps its choice "
+               f"({result['chosen']}) to the end")
+    assert (warning in out) is (busy > 0.2)
