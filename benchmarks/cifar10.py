@@ -33,7 +33,7 @@ from repvgg.commands.exits import run_command
 from repvgg.commands.train import add_recipe_arguments, recipe_flags, recipe_overrides
 from repvgg.errors import RepVGGError
 from repvgg.files import atomic_write
-from repvgg.hardware import BUSY_ELSEWHERE, busy_elsewhere, cpu_info, device_name, matmul_gflops
+from repvgg.hardware import BUSY_ELSEWHERE, busy_elsewhere, busy_probe_warning, cpu_info, device_name, matmul_gflops
 from repvgg.models.preprocess import eval_transform
 from repvgg.training.data import ImageFolder, collate
 from repvgg.training.device import resolve_device
@@ -62,10 +62,8 @@ def probe(opts: TrainOptions, train_set: ImageFolder, classes: int, device: torc
                                                       first.images.to(device), first.targets.to(device)))
     chosen = max(speeds, key=speeds.get)
     print("speed probe: " + ", ".join(f"{m.label} {v:.0f} img/s" for m, v in speeds.items()), flush=True)
-    if busy > BUSY_ELSEWHERE:
-        print(f"warning: other processes kept {busy:.0%} of the cores busy during the speed probe; this run keeps its "
-              f"choice ({chosen.label}) to the end: stop it and start it again on idle cores to train in the mode "
-              f"fastest there", flush=True)
+    if warning := busy_probe_warning(busy, chosen.label):
+        print(warning, flush=True)
     return dict(batch_size=len(first.targets), images_per_s={m.label: v for m, v in speeds.items()},
                 chosen=chosen.label, chosen_mode=asdict(chosen), busy_elsewhere=round(busy, 3))
 

@@ -99,5 +99,5 @@ def test_a_probe_on_busy_cores_is_flagged(tmp_path: Path, busy: float, capsys: p
     out = capsys.readouterr().out
     assert result["busy_elsewhere"] == busy and result["chosen"] in result["images_per_s"]
     warning = (f"warning: other processes kept 60% of the cores busy during the speed probe; this run keeps its choice "
-               f"({result['chosen']}) to the end")
+               f"({result['chosen']}) to the end, resumes included")
     assert (warning in out) is (busy > 0.2)

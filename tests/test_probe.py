@@ -19,6 +19,7 @@ from repvgg.deploy.probe import PROBE_FILE, engine_measurement, engine_speeds, f
 from repvgg.hardware import (
     BUSY_ELSEWHERE,
     MATMUL_FILE,
+    busy_probe_warning,
     cached_speeds,
     keep_speeds,
     machine_matmul_gflops,
@@ -97,6 +98,14 @@ def test_a_timing_taken_beside_busy_cores_chooses_once_and_is_not_kept(tmp_path:
     assert alone.speeds == {"torch": 2.0} and not alone.cached and alone.busy_elsewhere == 0.0
     again = cached_speeds(path.name, {"cpu": "test"}, lambda: {"torch": 3.0}, path)
     assert again.speeds == {"torch": 2.0} and again.cached
+
+
+@pytest.mark.parametrize(("busy", "warned"), [(0.0, False), (BUSY_ELSEWHERE, False), (0.21, True), (1.0, True)])
+def test_only_a_probe_on_cores_busy_over_the_limit_is_warned_about(busy: float, warned: bool) -> None:
+    warning = busy_probe_warning(busy, "bf16 channels-last 2 threads")
+    assert (warning is not None) is warned
+    if warned:
+        assert f"kept {busy:.0%} of the cores busy" in warning and "(bf16 channels-last 2 threads)" in warning
 
 
 def test_the_matmul_rate_is_measured_once_per_machine_threads_and_dtype(tmp_path: Path,

@@ -396,7 +396,8 @@ def test_a_probe_measured_while_the_cores_were_busy_chooses_for_its_run_only(
     monkeypatch.setattr(hardware, "busy_elsewhere", lambda run: (run(), 0.75))
     first: list[str] = []
     train(_opts(tmp_path / "a", ONE_EPOCH, log=first.append, **PROBED), Noisy(), VAL, CLASSES)
-    assert any("kept 75% of the cores busy during the probe" in line for line in first)
+    assert any(f"kept 75% of the cores busy during the speed probe; this run keeps its choice ({CHANNELS_LAST.label})"
+               f" to the end, resumes included" in line and "the timing is not kept" in line for line in first)
     assert any(f"step: {CHANNELS_LAST.label}" in line for line in first)
     assert not (fresh_probe_cache / "train_probe.json").exists()
     monkeypatch.setattr(hardware, "busy_elsewhere", lambda run: (run(), 0.0))

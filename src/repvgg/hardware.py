@@ -21,8 +21,8 @@ import torch
 from .files import atomic_write, cache_dir
 
 __all__ = ["CPU_FEATURES", "cpu_info", "device_name", "machine_description", "measurement_key", "Timing",
-           "BUSY_ELSEWHERE", "busy_elsewhere", "keep_speeds", "cached_speeds", "matmul_gflops", "MATMUL_FILE",
-           "matmul_measurement", "machine_matmul_gflops", "time_interleaved", "measure_throughput"]
+           "BUSY_ELSEWHERE", "busy_elsewhere", "busy_probe_warning", "keep_speeds", "cached_speeds", "matmul_gflops",
+           "MATMUL_FILE", "matmul_measurement", "machine_matmul_gflops", "time_interleaved", "measure_throughput"]
 
 K = TypeVar("K")
 T = TypeVar("T")
@@ -106,6 +106,16 @@ def busy_elsewhere(run: Callable[[], T], min_wall_s: float = 0.25) -> tuple[T, f
     if before is None or after is None or wall < min_wall_s:
         return result, 0.0
     return result, max(0.0, (after[0] - before[0] - own) / (wall * after[1]))
+
+
+def busy_probe_warning(busy: float, chosen: str) -> str | None:
+    """The warning for a speed probe timed while other processes kept more than :data:`BUSY_ELSEWHERE` of the cores
+    busy (None under it): its choice ranks the modes for a loaded machine, and a run keeps it to the end."""
+    if busy <= BUSY_ELSEWHERE:
+        return None
+    return (f"warning: other processes kept {busy:.0%} of the cores busy during the speed probe; this run keeps its "
+            f"choice ({chosen}) to the end, resumes included: start it afresh on idle cores to train in the mode "
+            f"fastest there")
 
 
 def _read_cache(path: Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 
 from ..errors import RepVGGError
 from ..files import remove_debris
-from ..hardware import BUSY_ELSEWHERE, cached_speeds, cpu_info, machine_matmul_gflops, measurement_key
+from ..hardware import busy_probe_warning, cached_speeds, cpu_info, machine_matmul_gflops, measurement_key
 from ..models.architectures import RepVGG
 from ..models.checkpoints import model_metadata
 from ..models.factory import create_model
@@ -212,9 +212,8 @@ def _choose_mode(opts: TrainOptions, raw: nn.Module, num_classes: int, per_rank:
     fp32 = max(v for m, v in speeds.items() if m.amp == "none")
     log(f"speed probe (training images/s, side by side{', measured earlier here' if timing.cached else ''}): " +
         ", ".join(f"{m.label} {v:.0f}" for m, v in sorted(speeds.items(), key=lambda kv: -kv[1])))
-    if timing.busy_elsewhere > BUSY_ELSEWHERE:
-        log(f"note: other processes kept {timing.busy_elsewhere:.0%} of the cores busy during the probe; its timing "
-            f"chooses for this run only and is not kept")
+    if warning := busy_probe_warning(timing.busy_elsewhere, chosen.label):
+        log(f"{warning} (the timing is not kept: the next run measures again)")
     if opts.amp not in (None, "none") and speeds[chosen] < fp32:
         log(f"warning: --amp {opts.amp} measured slower than float32 here ({speeds[chosen]:.0f} vs {fp32:.0f} "
             f"images/s); --amp none would train faster")
