@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cifar10_data(args)
-    args.recipe = recipe_with("cifar", batch_size=args.batch_size)
+    args.recipe = recipe_with("cifar", batch_size=args.batch_size, cutout=0)  # the minimal loop has no Cutout
     if args.subset // args.batch_size < args.warmup_steps + args.steps:
         raise RepVGGError(f"--subset {args.subset} holds fewer than --warmup-steps + --steps batches")
     torch.set_num_threads(args.threads)

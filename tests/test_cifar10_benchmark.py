@@ -47,7 +47,7 @@ def stopping_after_step_1(setup_run: Callable[..., Run]) -> Callable[..., Run]:
 def test_cifar10_benchmark_on_a_tiny_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     make_split(tmp_path / "data", "train", 4, size=32)
     make_split(tmp_path / "data", "test", 2, size=32, seed=1)
-    argv = ["--data", str(tmp_path / "data"), "--epochs", "1", "--batch-size", "4", "--cutout", "8", "--workers", "0",
+    argv = ["--data", str(tmp_path / "data"), "--epochs", "1", "--batch-size", "4", "--cutout", "4", "--workers", "0",
             "--run-dir", str(tmp_path / "run"), "--results", str(tmp_path / "results"), "--device", "cpu"]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_module, "setup_run", stopping_after_step_1(train_module.setup_run))
@@ -64,8 +64,8 @@ def test_cifar10_benchmark_on_a_tiny_folder(tmp_path: Path, capsys: pytest.Captu
     assert 0 <= result["reloaded_deploy_top1_tta"] <= 100 and result["tta"] == "flip-translate"
     assert result["target"]["met"] is (result["deploy_top1"] >= 90)
     assert result["target"]["met_with_tta"] is (result["reloaded_deploy_top1_tta"] >= 90)
-    assert result["command"] == "python benchmarks/cifar10.py --epochs 1 --batch-size 4 --cutout 8"  # the run's recipe
-    assert result["recipe_values"]["epochs"] == 1 and result["recipe_values"]["cutout"] == 8
+    assert result["command"] == "python benchmarks/cifar10.py --epochs 1 --batch-size 4 --cutout 4"  # the run's recipe
+    assert result["recipe_values"]["epochs"] == 1 and result["recipe_values"]["cutout"] == 4
     assert result["probe"]["chosen"] in result["probe"]["images_per_s"] and result["machine"]["device"] == "cpu"
     md = (tmp_path / "results" / "cifar10_a0.md").read_text()
     assert "| epoch | lr (end) |" in md and "with flip-translate TTA" in md

@@ -148,13 +148,13 @@ def test_schedule_linear_decays_the_learning_rate_in_a_straight_line(data: Path,
     assert lrs == pytest.approx([peak * 2 / 3, peak / 3, 0.0])
 
 def test_a_recipe_field_a_checkpoint_predates_counts_as_its_default() -> None:
-    stored = {k: v for k, v in dataclasses.asdict(RECIPES["cifar"]).items() if k != "schedule"}
-    assert recipe_differences(stored, RECIPES["cifar"]) == []
-    assert recipe_differences(stored, recipe_with("cifar", schedule="linear")) == ["schedule: 'cosine' -> 'linear'"]
+    stored = {k: v for k, v in dataclasses.asdict(RECIPES["paper"]).items() if k != "schedule"}
+    assert recipe_differences(stored, RECIPES["paper"]) == []
+    assert recipe_differences(stored, recipe_with("paper", schedule="linear")) == ["schedule: 'cosine' -> 'linear'"]
 
 
 def test_a_checkpoint_tells_its_recipe_values_else_its_registered_name() -> None:
-    trained = recipe_with("cifar", lr=0.05, label_smoothing=0.3, strides=(2, 2, 2, 2, 2))
+    trained = recipe_with("cifar", lr=0.05, label_smoothing=0.3, schedule="cosine", strides=(2, 2, 2, 2, 2))
     stored = json.loads(json.dumps(dataclasses.asdict(trained)))  # as a .safetensors header keeps them: lists
     assert recipe_of({"recipe": "cifar", "recipe_values": stored}) == trained
     older = {k: v for k, v in stored.items() if k != "schedule"} | {"a_later_field": 1}
@@ -576,7 +576,8 @@ def test_fine_tuning_replaces_the_classifier_freezes_stages_and_scales_the_backb
             assert torch.equal(value, before[key]) and torch.equal(final[key], before[key]), key  # all kept
     assert not torch.equal(tuned["model"]["stage2.0.rbr_dense.conv.weight"], before["stage2.0.rbr_dense.conv.weight"])
     lrs = {round(g["initial_lr"], 6) for g in tuned["optimizer"]["param_groups"]}
-    assert lrs == {round(0.2 * 8 / 256, 6), round(0.1 * 0.2 * 8 / 256, 6)}
+    peak = 0.2 * 8 / 256  # the head at the peak, the backbone at 0.1 of it, its BN biases at the recipe's 4x of that
+    assert TINY.bn_bias_lr_scale == 4 and lrs == {round(peak, 6), round(0.1 * peak, 6), round(0.4 * peak, 6)}
 
 
 

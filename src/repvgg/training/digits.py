@@ -64,7 +64,7 @@ def train_digits(out_dir: str | Path, epochs: int = 8, log: Callable[[str], None
 
     train_set, test_set, names = digits_datasets(classes=classes)
     recipe = recipe_with("cifar", epochs=epochs, batch_size=32, lr=0.1, img_size=8, eval_resize=8,
-                         warmup_epochs=1, strides=(1, 2, 2, 2, 2))
+                         warmup_epochs=1, cutout=0, strides=(1, 2, 2, 2, 2))  # an 8-pixel Cutout would erase a digit
     opts = TrainOptions(data=None, out_dir=str(out_dir), recipe=recipe, workers=0, amp="none", channels_last=False,
                         probe=False, tensorboard=False, log=log, **options)
     return train(opts, train_set, test_set, names, preprocess=DIGITS_PREPROCESS)
