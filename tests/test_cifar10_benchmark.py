@@ -98,6 +98,7 @@ def test_a_probe_on_busy_cores_is_flagged(tmp_path: Path, busy: float, capsys: p
     result = cifar10.probe(opts, train_set, len(classes), cifar10.torch.device("cpu"))
     out = capsys.readouterr().out
     assert result["busy_elsewhere"] == busy and result["chosen"] in result["images_per_s"]
-    warning = (f"warning: other processes kept 60% of the cores busy during the speed probe; this run keeps its choice "
-               f"({result['chosen']}) to the end, resumes included")
-    assert (warning in out) is (busy > 0.2)
+    assert ("warning: other processes kept" in out) is (busy > 0.2)  # any busy-cores warning, at whatever share
+    if busy > 0.2:
+        assert (f"warning: other processes kept 60% of the cores busy during the speed probe; this run keeps its "
+                f"choice ({result['chosen']}) to the end, resumes included") in out
