@@ -42,7 +42,7 @@ from repvgg.training.metrics import read_metrics
 from repvgg.training.options import Callback, TrainOptions
 from repvgg.training.plot import plot_run
 from repvgg.training.recipes import RECIPES, Recipe, recipe_of, recipe_with
-from repvgg.training.setup import load_datasets
+from repvgg.training.setup import load_datasets, resumed_options
 from repvgg.training.speed import StepMode, candidate_modes, probe_modes
 from repvgg.training.train import train
 
@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=str(RUNS / "cifar10_a0"),
                    help="run directory: checkpoints, metrics and the speed probe")
     add_results_arguments(p)
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir (in its own recipe where no flag sets a value)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from --run-dir")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     add_recipe_arguments(p)  # a trial of the recipe search: the cifar recipe with some values changed
@@ -185,11 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     cifar10_data(args)
-    recipe = recipe_with("cifar", **recipe_overrides(args))
+    overrides = recipe_overrides(args)
     device = resolve_device(args.device)
-    opts = TrainOptions(data=args.data, out_dir=args.run_dir, model="repvgg_a0", recipe=recipe,
-                        workers=args.workers, probe=False, device=str(device),
-                        resume="auto" if args.resume else None)
+    opts = resumed_options(TrainOptions(
+        data=args.data, out_dir=args.run_dir, model="repvgg_a0", recipe=recipe_with("cifar", **overrides),
+        recipe_given=frozenset(overrides), workers=args.workers, probe=False, device=str(device),
+        resume="auto" if args.resume else None))
     train_set, val_set, classes = load_datasets(opts)
     run_dir = Path(args.run_dir)
     if args.report_only or (args.resume and (run_dir / PROBE_FILE).is_file()):

@@ -189,6 +189,9 @@ def test_recipe_flags_parse_back_into_the_recipe() -> None:
     parser = argparse.ArgumentParser()
     add_recipe_arguments(parser)
     assert recipe_with("cifar", **recipe_overrides(parser.parse_args(flags))) == recipe
+    assert set(recipe_overrides(parser.parse_args(flags))) == {"epochs", "lr", "nesterov", "custom_l2", "crop",
+                                                              "strides", "bn_bias_lr_scale"}
+    assert recipe_overrides(parser.parse_args([])) == {}  # no flag: a resume takes every value from its checkpoint
 
 
 def test_a_cutout_as_large_as_the_crop_is_refused(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -539,6 +542,44 @@ def test_resume_with_other_settings_names_the_differences(tmp_path: Path) -> Non
     for recipe, extra, message in changes:
         with pytest.raises(RepVGGError, match=re.escape(message)):
             train(_opts(out, recipe, resume="auto", **extra), Noisy(), VAL, CLASSES)
+
+
+def test_a_resume_goes_on_with_its_checkpoints_recipe_where_no_flag_sets_a_value(tmp_path: Path) -> None:
+    """A run begun under earlier defaults of its preset (cosine decay, no Cutout, 3 epochs) resumed by a caller that
+    sets no recipe field ends at the straight run's weights, saying which values it took; a field set on purpose
+    must still match, and ``recipe_given=None`` holds the whole recipe to the checkpoint's."""
+    begun, logs = dataclasses.replace(TINY, schedule="cosine", cutout=0, epochs=3), []
+    train(_opts(tmp_path / "straight", begun), Noisy(), VAL, CLASSES)
+    out = tmp_path / "split"
+    with pytest.raises(KeyboardInterrupt):
+        train(_opts(out, begun, callbacks=[StopAt(1, 2)]), Noisy(), VAL, CLASSES)
+    with pytest.raises(RepVGGError, match=re.escape("schedule: 'cosine' -> 'linear'; cutout: 0 -> 8")):
+        train(_opts(out, TINY, resume="auto"), Noisy(), VAL, CLASSES)
+    with pytest.raises(RepVGGError, match=re.escape("other settings than this run's (cutout: 0 -> 8)")):
+        train(_opts(out, TINY, resume="auto", recipe_given=frozenset({"cutout"})), Noisy(), VAL, CLASSES)
+    summary = train(_opts(out, TINY, resume="auto", recipe_given=frozenset(), log=logs.append), Noisy(), VAL, CLASSES)
+    taken = next(line for line in logs if line.startswith("resuming with the recipe values"))
+    assert taken.endswith("epochs 3 (the 'cifar' recipe now: 2), schedule 'cosine' (the 'cifar' recipe now: "
+                          "'linear'), cutout 0 (the 'cifar' recipe now: 8)")
+    assert summary["epochs"] == 3
+    straight, resumed = _final_state(tmp_path / "straight"), _final_state(out)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_train_resume_without_recipe_flags_continues_a_run_begun_under_other_defaults(
+        data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``repvgg train --resume`` extends a finished 1-epoch cosine run without Cutout to 2 epochs in its own recipe
+    (only ``--epochs`` set); a flag that contradicts the run is refused, naming it."""
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), "--out", str(out), *TINY_TRAIN]
+    assert main([*args, "--epochs", "1", "--schedule", "cosine", "--cutout", "0"]) == 0
+    assert main([*args, "--epochs", "2", "--resume", "--schedule", "linear"]) == 2
+    assert "schedule: 'cosine' -> 'linear'" in capsys.readouterr().err
+    assert main([*args, "--epochs", "2", "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "schedule 'cosine' (the 'cifar' recipe now: 'linear'), cutout 0 (the 'cifar' recipe now: 8)" in printed
+    stored = torch.load(out / "last.pt", weights_only=True)["repvgg"]["recipe_values"]
+    assert (stored["epochs"], stored["schedule"], stored["cutout"]) == (2, "cosine", 0)
 
 
 def test_a_second_run_into_the_same_directory_is_refused_and_debris_is_cleared(tmp_path: Path) -> None:

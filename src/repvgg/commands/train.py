@@ -73,7 +73,8 @@ def _machinery_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialization, shuffling and augmentation")
     g.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
-                   help="continue from CKPT, or from <out>/last.pt when given alone (a new run if there is none)")
+                   help="continue from CKPT, or from <out>/last.pt when given alone (a new run if there is none), "
+                        "with the recipe values it was begun with where no flag sets them")
     g.add_argument("--bad-images", choices=["skip", "error"], default="skip",
                    help="unreadable images: report and skip, or stop")
     g.add_argument("--cache-dir", help="where archives are unpacked (default $REPVGG_CACHE_DIR/datasets or "
@@ -118,10 +119,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def recipe_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The recipe fields parsed by :func:`add_recipe_arguments` (None where not given), for ``recipe_with``."""
+    """The recipe fields the flags of :func:`add_recipe_arguments` set (those not given are left out), for
+    ``recipe_with`` and ``TrainOptions.recipe_given``."""
     from ..training.recipes import Recipe
 
-    return {f.name: getattr(args, f.name, None) for f in fields(Recipe) if f.name != "name"}
+    given = {f.name: getattr(args, f.name, None) for f in fields(Recipe) if f.name != "name"}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def recipe_flags(recipe: Recipe, base: Recipe) -> list[str]:
@@ -145,10 +148,10 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
     from ..training.options import TrainOptions
     from ..training.recipes import recipe_with
 
+    overrides = recipe_overrides(args)
     opts = TrainOptions(data=args.data, out_dir=args.out or "", model=args.model,
-                        recipe=recipe_with(args.recipe, **recipe_overrides(args)), block=args.block,
-                        branches=args.branches,
-                        pretrained=args.pretrained,
+                        recipe=recipe_with(args.recipe, **overrides), recipe_given=frozenset(overrides),
+                        block=args.block, branches=args.branches, pretrained=args.pretrained,
                         freeze_stages=args.freeze_stages, backbone_lr_scale=args.backbone_lr_scale,
                         workers=args.workers, data_path=args.data_path, amp=None if args.amp == "auto" else args.amp,
                         channels_last=args.channels_last, threads=args.threads, probe=args.probe,

@@ -42,12 +42,15 @@ class TrainOptions:
     """One run: data, model, recipe (with overrides applied) and the machinery around it.
 
     ``amp``, ``channels_last`` and ``threads`` left as None are chosen by a short speed probe (``probe``).
+    ``recipe_given`` names the recipe fields set on purpose (a command's flags): a resume takes the others from its
+    checkpoint, so a run goes on as begun after a preset changes; None holds all of ``recipe`` to the checkpoint's.
     """
 
     data: str | None
     out_dir: str
     model: str | RepVGGConfig = "repvgg_a0"  # a registered name, or an architecture of one's own
     recipe: Recipe = field(default_factory=lambda: RECIPES["paper"])
+    recipe_given: frozenset[str] | None = None  # see above
     model_factory: Callable[[int], nn.Module] | None = None  # any classifier for a class count (``model`` names it)
     block: BlockKind = "repvgg"  # or "qarepvgg", the quantization-friendly block
     branches: Branches = "full"  # the training-time branches each block keeps (the paper's ablation)
@@ -86,7 +89,7 @@ def describe(opts: TrainOptions, extra: dict[str, Any] | None = None) -> str:
     rows: dict[str, Any] = {f"recipe.{f.name}": getattr(opts.recipe, f.name) for f in fields(opts.recipe)}
     rows["recipe.lr"] = f"{opts.recipe.lr} (for a global batch of 256; scaled linearly with the batch)"
     rows.update({f.name: getattr(opts, f.name) for f in fields(opts)
-                 if f.name not in ("recipe", "log", "callbacks", "model_factory")})
+                 if f.name not in ("recipe", "recipe_given", "log", "callbacks", "model_factory")})
     rows.update(extra or {})
     width = max(map(len, rows))
     return "\n".join(f"  {k:<{width}} {v}" for k, v in rows.items())

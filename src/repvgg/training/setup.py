@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from .loop import Run, TrainStep
 from .memory import InMemoryEval, InMemoryTrain, hold_in_memory, in_memory
 from .metrics import MetricsLog
 from .options import TrainOptions, describe
-from .recipes import Recipe, WarmupDecay, param_groups, preprocess_of, recipe_differences
+from .recipes import Recipe, WarmupDecay, param_groups, preprocess_of, recipe_differences, recipe_of
 from .rundir import RunDir
 from .sampling import SeededSamples
 from .speed import StepMode, candidate_modes, probe_modes, training_flops_per_image
@@ -42,7 +42,7 @@ from .state import Progress, RunState, read_state
 
 TRAIN_PROBE_FILE = "train_probe.json"  # the speed probe's timings, in the user cache folder
 
-__all__ = ["setup_run", "load_datasets", "freeze_stages", "start_weights"]
+__all__ = ["setup_run", "resumed_options", "load_datasets", "freeze_stages", "start_weights"]
 
 
 def load_datasets(opts: TrainOptions, log: Callable[[str], None] | None = None
@@ -67,13 +67,14 @@ def setup_run(opts: TrainOptions, train_set: Dataset | None = None, val_set: Dat
               class_names: Sequence[str] | None = None, preprocess: dict[str, Any] | None = None) -> Run:
     """Everything a run needs, resumed from its saved state when asked; holds the run directory's lock."""
     d, device = init_distributed(opts.device)
+    log = opts.log if d.main else (lambda s: None)
+    opts = resumed_options(opts, log)
     r = opts.recipe
     check_amp(opts.amp or "none", device)
     if opts.sync_bn and d.world > 1 and device.type != "cuda":
         raise RepVGGError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU)")
     if r.batch_size % d.world:
         raise RepVGGError(f"global batch size {r.batch_size} is not divisible by the {d.world} processes")
-    log = opts.log if d.main else (lambda s: None)
     if train_set is None or val_set is None:
         train_set, val_set, class_names = load_datasets(opts, log)
     elif opts.data_path == "memory" and not in_memory(train_set):
@@ -304,11 +305,36 @@ def _assemble(opts: TrainOptions, d: Dist, device: torch.device, raw: nn.Module,
                SeededSamples(train_set, opts.seed), val_set, len(names), rundir, r.batch_size // d.world, steps, meta)
 
 
-def _saved_state(opts: TrainOptions, log: Any) -> tuple[dict[str, Any], Path] | None:
-    """With ``--resume``: the training state to continue (None for a new run: ``auto`` finding no checkpoint)."""
+def resumed_options(opts: TrainOptions, log: Callable[[str], None] = print) -> TrainOptions:
+    """``opts`` with the recipe a resume goes on with: the checkpoint's values for every field outside
+    ``opts.recipe_given`` (see TrainOptions); call it before building datasets from the recipe."""
+    path = _checkpoint_path(opts)
+    if opts.recipe_given is None or path is None or not path.is_file():
+        return opts
+    saved = read_state(path)["repvgg"]
+    if saved.get("recipe") != opts.recipe.name:  # another preset: the resume's check refuses it, naming both
+        return opts
+    given = {name: getattr(opts.recipe, name) for name in opts.recipe_given}
+    recipe = replace(recipe_of(saved), **given)
+    taken = [f"{f} {getattr(recipe, f)!r} (the {recipe.name!r} recipe now: {getattr(opts.recipe, f)!r})"
+             for f in asdict(recipe) if getattr(recipe, f) != getattr(opts.recipe, f)]
+    if taken:
+        log(f"resuming with the recipe values {path} was begun with where no flag sets them: {', '.join(taken)}")
+    return replace(opts, recipe=recipe)
+
+
+def _checkpoint_path(opts: TrainOptions) -> Path | None:
+    """The training state ``--resume`` names (None without it); ``auto``: the run directory's ``last.pt``."""
     if not opts.resume:
         return None
-    path = Path(opts.out_dir) / "last.pt" if opts.resume == "auto" else Path(opts.resume)
+    return Path(opts.out_dir) / "last.pt" if opts.resume == "auto" else Path(opts.resume)
+
+
+def _saved_state(opts: TrainOptions, log: Any) -> tuple[dict[str, Any], Path] | None:
+    """With ``--resume``: the training state to continue (None for a new run: ``auto`` finding no checkpoint)."""
+    path = _checkpoint_path(opts)
+    if path is None:
+        return None
     if opts.resume == "auto" and not path.is_file():
         log(f"no checkpoint at {path}; starting a new run")
         return None
