@@ -533,7 +533,7 @@ def test_resume_with_other_settings_names_the_differences(tmp_path: Path) -> Non
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train(_opts(out, callbacks=[StopAt(0, 1)]), Noisy(), VAL, CLASSES)
-    changes = [(dataclasses.replace(TINY, lr=0.05), {}, "lr: 0.2 -> 0.05"),
+    changes = [(dataclasses.replace(TINY, lr=0.05), {}, f"lr: {TINY.lr} -> 0.05"),
                (dataclasses.replace(TINY, strides=(1, 2, 2, 2, 2)), {}, "strides"),
                (TINY, {"model": "repvgg_b0"}, "model_name: 'RepVGG-tiny' -> 'repvgg_b0'"),
                (TINY, {"model": dataclasses.replace(TINY_ARCH, widths=(0.5, 0.25, 0.25, 0.25))},
@@ -569,12 +569,14 @@ def test_a_resume_goes_on_with_its_checkpoints_recipe_where_no_flag_sets_a_value
 def test_train_resume_without_recipe_flags_continues_a_run_begun_under_other_defaults(
         data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """``repvgg train --resume`` extends a finished 1-epoch cosine run without Cutout to 2 epochs in its own recipe
-    (only ``--epochs`` set); a flag that contradicts the run is refused, naming it."""
+    (only ``--epochs`` set; ``--print-config`` shows it first); a flag contradicting the run is refused, naming it."""
     out = tmp_path / "run"
     args = ["train", "--data", str(data), "--out", str(out), *TINY_TRAIN]
     assert main([*args, "--epochs", "1", "--schedule", "cosine", "--cutout", "0"]) == 0
     assert main([*args, "--epochs", "2", "--resume", "--schedule", "linear"]) == 2
     assert "schedule: 'cosine' -> 'linear'" in capsys.readouterr().err
+    assert main([*args, "--resume", "--print-config"]) == 0  # what a resume would go on with
+    assert re.search(r"recipe\.schedule +cosine\n", capsys.readouterr().out)
     assert main([*args, "--epochs", "2", "--resume"]) == 0
     printed = capsys.readouterr().out
     assert "schedule 'cosine' (the 'cifar' recipe now: 'linear'), cutout 0 (the 'cifar' recipe now: 8)" in printed
@@ -617,7 +619,7 @@ def test_fine_tuning_replaces_the_classifier_freezes_stages_and_scales_the_backb
             assert torch.equal(value, before[key]) and torch.equal(final[key], before[key]), key  # all kept
     assert not torch.equal(tuned["model"]["stage2.0.rbr_dense.conv.weight"], before["stage2.0.rbr_dense.conv.weight"])
     lrs = {round(g["initial_lr"], 6) for g in tuned["optimizer"]["param_groups"]}
-    peak = 0.2 * 8 / 256  # the head at the peak, the backbone at 0.1 of it, its BN biases at the recipe's 4x of that
+    peak = TINY.lr * 8 / 256  # the head at the peak, the backbone at 0.1 of it, its BN biases at the recipe's 4x
     assert TINY.bn_bias_lr_scale == 4 and lrs == {round(peak, 6), round(0.1 * peak, 6), round(0.4 * peak, 6)}
 
 

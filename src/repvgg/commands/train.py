@@ -165,11 +165,12 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
 
 def run(args: argparse.Namespace, outputs: Outputs) -> None:
     from ..training.options import describe
+    from ..training.setup import resumed_options
     from ..training.train import train
 
     opts = options_from_args(args)
-    if args.print_config:
-        print(describe(opts))
+    if args.print_config:  # with --resume: the values the run would go on with
+        print(describe(resumed_options(opts)))
         return
     outputs.folder(opts.out_dir)
     train(opts)
