@@ -17,7 +17,7 @@ from ..models.preprocess import IMAGENET_PREPROCESS
 from .data import AutoAugment, TrainCrop
 
 __all__ = ["Decay", "Recipe", "RECIPES", "recipe_with", "recipe_of", "recipe_differences", "param_groups",
-           "custom_l2_penalty", "WarmupDecay", "preprocess_of"]
+           "custom_l2_penalty", "WarmupDecay", "preprocess_of", "schedule_warnings"]
 
 Decay = Literal["cosine", "linear"]
 
@@ -140,6 +140,22 @@ class WarmupDecay:
         span = max(1, self.total_steps - self.warmup_steps)
         done = min(1.0, (step - self.warmup_steps) / span)
         return 1.0 - done if self.decay == "linear" else 0.5 * (1 + math.cos(math.pi * done))
+
+
+def schedule_warnings(recipe: Recipe, steps_per_epoch: int) -> list[str]:
+    """What a run of ``recipe`` at ``steps_per_epoch`` is too short for: a warm-up that never decays, or an EMA of
+    the weights (the model a run evaluates and saves) still made largely of the initial ones at the end."""
+    warnings = []
+    if recipe.warmup_epochs >= recipe.epochs:
+        warnings.append(f"the {recipe.warmup_epochs:g}-epoch warm-up spans the whole {recipe.epochs}-epoch run: the "
+                        f"learning rate ends at its peak instead of decaying (lower --warmup-epochs or raise --epochs)")
+    steps = recipe.epochs * steps_per_epoch
+    held = recipe.ema_decay ** steps if recipe.ema_decay else 0.0
+    if held > 0.05:
+        warnings.append(f"the EMA of the weights (decay {recipe.ema_decay:g} a step) still holds {100 * held:.0f}% "
+                        f"of the initial weights after the run's {steps} steps, and the final model is that average; "
+                        f"lower --ema-decay (e.g. {0.01 ** (1 / steps):.4f}, 1% left) or turn it off with 0")
+    return warnings
 
 
 def preprocess_of(recipe: Recipe) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from .loop import Run, TrainStep
 from .memory import InMemoryEval, InMemoryTrain, hold_in_memory, in_memory
 from .metrics import MetricsLog
 from .options import TrainOptions, describe
-from .recipes import Recipe, WarmupDecay, param_groups, preprocess_of, recipe_differences, recipe_of
+from .recipes import Recipe, WarmupDecay, param_groups, preprocess_of, recipe_differences, recipe_of, schedule_warnings
 from .rundir import RunDir
 from .sampling import SeededSamples
 from .speed import StepMode, candidate_modes, probe_modes, training_flops_per_image
@@ -68,7 +68,8 @@ def setup_run(opts: TrainOptions, train_set: Dataset | None = None, val_set: Dat
     """Everything a run needs, resumed from its saved state when asked; holds the run directory's lock."""
     d, device = init_distributed(opts.device)
     log = opts.log if d.main else (lambda s: None)
-    opts = resumed_options(opts, log)
+    saved = _saved_state(opts, log)  # read once: its recipe values and, further down, its state
+    opts = _with_saved_recipe(opts, *saved, log) if saved is not None else opts
     r = opts.recipe
     check_amp(opts.amp or "none", device)
     if opts.sync_bn and d.world > 1 and device.type != "cuda":
@@ -87,10 +88,8 @@ def setup_run(opts: TrainOptions, train_set: Dataset | None = None, val_set: Dat
         raise RepVGGError(f"{len(train_set)} training images are fewer than one batch of {r.batch_size}; "
                           f"lower --batch-size")
     _warn_small_images(train_set, r, log)
-    if r.warmup_epochs >= r.epochs:
-        log(f"warning: the {r.warmup_epochs:g}-epoch warm-up spans the whole {r.epochs}-epoch run: the learning rate "
-            f"ends at its peak instead of decaying (lower --warmup-epochs or raise --epochs)")
-    saved = _saved_state(opts, log)
+    for warning in schedule_warnings(r, len(train_set) // r.batch_size):
+        log(f"warning: {warning}")
     saved_mode = _resumed_mode(opts, *saved, device, log) if saved is not None else None
     torch.manual_seed(opts.seed + d.rank)
     random.seed(opts.seed + d.rank)
@@ -311,8 +310,14 @@ def resumed_options(opts: TrainOptions, log: Callable[[str], None] = print) -> T
     path = _checkpoint_path(opts)
     if opts.recipe_given is None or path is None or not path.is_file():
         return opts
-    saved = read_state(path)["repvgg"]
-    if saved.get("recipe") != opts.recipe.name:  # another preset: the resume's check refuses it, naming both
+    return _with_saved_recipe(opts, read_state(path), path, log)
+
+
+def _with_saved_recipe(opts: TrainOptions, state: dict[str, Any], path: Path, log: Callable[[str], None]
+                       ) -> TrainOptions:
+    """``opts`` with the saved state's recipe values for every field outside ``opts.recipe_given``."""
+    saved = state["repvgg"]
+    if opts.recipe_given is None or saved.get("recipe") != opts.recipe.name:  # another preset: _resume refuses it
         return opts
     given = {name: getattr(opts.recipe, name) for name in opts.recipe_given}
     recipe = replace(recipe_of(saved), **given)
