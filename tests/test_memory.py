@@ -72,12 +72,12 @@ def _same(loader_batches, memory_batches_) -> None:
         assert [x.path for x in a.bad] == [x.path for x in b.bad]
 
 
-@pytest.mark.parametrize("cutout", [0, 5])
-def test_batches_equal_the_loader_path_bit_for_bit(data: Path, cutout: int) -> None:
+@pytest.mark.parametrize(("cutout", "crop"), [(0, "pad"), (5, "pad"), (0, "pad_reflect")])
+def test_batches_equal_the_loader_path_bit_for_bit(data: Path, cutout: int, crop: str) -> None:
     """Every sample's crop offset, flip and cutout place come from its own (seed, epoch, index) generator, so a batch
-    built from memory is the loader's batch exactly, in every epoch, in any order, unreadable images set aside
-    alike."""
-    recipe = dataclasses.replace(TINY, cutout=cutout)
+    built from memory is the loader's batch exactly, with either border, in every epoch, in any order, unreadable
+    images set aside alike."""
+    recipe = dataclasses.replace(TINY, cutout=cutout, crop=crop)
     folder, val_folder = _folders(data, recipe)
     held, held_val = _held(data, recipe=recipe)
     assert held.images.shape == (len(folder), 3, 16, 16) and held.classes == folder.classes

@@ -32,7 +32,9 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum")
     g.add_argument("--img-size", type=positive_int, help="training crop side")
     g.add_argument("--eval-resize", type=positive_int, help="shorter side before the evaluation centre crop")
-    g.add_argument("--crop", choices=["random_resized", "pad"], help="random-resized crop or pad-and-crop")
+    g.add_argument("--crop", choices=["random_resized", "pad", "pad_reflect"],
+                   help="random-resized crop, or a crop of the image padded by an eighth of its side with zeros (pad) "
+                        "or its mirror image (pad_reflect)")
     g.add_argument("--auto-augment", choices=["none", "rand", "auto"], help="RandAugment or AutoAugment")
     g.add_argument("--warmup-epochs", type=nonneg_float, help="linear warm-up length")
     g.add_argument("--schedule", choices=["cosine", "linear"], help="decay to zero after the warm-up: cosine or linear")

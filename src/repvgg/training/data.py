@@ -26,7 +26,7 @@ from ..errors import RepVGGError
 from ..files import cache_dir
 from ..models.preprocess import IMAGENET_PREPROCESS, to_rgb
 
-__all__ = ["train_transform",
+__all__ = ["train_transform", "PADDING_MODES",
            "resolve_split", "ImageFolder", "BadImage", "Batch", "collate", "check_bad", "unreadable", "unpack_archive",
            "default_cache_dir", "ARCHIVE_SUFFIXES", "IMAGE_EXTENSIONS", "READ_ERRORS", "is_image_file", "upright",
            "read_image"]
@@ -38,7 +38,9 @@ IMAGE_EXTENSIONS = (".bmp", ".gif", ".jfif", ".jpeg", ".jpg", ".pgm", ".png", ".
 READ_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
 BadImagePolicy = Literal["skip", "error"]
 DataPath = Literal["auto", "memory", "loader"]  # decoded images held in memory, or per-image loading processes
-TrainCrop = Literal["random_resized", "pad"]
+TrainCrop = Literal["random_resized", "pad", "pad_reflect"]
+# The pad-and-crop kinds and the border each pads with (torchvision's padding_mode): zeros, or the image mirrored.
+PADDING_MODES: dict[str, str] = {"pad": "constant", "pad_reflect": "reflect"}
 AutoAugment = Literal["none", "rand", "auto"]
 
 
@@ -69,13 +71,15 @@ def read_image(path: str | os.PathLike) -> Image.Image:
 def train_transform(img_size: int, crop: TrainCrop = "random_resized", auto_augment: AutoAugment = "none",
                     mean: Sequence[float] = IMAGENET_PREPROCESS["mean"],
                     std: Sequence[float] = IMAGENET_PREPROCESS["std"], cutout: int = 0) -> v2.Compose:
-    """Training augmentation: random-resized crop (ImageNet) or pad-4 random crop (small images), flip,
-    optional RandAugment/AutoAugment, then a normalized float tensor with an optional cutout square."""
+    """Training augmentation: random-resized crop (ImageNet) or a random crop of the image padded by an eighth of its
+    side (small images; zero or mirrored border), flip, optional RandAugment/AutoAugment, then a normalized float
+    tensor with an optional cutout square."""
     if not 0 <= cutout < img_size:
         raise RepVGGError(f"cutout {cutout} must be at least 0 and smaller than the training crop side {img_size}")
     steps: list[Callable] = [v2.Lambda(to_rgb), v2.ToImage()]
-    if crop == "pad":
-        steps += [v2.Resize(img_size, antialias=True), v2.RandomCrop(img_size, padding=img_size // 8)]
+    if crop in PADDING_MODES:
+        steps += [v2.Resize(img_size, antialias=True),
+                  v2.RandomCrop(img_size, padding=img_size // 8, padding_mode=PADDING_MODES[crop])]
     else:
         steps.append(v2.RandomResizedCrop(img_size, antialias=True))
     steps.append(v2.RandomHorizontalFlip())

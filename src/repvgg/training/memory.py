@@ -34,7 +34,7 @@ from torchvision.transforms.v2 import functional as v2f
 from ..errors import RepVGGError
 from ..files import atomic_write, cache_dir, os_error_message
 from ..models.preprocess import eval_crop, input_size, preprocess_settings
-from .data import BadImage, BadImagePolicy, Batch, DataPath, ImageFolder, unreadable
+from .data import PADDING_MODES, BadImage, BadImagePolicy, Batch, DataPath, ImageFolder, TrainCrop, unreadable
 from .recipes import Recipe, preprocess_of
 from .sampling import SeededSamples
 
@@ -91,15 +91,17 @@ class InMemoryImages(Dataset):
 
 
 class InMemoryTrain(InMemoryImages):
-    """Training images at the recipe's size, augmented as ``train_transform(size, "pad", cutout=cutout)``:
-    pad-``size // 8`` random crop, then horizontal flip, then scaled and normalized, then the cutout square."""
+    """Training images at the recipe's size, augmented as ``train_transform(size, crop, cutout=cutout)`` for a
+    pad-and-crop ``crop``: a random crop of the image padded by ``size // 8`` (zero or mirrored border), then
+    horizontal flip, then scaled and normalized, then the cutout square."""
 
     def __init__(self, folder: ImageFolder, decoded: Decoded, mean: Sequence[float], std: Sequence[float],
-                 cutout: int = 0) -> None:
+                 cutout: int = 0, crop: TrainCrop = "pad") -> None:
         super().__init__(folder, decoded, mean, std)
         self.size = decoded.images.shape[-1]
         self.padding = self.size // 8
         self.cutout = cutout
+        self.padding_mode = PADDING_MODES[crop]
 
     def _draw(self, generator: torch.Generator | None) -> tuple[int, int, bool, int, int]:
         """(top, left, flip, cutout top, cutout left) as RandomCrop, RandomHorizontalFlip and the cutout's
@@ -123,7 +125,7 @@ class InMemoryTrain(InMemoryImages):
                                                                              strict=True))
         images = self.images[list(rows)]
         if self.padding:
-            images = nnf.pad(images, [self.padding] * 4)
+            images = nnf.pad(images, [self.padding] * 4, mode=self.padding_mode)
         n, size, steps = len(rows), self.size, torch.arange(self.size)
         ys, xs = top[:, None] + steps, left[:, None] + steps
         xs = torch.where(flip[:, None], xs.flip(1), xs)  # a flipped crop reads its columns right to left
@@ -203,7 +205,7 @@ def available_memory() -> int:
 
 def unsupported(recipe: Recipe) -> str | None:
     """What in ``recipe`` the in-memory path does not implement (None: it implements all of it)."""
-    if recipe.crop != "pad":
+    if recipe.crop not in PADDING_MODES:
         return "the recipe's random-resized crop runs per image"
     if recipe.auto_augment != "none":
         return f"the recipe's {'RandAugment' if recipe.auto_augment == 'rand' else 'AutoAugment'} runs per image"
@@ -262,7 +264,7 @@ def _decode_both(train: ImageFolder, val: ImageFolder, recipe: Recipe, bad_image
         for decoded in (decoded_train, decoded_val):
             if decoded.bad:
                 raise unreadable(next(iter(decoded.bad.values())))
-    return (InMemoryTrain(train, decoded_train, p["mean"], p["std"], recipe.cutout),
+    return (InMemoryTrain(train, decoded_train, p["mean"], p["std"], recipe.cutout, recipe.crop),
             InMemoryEval(val, decoded_val, p["mean"], p["std"]))
 
 
