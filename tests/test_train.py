@@ -219,7 +219,7 @@ def test_short_training_run_end_to_end(data: Path, tmp_path: Path, capsys: pytes
     out = tmp_path / "run"
     assert main(["train", "--data", str(data), "--out", str(out), "--epochs", "2", "--lr", "0.4",
                  "--ema-decay", "0.9", "--custom-l2", "--mixup", "0.2", "--cutmix", "1.0", "--cutout", "4",
-                 "--crop", "pad_reflect", *TINY_TRAIN]) == 0
+                 "--crop", "pad", *TINY_TRAIN]) == 0
     printed = capsys.readouterr().out
     assert re.search(rf"recipe\.label_smoothing +{RECIPES['cifar'].label_smoothing}\n", printed)
     assert re.search(r"recipe\.custom_l2 +True", printed)
@@ -236,7 +236,7 @@ def test_short_training_run_end_to_end(data: Path, tmp_path: Path, capsys: pytes
         assert ckpt.metadata["preprocess"]["crop"] == 16
         assert recipe_of(ckpt.metadata) == recipe_with(  # TINY_TRAIN's values and this run's own
             "cifar", epochs=2, lr=0.4, ema_decay=0.9, custom_l2=True, mixup=0.2, cutmix=1.0, cutout=4, img_size=16,
-            eval_resize=16, crop="pad_reflect", strides=(2, 2, 2, 2, 2), batch_size=8, warmup_epochs=0)
+            eval_resize=16, crop="pad", strides=(2, 2, 2, 2, 2), batch_size=8, warmup_epochs=0)
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["progress"]["epoch"] == 2 and state["progress"]["step"] == 0 and state["ema"] is not None
     assert main(["plot", str(out)]) == 0 and (out / "curves.png").stat().st_size > 1000
