@@ -28,7 +28,7 @@ from repvgg.training.data import ImageFolder, collate, train_transform
 from repvgg.training.memory import InMemoryEval, InMemoryTrain, NotSquare, hold_in_memory, memory_batches
 from repvgg.training.options import Callback, TrainOptions
 from repvgg.training.recipes import Recipe, preprocess_of, recipe_with
-from repvgg.training.sampling import SeededSamples, fixed_subset
+from repvgg.training.sampling import SeededSamples, alternating_flip, fixed_subset
 from repvgg.training.setup import load_datasets
 from repvgg.training.train import train
 
@@ -54,7 +54,8 @@ def data(tmp_path: Path) -> Path:
 
 def _folders(data: Path, recipe: Recipe = TINY) -> tuple[ImageFolder, ImageFolder]:
     """The loader path's datasets, as ``load_datasets`` builds them."""
-    return (ImageFolder(data / "train", train_transform(recipe.img_size, recipe.crop, cutout=recipe.cutout)),
+    return (ImageFolder(data / "train", train_transform(recipe.img_size, recipe.crop, cutout=recipe.cutout,
+                                                        flip=recipe.flip)),
             ImageFolder(data / "val", eval_transform(preprocess_of(recipe))))
 
 
@@ -72,18 +73,20 @@ def _same(loader_batches, memory_batches_) -> None:
         assert [x.path for x in a.bad] == [x.path for x in b.bad]
 
 
-@pytest.mark.parametrize(("cutout", "crop"), [(0, "pad"), (5, "pad"), (0, "pad_reflect")])
-def test_batches_equal_the_loader_path_bit_for_bit(data: Path, cutout: int, crop: str) -> None:
+@pytest.mark.parametrize(("cutout", "crop", "flip"), [(0, "pad", "random"), (5, "pad", "random"),
+                                                     (0, "pad_reflect", "random"), (5, "pad_reflect", "alternate")])
+def test_batches_equal_the_loader_path_bit_for_bit(data: Path, cutout: int, crop: str, flip: str) -> None:
     """Every sample's crop offset, flip and cutout place come from its own (seed, epoch, index) generator, so a batch
-    built from memory is the loader's batch exactly, with either border, in every epoch, in any order, unreadable
-    images set aside alike."""
-    recipe = dataclasses.replace(TINY, cutout=cutout, crop=crop)
+    built from memory is the loader's batch exactly, with either border and either flip, in every epoch, in any
+    order, unreadable images set aside alike."""
+    recipe = dataclasses.replace(TINY, cutout=cutout, crop=crop, flip=flip)
     folder, val_folder = _folders(data, recipe)
     held, held_val = _held(data, recipe=recipe)
     assert held.images.shape == (len(folder), 3, 16, 16) and held.classes == folder.classes
     first: list[torch.Tensor] = []
     for epoch in (0, 5):
-        loaded, decoded = SeededSamples(folder, seed=3), SeededSamples(held, seed=3)
+        alternate = flip == "alternate"
+        loaded, decoded = SeededSamples(folder, 3, alternate), SeededSamples(held, 3, alternate)
         loaded.set_epoch(epoch)
         decoded.set_epoch(epoch)
         order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(epoch)).tolist()
@@ -96,6 +99,25 @@ def test_batches_equal_the_loader_path_bit_for_bit(data: Path, cutout: int, crop
     assert erased.tolist() == [cutout * cutout] * 8
     _same(DataLoader(val_folder, batch_size=4, collate_fn=collate), memory_batches(held_val, range(len(held_val)), 4,
                                                                                    drop_last=False))
+
+
+def test_the_alternating_flip_mirrors_each_image_every_other_epoch(data: Path) -> None:
+    """A random half of the images (another half for another seed) come mirrored in even epochs, the other half in
+    odd ones: the finished image of the per-image transform, which itself draws no flip then."""
+    assert [alternating_flip(0, e, 5) for e in range(4)] in ([True, False, True, False], [False, True, False, True])
+    first = [alternating_flip(0, 0, i) for i in range(2000)]
+    assert 900 < sum(first) < 1100 and first != [alternating_flip(1, 0, i) for i in range(2000)]
+    assert [alternating_flip(0, 1, i) for i in range(2000)] == [not m for m in first]
+    recipe = dataclasses.replace(TINY, crop="pad_reflect", flip="alternate")
+    held, _ = _held(data, recipe=recipe)
+    seeded = SeededSamples(held, 3, alternate_flip=True)
+    unseeded = SeededSamples(held, 3)
+    for epoch in (0, 1):
+        seeded.set_epoch(epoch)
+        unseeded.set_epoch(epoch)
+        for i in range(8):
+            image, own = seeded[i][0], unseeded[i][0]
+            assert torch.equal(image, own.flip(-1) if alternating_flip(3, epoch, i) else own)
 
 
 def test_a_subset_of_a_held_set_keeps_each_samples_seed(data: Path) -> None:

@@ -183,7 +183,8 @@ def test_recipe_flags_parse_back_into_the_recipe() -> None:
     into the same recipe: every kind of field, booleans turned off included."""
     base = RECIPES["cifar"]
     recipe = dataclasses.replace(base, epochs=7, lr=0.35, nesterov=False, custom_l2=True, crop="random_resized",
-                                 schedule="linear", cutout=8, strides=(2, 1, 2, 2, 1), bn_bias_lr_scale=16.0)
+                                 schedule="linear", cutout=8, strides=(2, 1, 2, 2, 1), bn_bias_lr_scale=16.0,
+                                 flip="alternate")
     flags = recipe_flags(recipe, base)
     assert flags[:4] == ["--epochs", "7", "--lr", "0.35"] and "--no-nesterov" in flags
     assert recipe_flags(base, base) == []
@@ -191,7 +192,7 @@ def test_recipe_flags_parse_back_into_the_recipe() -> None:
     add_recipe_arguments(parser)
     assert recipe_with("cifar", **recipe_overrides(parser.parse_args(flags))) == recipe
     assert set(recipe_overrides(parser.parse_args(flags))) == {"epochs", "lr", "nesterov", "custom_l2", "crop",
-                                                              "strides", "bn_bias_lr_scale"}
+                                                              "strides", "bn_bias_lr_scale", "flip"}
     assert recipe_overrides(parser.parse_args([])) == {}  # no flag: a resume takes every value from its checkpoint
 
 

@@ -36,6 +36,8 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
                    help="random-resized crop, or a crop of the image padded by an eighth of its side with zeros (pad) "
                         "or its mirror image (pad_reflect)")
     g.add_argument("--auto-augment", choices=["none", "rand", "auto"], help="RandAugment or AutoAugment")
+    g.add_argument("--flip", choices=["random", "alternate"], help="horizontal flip: random per image and epoch, or "
+                   "alternate (each image mirrored every other epoch, from a random first; airbench's)")
     g.add_argument("--warmup-epochs", type=nonneg_float, help="linear warm-up length")
     g.add_argument("--schedule", choices=["cosine", "linear"], help="decay to zero after the warm-up: cosine or linear")
     g.add_argument("--label-smoothing", type=prob_float, help="label smoothing (0: off)")

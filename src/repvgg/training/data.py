@@ -42,6 +42,9 @@ TrainCrop = Literal["random_resized", "pad", "pad_reflect"]
 # The pad-and-crop kinds and the border each pads with (torchvision's padding_mode): zeros, or the image mirrored.
 PADDING_MODES: dict[str, str] = {"pad": "constant", "pad_reflect": "reflect"}
 AutoAugment = Literal["none", "rand", "auto"]
+# Horizontal flip: drawn per image and epoch, or alternating (each image mirrored every other epoch, see
+# repvgg.training.sampling.alternating_flip).
+Flip = Literal["random", "alternate"]
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
@@ -70,10 +73,11 @@ def read_image(path: str | os.PathLike) -> Image.Image:
 
 def train_transform(img_size: int, crop: TrainCrop = "random_resized", auto_augment: AutoAugment = "none",
                     mean: Sequence[float] = IMAGENET_PREPROCESS["mean"],
-                    std: Sequence[float] = IMAGENET_PREPROCESS["std"], cutout: int = 0) -> v2.Compose:
+                    std: Sequence[float] = IMAGENET_PREPROCESS["std"], cutout: int = 0,
+                    flip: Flip = "random") -> v2.Compose:
     """Training augmentation: random-resized crop (ImageNet) or a random crop of the image padded by an eighth of its
-    side (small images; zero or mirrored border), flip, optional RandAugment/AutoAugment, then a normalized float
-    tensor with an optional cutout square."""
+    side (small images; zero or mirrored border), a random flip (the alternating one is SeededSamples'), optional
+    RandAugment/AutoAugment, then a normalized float tensor with an optional cutout square."""
     if not 0 <= cutout < img_size:
         raise RepVGGError(f"cutout {cutout} must be at least 0 and smaller than the training crop side {img_size}")
     steps: list[Callable] = [v2.Lambda(to_rgb), v2.ToImage()]
@@ -82,7 +86,8 @@ def train_transform(img_size: int, crop: TrainCrop = "random_resized", auto_augm
                   v2.RandomCrop(img_size, padding=img_size // 8, padding_mode=PADDING_MODES[crop])]
     else:
         steps.append(v2.RandomResizedCrop(img_size, antialias=True))
-    steps.append(v2.RandomHorizontalFlip())
+    if flip == "random":
+        steps.append(v2.RandomHorizontalFlip())
     if auto_augment == "rand":
         steps.append(v2.RandAugment())
     elif auto_augment == "auto":

@@ -4,7 +4,8 @@ training process, with no loading processes competing with the model for the cor
 
 A batch is the loader path's batch bit for bit. Training images are decoded and resized as ``train_transform`` does;
 each sample's pad-crop offset, flip and cutout place are drawn, in torchvision's order, from a generator seeded by
-(seed, epoch, index) as :class:`~repvgg.training.sampling.SeededSamples` seeds the per-image transforms; evaluation
+(seed, epoch, index) as :class:`~repvgg.training.sampling.SeededSamples` seeds the per-image transforms, and an
+alternating flip mirrors the finished images as SeededSamples mirrors them; evaluation
 images are resized and centre-cropped by ``eval_crop`` and scaled and normalized as ``eval_transform`` does. A run may
 therefore change paths between a stop and its resume and still end bit-identical.
 """
@@ -34,7 +35,7 @@ from torchvision.transforms.v2 import functional as v2f
 from ..errors import RepVGGError
 from ..files import atomic_write, cache_dir, os_error_message
 from ..models.preprocess import eval_crop, input_size, preprocess_settings
-from .data import PADDING_MODES, BadImage, BadImagePolicy, Batch, DataPath, ImageFolder, TrainCrop, unreadable
+from .data import PADDING_MODES, BadImage, BadImagePolicy, Batch, DataPath, Flip, ImageFolder, TrainCrop, unreadable
 from .recipes import Recipe, preprocess_of
 from .sampling import SeededSamples
 
@@ -80,28 +81,35 @@ class InMemoryImages(Dataset):
         """The float images of ``rows`` (all readable), each augmented with its generator (None: torch's RNG)."""
         raise NotImplementedError
 
-    def batch(self, rows: Sequence[int], generators: Sequence[torch.Generator | None]) -> Batch:
-        """The :class:`Batch` of ``rows``, in order, the unreadable ones set aside as ``collate`` does."""
+    def batch(self, rows: Sequence[int], generators: Sequence[torch.Generator | None],
+              mirrored: Sequence[bool] | None = None) -> Batch:
+        """The :class:`Batch` of ``rows``, in order, the unreadable ones set aside as ``collate`` does; the finished
+        images of ``mirrored`` rows flipped (the alternating flip)."""
         good = [k for k, row in enumerate(rows) if row not in self.bad]
         bad = [self.bad[row] for row in rows if row in self.bad]
         if not good:
             return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), bad)
         good_rows = [rows[k] for k in good]
-        return Batch(self.tensors(good_rows, [generators[k] for k in good]), self.target_tensor[good_rows], bad)
+        images = self.tensors(good_rows, [generators[k] for k in good])
+        if mirrored is not None and any(mirrored[k] for k in good):
+            flip = torch.tensor([mirrored[k] for k in good])
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        return Batch(images, self.target_tensor[good_rows], bad)
 
 
 class InMemoryTrain(InMemoryImages):
-    """Training images at the recipe's size, augmented as ``train_transform(size, crop, cutout=cutout)`` for a
-    pad-and-crop ``crop``: a random crop of the image padded by ``size // 8`` (zero or mirrored border), then
-    horizontal flip, then scaled and normalized, then the cutout square."""
+    """Training images at the recipe's size, augmented as ``train_transform(size, crop, cutout=cutout, flip=flip)``
+    for a pad-and-crop ``crop``: a random crop of the image padded by ``size // 8`` (zero or mirrored border), then
+    the random horizontal flip, then scaled and normalized, then the cutout square."""
 
     def __init__(self, folder: ImageFolder, decoded: Decoded, mean: Sequence[float], std: Sequence[float],
-                 cutout: int = 0, crop: TrainCrop = "pad") -> None:
+                 cutout: int = 0, crop: TrainCrop = "pad", flip: Flip = "random") -> None:
         super().__init__(folder, decoded, mean, std)
         self.size = decoded.images.shape[-1]
         self.padding = self.size // 8
         self.cutout = cutout
         self.padding_mode = PADDING_MODES[crop]
+        self.random_flip = flip == "random"
 
     def _draw(self, generator: torch.Generator | None) -> tuple[int, int, bool, int, int]:
         """(top, left, flip, cutout top, cutout left) as RandomCrop, RandomHorizontalFlip and the cutout's
@@ -109,7 +117,7 @@ class InMemoryTrain(InMemoryImages):
         span = 2 * self.padding + 1
         top, left = (int(torch.randint(0, span, size=(), generator=generator)),
                      int(torch.randint(0, span, size=(), generator=generator))) if self.padding else (0, 0)
-        flip = bool(torch.rand(1, generator=generator) < 0.5)
+        flip = self.random_flip and bool(torch.rand(1, generator=generator) < 0.5)
         if not self.cutout:
             return top, left, flip, 0, 0
         area = self.cutout ** 2 / self.size ** 2
@@ -177,7 +185,8 @@ def _batches(images: InMemoryImages, seeded: SeededSamples | None, rows: Sequenc
 
     def make() -> Batch:
         generators = [seeded.generator(i) if seeded is not None else None for i in chunk]
-        return images.batch([rows[i] for i in chunk] if rows is not None else chunk, generators)
+        mirrored = [seeded.mirrored(i) for i in chunk] if seeded is not None else None
+        return images.batch([rows[i] for i in chunk] if rows is not None else chunk, generators, mirrored)
 
     for index in indices:
         chunk.append(int(index))
@@ -264,7 +273,7 @@ def _decode_both(train: ImageFolder, val: ImageFolder, recipe: Recipe, bad_image
         for decoded in (decoded_train, decoded_val):
             if decoded.bad:
                 raise unreadable(next(iter(decoded.bad.values())))
-    return (InMemoryTrain(train, decoded_train, p["mean"], p["std"], recipe.cutout, recipe.crop),
+    return (InMemoryTrain(train, decoded_train, p["mean"], p["std"], recipe.cutout, recipe.crop, recipe.flip),
             InMemoryEval(val, decoded_val, p["mean"], p["std"]))
 
 

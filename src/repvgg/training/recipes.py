@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..errors import RepVGGError
 from ..models.blocks import RepVGGBlock
 from ..models.preprocess import IMAGENET_PREPROCESS
-from .data import AutoAugment, TrainCrop
+from .data import AutoAugment, Flip, TrainCrop
 
 __all__ = ["Decay", "Recipe", "RECIPES", "recipe_with", "recipe_of", "recipe_differences", "param_groups",
            "custom_l2_penalty", "WarmupDecay", "preprocess_of", "schedule_warnings"]
@@ -25,8 +25,8 @@ Decay = Literal["cosine", "linear"]
 @dataclass(frozen=True)
 class Recipe:
     """Every hyper-parameter of a training recipe; ``lr`` is for a global batch of 256 and scales linearly,
-    BatchNorm biases train at ``bn_bias_lr_scale`` times the learning rate of the rest, and ``cutout`` is the side
-    of the square each training image loses (0: none)."""
+    BatchNorm biases train at ``bn_bias_lr_scale`` times the learning rate of the rest, ``cutout`` is the side
+    of the square each training image loses (0: none), and ``flip`` mirrors images at random or every other epoch."""
 
     name: str
     epochs: int
@@ -39,6 +39,7 @@ class Recipe:
     eval_resize: int = 256
     crop: TrainCrop = "random_resized"
     auto_augment: AutoAugment = "none"
+    flip: Flip = "random"
     warmup_epochs: float = 0.0
     schedule: Decay = "cosine"
     label_smoothing: float = 0.0

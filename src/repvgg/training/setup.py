@@ -54,7 +54,8 @@ def load_datasets(opts: TrainOptions, log: Callable[[str], None] | None = None
     r = opts.recipe
     train_dir = resolve_split(opts.data, ("train",), opts.cache_dir)
     val_dir = resolve_split(opts.data, ("val", "test"), opts.cache_dir)
-    train_set = ImageFolder(train_dir, train_transform(r.img_size, r.crop, r.auto_augment, cutout=r.cutout))
+    train_set = ImageFolder(train_dir, train_transform(r.img_size, r.crop, r.auto_augment, cutout=r.cutout,
+                                                        flip=r.flip))
     val_set = ImageFolder(val_dir, eval_transform(preprocess_of(r)))
     if val_set.classes != train_set.classes:
         raise RepVGGError(f"class folders differ between {train_dir} ({len(train_set.classes)} classes) and "
@@ -301,7 +302,8 @@ def _assemble(opts: TrainOptions, d: Dist, device: torch.device, raw: nn.Module,
                      {**model_metadata(raw), **meta, "model_name": opts.model_name,
                       "origin": dict(opts.origin), "step_mode": asdict(mode)})
     return Run(opts, d, device, raw, model, state, schedule, step_fn, v2.RandomChoice(mixers) if mixers else None,
-               SeededSamples(train_set, opts.seed), val_set, len(names), rundir, r.batch_size // d.world, steps, meta)
+               SeededSamples(train_set, opts.seed, r.flip == "alternate"), val_set, len(names), rundir,
+               r.batch_size // d.world, steps, meta)
 
 
 def resumed_options(opts: TrainOptions, log: Callable[[str], None] = print) -> TrainOptions:
