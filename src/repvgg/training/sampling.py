@@ -38,7 +38,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 def alternating_flip(seed: int, epoch: int, index: int) -> bool:
     """Whether sample ``index`` is mirrored in ``epoch`` under the derandomized flip of airbench (Jordan, 2024): a
     random half of the samples in even epochs and the other half in odd ones, so every two epochs show each image
-    both ways where a random flip shows a quarter of them one way only."""
+    both ways where a random flip shows half of them one way only."""
     mirrored_first = random.Random(sample_seed(seed, -1, index)).random() < 0.5
     return mirrored_first != (epoch % 2 == 1)
 
