@@ -84,8 +84,8 @@ def test_batches_equal_the_loader_path_bit_for_bit(data: Path, cutout: int, crop
     held, held_val = _held(data, recipe=recipe)
     assert held.images.shape == (len(folder), 3, 16, 16) and held.classes == folder.classes
     first: list[torch.Tensor] = []
+    alternate = flip == "alternate"
     for epoch in (0, 5):
-        alternate = flip == "alternate"
         loaded, decoded = SeededSamples(folder, 3, alternate), SeededSamples(held, 3, alternate)
         loaded.set_epoch(epoch)
         decoded.set_epoch(epoch)

@@ -185,7 +185,7 @@ def _batches(images: InMemoryImages, seeded: SeededSamples | None, rows: Sequenc
 
     def make() -> Batch:
         generators = [seeded.generator(i) if seeded is not None else None for i in chunk]
-        mirrored = [seeded.mirrored(i) for i in chunk] if seeded is not None else None
+        mirrored = [seeded.mirrored(i) for i in chunk] if seeded is not None and seeded.alternate_flip else None
         return images.batch([rows[i] for i in chunk] if rows is not None else chunk, generators, mirrored)
 
     for index in indices:
