@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import trained_looking
-from repvgg import RepVGGBlock, RepVGGError, create_model, reparameterize
+from repvgg import RepVGGBlock, RepVGGError, create_model, reparameterize, small_batchnorm_init
 from repvgg.models.blocks import BLOCK_KINDS, BRANCHES
 from repvgg.models.reparam import fuse_bn, identity_kernel, is_deploy, pad_to_3x3, relative_difference
 
@@ -173,3 +173,25 @@ def test_a_strided_block_on_three_channels_trains_alike_in_either_memory_format(
         grads.append([p.grad.clone() for p in block.parameters()])
     for nchw, channels_last in zip(*grads, strict=True):
         torch.testing.assert_close(channels_last, nchw, rtol=1e-4, atol=1e-6)
+
+
+def test_small_batchnorm_init_draws_the_blocks_batchnorm_weights_and_biases_only() -> None:
+    """timm's start: every block BN (3x3, 1x1 and identity branches) weight ~ N(0.1, 0.1), bias ~ N(0, 0.1); nothing
+    else moves, and a model in deploy form, which holds no BatchNorm, is left as it is."""
+    torch.manual_seed(0)
+    model = create_model("repvgg_a0", num_classes=10, strides=(1, 1, 2, 2, 2))
+    before = copy.deepcopy(model.state_dict())
+    assert small_batchnorm_init(model) is model
+    after = model.state_dict()
+    changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
+    assert changed == {k for k in before if k.endswith(("bn.weight", "bn.bias", "rbr_identity.weight",
+                                                        "rbr_identity.bias"))}
+    weights = torch.cat([after[k] for k in sorted(changed) if k.endswith("weight")])
+    biases = torch.cat([after[k] for k in sorted(changed) if k.endswith("bias")])
+    assert len(weights) > 5000 and abs(weights.mean() - 0.1) < 0.01 and abs(weights.std() - 0.1) < 0.01
+    assert abs(biases.mean()) < 0.01 and abs(biases.std() - 0.1) < 0.01
+    plain = reparameterize(model)
+    kept = copy.deepcopy(plain.state_dict())
+    small_batchnorm_init(plain)
+    assert all(torch.equal(v, kept[k]) for k, v in plain.state_dict().items())
+

@@ -184,7 +184,7 @@ def test_recipe_flags_parse_back_into_the_recipe() -> None:
     base = RECIPES["cifar"]
     recipe = dataclasses.replace(base, epochs=7, lr=0.35, nesterov=False, custom_l2=True, crop="random_resized",
                                  schedule="linear", cutout=8, strides=(2, 1, 2, 2, 1), bn_bias_lr_scale=16.0,
-                                 flip="alternate")
+                                 flip="alternate", bn_init="small")
     flags = recipe_flags(recipe, base)
     assert flags[:4] == ["--epochs", "7", "--lr", "0.35"] and "--no-nesterov" in flags
     assert recipe_flags(base, base) == []
@@ -192,7 +192,7 @@ def test_recipe_flags_parse_back_into_the_recipe() -> None:
     add_recipe_arguments(parser)
     assert recipe_with("cifar", **recipe_overrides(parser.parse_args(flags))) == recipe
     assert set(recipe_overrides(parser.parse_args(flags))) == {"epochs", "lr", "nesterov", "custom_l2", "crop",
-                                                              "strides", "bn_bias_lr_scale", "flip"}
+                                                              "strides", "bn_bias_lr_scale", "flip", "bn_init"}
     assert recipe_overrides(parser.parse_args([])) == {}  # no flag: a resume takes every value from its checkpoint
 
 
@@ -650,6 +650,17 @@ def test_batchnorm_biases_train_at_their_own_learning_rate(tmp_path: Path) -> No
     assert sum(len(g["params"]) for g in fast) == bn_biases and all(g["weight_decay"] == 0 for g in fast)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     assert {round(g["initial_lr"] / peak, 6) for g in groups} == {1.0, 4.0}
+
+@pytest.mark.parametrize("bn_init", ["default", "small"])
+def test_the_recipe_starts_the_blocks_batchnorms_as_it_says(tmp_path: Path, bn_init: str) -> None:
+    """``bn_init`` reaches the model a run trains: after one short epoch the blocks' BN weights are still near where
+    they started (1, or timm's N(0.1, 0.1)), and the checkpoint keeps the value for a resume."""
+    train(_opts(tmp_path / "run", dataclasses.replace(ONE_EPOCH, bn_init=bn_init)), Noisy(), VAL, CLASSES)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    weights = torch.cat([v for k, v in state["model"].items() if k.endswith(("bn.weight", "rbr_identity.weight"))])
+    assert abs(weights.mean().item() - (1.0 if bn_init == "default" else 0.1)) < 0.1
+    assert recipe_of(state["repvgg"]).bn_init == bn_init
+
 
 def test_paper_recipe_on_small_images_warns(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     argv = ["train", "--data", str(data), "--out", str(tmp_path / "r"), "--recipe", "paper", "--epochs", "1",

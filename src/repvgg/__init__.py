@@ -12,7 +12,7 @@ from .errors import RepVGGError
 # public name -> the module that defines it
 _LAZY = {
     "RepVGG": "models.architectures", "RepVGGConfig": "models.architectures",
-    "RepVGGBlock": "models.blocks", "SqueezeExcite": "models.blocks",
+    "RepVGGBlock": "models.blocks", "SqueezeExcite": "models.blocks", "small_batchnorm_init": "models.blocks",
     "describe_checkpoint": "models.checkpoints", "load_checkpoint": "models.checkpoints",
     "model_from_checkpoint": "models.checkpoints", "read_checkpoint": "models.checkpoints",
     "save_checkpoint": "models.checkpoints",

@@ -52,6 +52,9 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
                    help="the official L2 on the equivalent kernel instead of plain decay on the branch kernels")
     g.add_argument("--strides", type=positive_int, nargs=5, metavar="S",
                    help="stride of stage0..stage4, e.g. 1 1 2 2 2 for 32x32 images")
+    g.add_argument("--bn-init", choices=["default", "small"], help="start of the BatchNorms inside the blocks: as "
+                   "built (weight 1, bias 0, as the official code) or small (weight ~ N(0.1, 0.1), bias ~ N(0, 0.1), "
+                   "as timm's RepVGG)")
 
 
 def _machinery_arguments(p: argparse.ArgumentParser) -> None:

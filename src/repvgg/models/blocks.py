@@ -14,16 +14,17 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..errors import RepVGGError
-from .reparam import fuse_bn, identity_kernel, sum_branches
+from .reparam import fuse_bn, identity_kernel, is_batchnorm, sum_branches
 
 __all__ = ["ConvBN", "PointwiseConv", "SqueezeExcite", "RepVGGBlock", "SEPosition", "Branches", "BRANCHES", "BlockKind",
-           "BLOCK_KINDS", "is_int", "check_int"]
+           "BLOCK_KINDS", "BNInit", "small_batchnorm_init", "is_int", "check_int"]
 
 SEPosition = Literal["pre", "post"]
 Branches = Literal["full", "3x3", "3x3+1x1", "3x3+identity"]
 BRANCHES: tuple[str, ...] = ("full", "3x3", "3x3+1x1", "3x3+identity")
 BlockKind = Literal["repvgg", "qarepvgg"]
 BLOCK_KINDS: tuple[str, ...] = ("repvgg", "qarepvgg")
+BNInit = Literal["default", "small"]
 
 
 class PointwiseConv(nn.Conv2d):
@@ -167,6 +168,21 @@ class RepVGGBlock(nn.Module):
     def reparameterize(self) -> None:
         """timm's name for :meth:`switch_to_deploy`, so that ``timm.utils.reparameterize_model`` converts the block."""
         self.switch_to_deploy()
+
+
+def small_batchnorm_init(model: nn.Module) -> nn.Module:
+    """Start every BatchNorm inside the RepVGG blocks of ``model`` small, as timm's RepVGG does: weight ~ N(0.1, 0.1),
+    bias ~ N(0, 0.1), drawn from torch's global generator (PyTorch's and the official code's start is weight 1, bias 0).
+    Returns ``model``; blocks in deploy form hold no BatchNorm and are left as they are."""
+    with torch.no_grad():
+        for block in model.modules():
+            if not isinstance(block, RepVGGBlock):
+                continue
+            for bn in block.modules():
+                if is_batchnorm(bn) and bn.affine:
+                    bn.weight.normal_(0.1, 0.1)
+                    bn.bias.normal_(0.0, 0.1)
+    return model
 
 
 def is_int(value: object) -> bool:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import RepVGGError
-from ..models.blocks import RepVGGBlock
+from ..models.blocks import BNInit, RepVGGBlock
 from ..models.preprocess import IMAGENET_PREPROCESS
 from .data import AutoAugment, Flip, TrainCrop
 
@@ -26,7 +26,8 @@ Decay = Literal["cosine", "linear"]
 class Recipe:
     """Every hyper-parameter of a training recipe; ``lr`` is for a global batch of 256 and scales linearly,
     BatchNorm biases train at ``bn_bias_lr_scale`` times the learning rate of the rest, ``cutout`` is the side
-    of the square each training image loses (0: none), and ``flip`` mirrors images at random or every other epoch."""
+    of the square each training image loses (0: none), ``flip`` mirrors images at random or every other epoch, and
+    ``bn_init`` starts the blocks' BatchNorms as built (weight 1, bias 0) or small (timm's)."""
 
     name: str
     epochs: int
@@ -50,6 +51,7 @@ class Recipe:
     bn_bias_lr_scale: float = 1.0
     custom_l2: bool = False
     strides: tuple[int, ...] = (2, 2, 2, 2, 2)
+    bn_init: BNInit = "default"
 
     def scaled_lr(self, global_batch: int) -> float:
         """The peak learning rate for ``global_batch`` images per step."""

@@ -22,6 +22,7 @@ from ..errors import RepVGGError
 from ..files import remove_debris
 from ..hardware import busy_probe_warning, cached_speeds, cpu_info, machine_matmul_gflops, measurement_key
 from ..models.architectures import RepVGG
+from ..models.blocks import small_batchnorm_init
 from ..models.checkpoints import model_metadata
 from ..models.factory import create_model
 from ..models.preprocess import eval_transform
@@ -96,8 +97,7 @@ def setup_run(opts: TrainOptions, train_set: Dataset | None = None, val_set: Dat
     random.seed(opts.seed + d.rank)
     if r.custom_l2 and opts.block != "repvgg":
         raise RepVGGError("--custom-l2 regularizes RepVGG's BN-scaled branches; QARepVGG trains without it")
-    raw = opts.model_factory(len(names)) if opts.model_factory else \
-        create_model(opts.model, num_classes=len(names), strides=r.strides, branches=opts.branches, block=opts.block)
+    raw = _new_model(opts, len(names))
     if opts.pretrained and saved is None:
         start_weights(raw, opts.pretrained, log)
     frozen = freeze_stages(raw, opts.freeze_stages)
@@ -120,6 +120,14 @@ def setup_run(opts: TrainOptions, train_set: Dataset | None = None, val_set: Dat
                         "planned_epochs": run.progress.total_epochs}))
     run.metrics = MetricsLog(rundir.path, opts.tensorboard, log) if d.main else None
     return run
+
+
+def _new_model(opts: TrainOptions, num_classes: int) -> nn.Module:
+    """The run's model as its recipe starts it (a resume or ``--pretrained`` then loads its weights)."""
+    r = opts.recipe
+    raw = opts.model_factory(num_classes) if opts.model_factory else \
+        create_model(opts.model, num_classes=num_classes, strides=r.strides, branches=opts.branches, block=opts.block)
+    return small_batchnorm_init(raw) if r.bn_init == "small" else raw
 
 
 def _open_rundir(opts: TrainOptions, d: Dist, resuming: bool, log: Any) -> RunDir:
