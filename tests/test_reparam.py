@@ -194,4 +194,3 @@ def test_small_batchnorm_init_draws_the_blocks_batchnorm_weights_and_biases_only
     kept = copy.deepcopy(plain.state_dict())
     small_batchnorm_init(plain)
     assert all(torch.equal(v, kept[k]) for k, v in plain.state_dict().items())
-

@@ -651,6 +651,7 @@ def test_batchnorm_biases_train_at_their_own_learning_rate(tmp_path: Path) -> No
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     assert {round(g["initial_lr"] / peak, 6) for g in groups} == {1.0, 4.0}
 
+
 @pytest.mark.parametrize("bn_init", ["default", "small"])
 def test_the_recipe_starts_the_blocks_batchnorms_as_it_says(tmp_path: Path, bn_init: str) -> None:
     """``bn_init`` reaches the model a run trains: after one short epoch the blocks' BN weights are still near where
