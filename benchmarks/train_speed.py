@@ -43,6 +43,7 @@ from repvgg.errors import RepVGGError
 from repvgg.files import atomic_write
 from repvgg.hardware import machine_description, matmul_gflops, time_interleaved
 from repvgg.models.profile import count_macs
+from repvgg.training.data import crop_padding
 from repvgg.training.device import autocast
 from repvgg.training.memory import in_memory
 from repvgg.training.options import Callback, TrainOptions, default_workers
@@ -129,7 +130,7 @@ def minimal_call(args: argparse.Namespace, images: Tensor, targets: Tensor, clas
         times = [time.perf_counter()]
         for k in range(args.warmup_steps + args.steps):
             batch = order[k * r.batch_size:(k + 1) * r.batch_size]
-            x = (pad_crop_flip(images[batch], r.img_size // 8).float() / 255 - mean) / std
+            x = (pad_crop_flip(images[batch], crop_padding(r.img_size, r.crop_pad)).float() / 255 - mean) / std
             if mode.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(torch.device("cpu"), mode.amp):

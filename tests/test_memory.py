@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
+from torchvision.transforms.v2 import functional as v2f
 
 from imagefolders import TINY_ARCH, TINY_TRAIN, make_dataset
 from repvgg.cli import main
@@ -55,7 +56,7 @@ def data(tmp_path: Path) -> Path:
 def _folders(data: Path, recipe: Recipe = TINY) -> tuple[ImageFolder, ImageFolder]:
     """The loader path's datasets, as ``load_datasets`` builds them."""
     return (ImageFolder(data / "train", train_transform(recipe.img_size, recipe.crop, cutout=recipe.cutout,
-                                                        flip=recipe.flip)),
+                                                        flip=recipe.flip, crop_pad=recipe.crop_pad)),
             ImageFolder(data / "val", eval_transform(preprocess_of(recipe))))
 
 
@@ -73,13 +74,15 @@ def _same(loader_batches, memory_batches_) -> None:
         assert [x.path for x in a.bad] == [x.path for x in b.bad]
 
 
-@pytest.mark.parametrize(("cutout", "crop", "flip"), [(0, "pad", "random"), (5, "pad", "random"),
-                                                     (0, "pad_reflect", "random"), (5, "pad_reflect", "alternate")])
-def test_batches_equal_the_loader_path_bit_for_bit(data: Path, cutout: int, crop: str, flip: str) -> None:
+@pytest.mark.parametrize(("cutout", "crop", "flip", "crop_pad"), [
+    (0, "pad", "random", None), (5, "pad", "random", None), (0, "pad_reflect", "random", None),
+    (5, "pad_reflect", "alternate", None), (0, "pad", "random", 0), (5, "pad_reflect", "random", 5)])
+def test_batches_equal_the_loader_path_bit_for_bit(data: Path, cutout: int, crop: str, flip: str,
+                                                   crop_pad: int | None) -> None:
     """Every sample's crop offset, flip and cutout place come from its own (seed, epoch, index) generator, so a batch
-    built from memory is the loader's batch exactly, with either border and either flip, in every epoch, in any
-    order, unreadable images set aside alike."""
-    recipe = dataclasses.replace(TINY, cutout=cutout, crop=crop, flip=flip)
+    built from memory is the loader's batch exactly, with either border, any padding and either flip, in every
+    epoch, in any order, unreadable images set aside alike."""
+    recipe = dataclasses.replace(TINY, cutout=cutout, crop=crop, flip=flip, crop_pad=crop_pad)
     folder, val_folder = _folders(data, recipe)
     held, held_val = _held(data, recipe=recipe)
     assert held.images.shape == (len(folder), 3, 16, 16) and held.classes == folder.classes
@@ -99,6 +102,20 @@ def test_batches_equal_the_loader_path_bit_for_bit(data: Path, cutout: int, crop
     assert erased.tolist() == [cutout * cutout] * 8
     _same(DataLoader(val_folder, batch_size=4, collate_fn=collate), memory_batches(held_val, range(len(held_val)), 4,
                                                                                    drop_last=False))
+
+
+def test_the_crop_padding_bounds_the_shift(data: Path) -> None:
+    """``crop_pad`` is the largest shift of the pad crop: with 0 each training image is the decoded one or its
+    mirror image; with 1 a crop's every pixel lies at most one pixel from where it was."""
+    for crop_pad in (0, 1):
+        held, _ = _held(data, recipe=dataclasses.replace(TINY, crop="pad_reflect", cutout=0, crop_pad=crop_pad))
+        seeded = SeededSamples(held, 3)
+        plain = v2f.normalize_image(v2f.to_dtype_image(held.images, torch.float32, scale=True), held.mean, held.std)
+        for i in (i for i in range(len(held)) if i not in held.bad):
+            image = seeded[i][0]
+            shifted = [torch.roll(view, (dy, dx), (1, 2))[:, 1:-1, 1:-1] for view in (plain[i], plain[i].flip(-1))
+                       for dy in range(-crop_pad, crop_pad + 1) for dx in range(-crop_pad, crop_pad + 1)]
+            assert any(torch.equal(image[:, 1:-1, 1:-1], view) for view in shifted)
 
 
 def test_the_alternating_flip_mirrors_each_image_every_other_epoch(data: Path) -> None:

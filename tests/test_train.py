@@ -176,6 +176,9 @@ def test_recipes_are_printed_presets(capsys: pytest.CaptureFixture) -> None:
     printed = capsys.readouterr().out
     assert re.search(r"recipe\.lr +0\.3 \(for a global batch of 256; scaled linearly", printed)
     assert re.search(r"recipe\.strides +\(1, 1, 2, 2, 2\)", printed)
+    assert re.search(r"recipe\.crop_pad +None \(an eighth of the side: 4 pixels\)", printed)
+    assert main(["train", "--recipe", "cifar", "--crop-pad", "2", "--print-config"]) == 0
+    assert re.search(r"recipe\.crop_pad +2\n", capsys.readouterr().out)
 
 
 def test_recipe_flags_parse_back_into_the_recipe() -> None:
@@ -184,7 +187,7 @@ def test_recipe_flags_parse_back_into_the_recipe() -> None:
     base = RECIPES["cifar"]
     recipe = dataclasses.replace(base, epochs=7, lr=0.35, nesterov=False, custom_l2=True, crop="random_resized",
                                  schedule="linear", cutout=8, strides=(2, 1, 2, 2, 1), bn_bias_lr_scale=16.0,
-                                 flip="alternate", bn_init="small")
+                                 flip="alternate", bn_init="small", crop_pad=2)
     flags = recipe_flags(recipe, base)
     assert flags[:4] == ["--epochs", "7", "--lr", "0.35"] and "--no-nesterov" in flags
     assert recipe_flags(base, base) == []
@@ -192,7 +195,8 @@ def test_recipe_flags_parse_back_into_the_recipe() -> None:
     add_recipe_arguments(parser)
     assert recipe_with("cifar", **recipe_overrides(parser.parse_args(flags))) == recipe
     assert set(recipe_overrides(parser.parse_args(flags))) == {"epochs", "lr", "nesterov", "custom_l2", "crop",
-                                                              "strides", "bn_bias_lr_scale", "flip", "bn_init"}
+                                                              "strides", "bn_bias_lr_scale", "flip", "bn_init",
+                                                              "crop_pad"}
     assert recipe_overrides(parser.parse_args([])) == {}  # no flag: a resume takes every value from its checkpoint
 
 
@@ -213,6 +217,11 @@ def test_a_cutout_as_large_as_the_crop_is_refused(data: Path, tmp_path: Path, ca
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--cutout", "16", *TINY_TRAIN]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
         "cutout 16 must be at least 0 and smaller than the training crop side 16")
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--crop", "pad", "--crop-pad", "16",
+                 *TINY_TRAIN]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "crop padding 16 must be at least 0 and smaller than the training crop side 16")
+    assert not (tmp_path / "run").exists()
     assert not (tmp_path / "run").exists()
 
 

@@ -33,8 +33,10 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--img-size", type=positive_int, help="training crop side")
     g.add_argument("--eval-resize", type=positive_int, help="shorter side before the evaluation centre crop")
     g.add_argument("--crop", choices=["random_resized", "pad", "pad_reflect"],
-                   help="random-resized crop, or a crop of the image padded by an eighth of its side with zeros (pad) "
-                        "or its mirror image (pad_reflect)")
+                   help="random-resized crop, or a crop of the image padded (--crop-pad) with zeros (pad) or its "
+                        "mirror image (pad_reflect)")
+    g.add_argument("--crop-pad", type=nonneg_int, help="border in pixels of the pad crops, the largest shift they make "
+                   "(default: an eighth of the side, 4 for 32x32 images)")
     g.add_argument("--auto-augment", choices=["none", "rand", "auto"], help="RandAugment or AutoAugment")
     g.add_argument("--flip", choices=["random", "alternate"], help="horizontal flip: random per image and epoch, or "
                    "alternate (each image mirrored every other epoch, from a random first; airbench's)")

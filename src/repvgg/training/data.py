@@ -26,7 +26,7 @@ from ..errors import RepVGGError
 from ..files import cache_dir
 from ..models.preprocess import IMAGENET_PREPROCESS, to_rgb
 
-__all__ = ["train_transform", "PADDING_MODES",
+__all__ = ["train_transform", "PADDING_MODES", "crop_padding",
            "resolve_split", "ImageFolder", "BadImage", "Batch", "collate", "check_bad", "unreadable", "unpack_archive",
            "default_cache_dir", "ARCHIVE_SUFFIXES", "IMAGE_EXTENSIONS", "READ_ERRORS", "is_image_file", "upright",
            "read_image"]
@@ -71,19 +71,30 @@ def read_image(path: str | os.PathLike) -> Image.Image:
     return upright(image)
 
 
+def crop_padding(img_size: int, crop_pad: int | None = None) -> int:
+    """The border of the pad crops: ``crop_pad`` pixels, or an eighth of the side when None (4 for 32x32 images, as
+    ResNet's CIFAR-10 crop); at least 0 and smaller than the side."""
+    padding = img_size // 8 if crop_pad is None else crop_pad
+    if not 0 <= padding < img_size:
+        raise RepVGGError(f"crop padding {padding} must be at least 0 and smaller than the training crop side "
+                          f"{img_size}")
+    return padding
+
+
 def train_transform(img_size: int, crop: TrainCrop = "random_resized", auto_augment: AutoAugment = "none",
                     mean: Sequence[float] = IMAGENET_PREPROCESS["mean"],
                     std: Sequence[float] = IMAGENET_PREPROCESS["std"], cutout: int = 0,
-                    flip: Flip = "random") -> v2.Compose:
-    """Training augmentation: random-resized crop (ImageNet) or a random crop of the image padded by an eighth of its
-    side (small images; zero or mirrored border), a random flip (the alternating one is SeededSamples'), optional
-    RandAugment/AutoAugment, then a normalized float tensor with an optional cutout square."""
+                    flip: Flip = "random", crop_pad: int | None = None) -> v2.Compose:
+    """Training augmentation: random-resized crop (ImageNet) or a random crop of the image padded by
+    :func:`crop_padding` (small images; zero or mirrored border), a random flip (the alternating one is
+    SeededSamples'), optional RandAugment/AutoAugment, then a normalized float tensor with an optional cutout
+    square."""
     if not 0 <= cutout < img_size:
         raise RepVGGError(f"cutout {cutout} must be at least 0 and smaller than the training crop side {img_size}")
     steps: list[Callable] = [v2.Lambda(to_rgb), v2.ToImage()]
     if crop in PADDING_MODES:
         steps += [v2.Resize(img_size, antialias=True),
-                  v2.RandomCrop(img_size, padding=img_size // 8, padding_mode=PADDING_MODES[crop])]
+                  v2.RandomCrop(img_size, padding=crop_padding(img_size, crop_pad), padding_mode=PADDING_MODES[crop])]
     else:
         steps.append(v2.RandomResizedCrop(img_size, antialias=True))
     if flip == "random":

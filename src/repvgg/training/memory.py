@@ -35,7 +35,18 @@ from torchvision.transforms.v2 import functional as v2f
 from ..errors import RepVGGError
 from ..files import atomic_write, cache_dir, os_error_message
 from ..models.preprocess import eval_crop, input_size, preprocess_settings
-from .data import PADDING_MODES, BadImage, BadImagePolicy, Batch, DataPath, Flip, ImageFolder, TrainCrop, unreadable
+from .data import (
+    PADDING_MODES,
+    BadImage,
+    BadImagePolicy,
+    Batch,
+    DataPath,
+    Flip,
+    ImageFolder,
+    TrainCrop,
+    crop_padding,
+    unreadable,
+)
 from .recipes import Recipe, preprocess_of
 from .sampling import SeededSamples
 
@@ -98,15 +109,16 @@ class InMemoryImages(Dataset):
 
 
 class InMemoryTrain(InMemoryImages):
-    """Training images at the recipe's size, augmented as ``train_transform(size, crop, cutout=cutout, flip=flip)``
-    for a pad-and-crop ``crop``: a random crop of the image padded by ``size // 8`` (zero or mirrored border), then
-    the random horizontal flip, then scaled and normalized, then the cutout square."""
+    """Training images at the recipe's size, augmented as ``train_transform(size, crop, cutout=cutout, flip=flip,
+    crop_pad=crop_pad)`` for a pad-and-crop ``crop``: a random crop of the image padded by
+    ``crop_padding(size, crop_pad)`` (zero or mirrored border), then the random horizontal flip, then scaled and
+    normalized, then the cutout square."""
 
     def __init__(self, folder: ImageFolder, decoded: Decoded, mean: Sequence[float], std: Sequence[float],
-                 cutout: int = 0, crop: TrainCrop = "pad", flip: Flip = "random") -> None:
+                 cutout: int = 0, crop: TrainCrop = "pad", flip: Flip = "random", crop_pad: int | None = None) -> None:
         super().__init__(folder, decoded, mean, std)
         self.size = decoded.images.shape[-1]
-        self.padding = self.size // 8
+        self.padding = crop_padding(self.size, crop_pad)
         self.cutout = cutout
         self.padding_mode = PADDING_MODES[crop]
         self.random_flip = flip == "random"
@@ -273,7 +285,8 @@ def _decode_both(train: ImageFolder, val: ImageFolder, recipe: Recipe, bad_image
         for decoded in (decoded_train, decoded_val):
             if decoded.bad:
                 raise unreadable(next(iter(decoded.bad.values())))
-    return (InMemoryTrain(train, decoded_train, p["mean"], p["std"], recipe.cutout, recipe.crop, recipe.flip),
+    return (InMemoryTrain(train, decoded_train, p["mean"], p["std"], recipe.cutout, recipe.crop, recipe.flip,
+                          recipe.crop_pad),
             InMemoryEval(val, decoded_val, p["mean"], p["std"]))
 
 

@@ -25,8 +25,9 @@ Decay = Literal["cosine", "linear"]
 @dataclass(frozen=True)
 class Recipe:
     """Every hyper-parameter of a training recipe; ``lr`` is for a global batch of 256 and scales linearly,
-    BatchNorm biases train at ``bn_bias_lr_scale`` times the learning rate of the rest, ``cutout`` is the side
-    of the square each training image loses (0: none), ``flip`` mirrors images at random or every other epoch, and
+    BatchNorm biases train at ``bn_bias_lr_scale`` times the learning rate of the rest, ``crop_pad`` is the border
+    of the pad crops (None: an eighth of the side), ``cutout`` is the side of the square each training image loses
+    (0: none), ``flip`` mirrors images at random or every other epoch, and
     ``bn_init`` starts the blocks' BatchNorms as built (weight 1, bias 0) or small (timm's)."""
 
     name: str
@@ -39,6 +40,7 @@ class Recipe:
     img_size: int = 224
     eval_resize: int = 256
     crop: TrainCrop = "random_resized"
+    crop_pad: int | None = None
     auto_augment: AutoAugment = "none"
     flip: Flip = "random"
     warmup_epochs: float = 0.0

@@ -56,7 +56,7 @@ def load_datasets(opts: TrainOptions, log: Callable[[str], None] | None = None
     train_dir = resolve_split(opts.data, ("train",), opts.cache_dir)
     val_dir = resolve_split(opts.data, ("val", "test"), opts.cache_dir)
     train_set = ImageFolder(train_dir, train_transform(r.img_size, r.crop, r.auto_augment, cutout=r.cutout,
-                                                        flip=r.flip))
+                                                        flip=r.flip, crop_pad=r.crop_pad))
     val_set = ImageFolder(val_dir, eval_transform(preprocess_of(r)))
     if val_set.classes != train_set.classes:
         raise RepVGGError(f"class folders differ between {train_dir} ({len(train_set.classes)} classes) and "
