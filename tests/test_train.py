@@ -213,7 +213,8 @@ def test_a_run_too_short_for_its_warm_up_or_its_ema_is_warned_of() -> None:
     assert warm_up.startswith("the 30-epoch warm-up spans the whole 30-epoch run")
 
 
-def test_a_cutout_as_large_as_the_crop_is_refused(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_cutout_or_crop_padding_that_cannot_apply_is_refused(data: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--cutout", "16", *TINY_TRAIN]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
         "cutout 16 must be at least 0 and smaller than the training crop side 16")
@@ -221,6 +222,10 @@ def test_a_cutout_as_large_as_the_crop_is_refused(data: Path, tmp_path: Path, ca
                  *TINY_TRAIN]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
         "crop padding 16 must be at least 0 and smaller than the training crop side 16")
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--crop", "random_resized",
+                 "--crop-pad", "2", *TINY_TRAIN]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "crop padding 2 applies to the pad crops (pad, pad_reflect), not random_resized")
     assert not (tmp_path / "run").exists()
     assert not (tmp_path / "run").exists()
 

@@ -91,6 +91,8 @@ def train_transform(img_size: int, crop: TrainCrop = "random_resized", auto_augm
     square."""
     if not 0 <= cutout < img_size:
         raise RepVGGError(f"cutout {cutout} must be at least 0 and smaller than the training crop side {img_size}")
+    if crop_pad is not None and crop not in PADDING_MODES:
+        raise RepVGGError(f"crop padding {crop_pad} applies to the pad crops ({', '.join(PADDING_MODES)}), not {crop}")
     steps: list[Callable] = [v2.Lambda(to_rgb), v2.ToImage()]
     if crop in PADDING_MODES:
         steps += [v2.Resize(img_size, antialias=True),
