@@ -179,6 +179,8 @@ def test_recipes_are_printed_presets(capsys: pytest.CaptureFixture) -> None:
     assert re.search(r"recipe\.crop_pad +None \(an eighth of the side: 4 pixels\)", printed)
     assert main(["train", "--recipe", "cifar", "--crop-pad", "2", "--print-config"]) == 0
     assert re.search(r"recipe\.crop_pad +2\n", capsys.readouterr().out)
+    assert main(["train", "--recipe", "paper", "--print-config"]) == 0
+    assert re.search(r"recipe\.crop_pad +None\n", capsys.readouterr().out)  # the random-resized crop pads nothing
 
 
 def test_recipe_flags_parse_back_into_the_recipe() -> None:

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..models.architectures import RepVGGConfig
 from ..models.blocks import BlockKind, Branches
-from .data import BadImagePolicy, DataPath, crop_padding
+from .data import PADDING_MODES, BadImagePolicy, DataPath, crop_padding
 from .device import AmpMode
 from .recipes import RECIPES, Recipe
 
@@ -88,7 +88,7 @@ def describe(opts: TrainOptions, extra: dict[str, Any] | None = None) -> str:
     """Every recipe value and option of a run, one per line."""
     rows: dict[str, Any] = {f"recipe.{f.name}": getattr(opts.recipe, f.name) for f in fields(opts.recipe)}
     rows["recipe.lr"] = f"{opts.recipe.lr} (for a global batch of 256; scaled linearly with the batch)"
-    if opts.recipe.crop_pad is None:
+    if opts.recipe.crop_pad is None and opts.recipe.crop in PADDING_MODES:
         rows["recipe.crop_pad"] = f"None (an eighth of the side: {crop_padding(opts.recipe.img_size)} pixels)"
     rows.update({f.name: getattr(opts, f.name) for f in fields(opts)
                  if f.name not in ("recipe", "recipe_given", "log", "callbacks", "model_factory")})
