@@ -96,7 +96,7 @@ def test_every_option_of_every_command_has_help_and_shows_its_default(capsys) ->
     commands = build_parser()._subparsers._group_actions[0].choices
     for name, parser in commands.items():
         assert all(action.help for action in parser._actions), name
-    for argv, shown in ((["train", "--help"], "(default: paper)"), (["eval", "--help"], "(default: 64)"),
+    for argv, shown in ((["train", "--help"], "(default: repvgg)"), (["eval", "--help"], "(default: 64)"),
                         (["bench", "--help"], "(default: 5)")):
         with pytest.raises(SystemExit):
             main(argv)
@@ -137,7 +137,7 @@ def test_switches_show_no_misleading_default(capsys) -> None:
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--no-probe skip the speed probe" in text and "(default: True)" not in text
-    assert "(default: False)" not in text and "(default: paper)" in text
+    assert "(default: False)" not in text and "(default: repvgg)" in text
 
 
 def test_options_may_stand_among_the_positionals(tmp_path, capsys) -> None:

@@ -615,6 +615,24 @@ def test_train_resume_without_recipe_flags_continues_a_run_begun_under_other_def
     assert (stored["epochs"], stored["schedule"], stored["cutout"]) == (2, "cosine", 0)
 
 
+def test_train_resume_without_recipe_goes_on_in_the_runs_own_preset(data: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """``--recipe`` left out of a resume continues the run in the preset it was begun with (not the default
+    ``paper``), saying so; a ``--recipe`` naming another preset is refused, naming both."""
+    out = tmp_path / "run"
+    at = TINY_TRAIN.index("--recipe")
+    bare = ["train", "--data", str(data), "--out", str(out), *TINY_TRAIN[:at], *TINY_TRAIN[at + 2:]]
+    assert main([*bare, "--recipe", "cifar", "--epochs", "1", "--crop-pad", "1"]) == 0
+    capsys.readouterr()
+    assert main([*bare, "--epochs", "2", "--resume"]) == 0
+    assert f"resuming in the recipe {out / 'last.pt'} was begun with, 'cifar' (no --recipe given)" in \
+        capsys.readouterr().out
+    stored = torch.load(out / "last.pt", weights_only=True)["repvgg"]
+    assert (stored["recipe"], stored["recipe_values"]["epochs"], stored["recipe_values"]["crop_pad"]) == ("cifar", 2, 1)
+    assert main([*bare, "--recipe", "paper", "--epochs", "3", "--resume"]) == 2
+    assert "recipe: 'cifar' -> 'paper'" in capsys.readouterr().err
+
+
 def test_a_second_run_into_the_same_directory_is_refused_and_debris_is_cleared(tmp_path: Path) -> None:
     out = tmp_path / "run"
     holder = RunDir(out)

@@ -112,7 +112,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training-time block: RepVGG's, or QARepVGG's quantization-friendly one")
     p.add_argument("--branches", choices=BRANCHES, default="full",
                    help="the branches each block trains with (the paper's ablation); all convert to one 3x3 conv")
-    p.add_argument("--recipe", default="paper", choices=list(RECIPES), help="named preset; flags below override it")
+    p.add_argument("--recipe", choices=list(RECIPES), help="named preset, flags below override it (default: paper; "
+                   "with --resume, the run's own)")
     p.add_argument("--out", help="run directory (default runs/<model>-<recipe>)")
     p.add_argument("--print-config", action="store_true", help="print the recipe's values and options, then exit")
     g = p.add_argument_group("fine-tuning")
@@ -158,8 +159,9 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
     from ..training.recipes import recipe_with
 
     overrides = recipe_overrides(args)
+    given = frozenset(overrides) | ({"name"} if args.recipe else set())  # a resume takes the rest from its run
     opts = TrainOptions(data=args.data, out_dir=args.out or "", model=args.model,
-                        recipe=recipe_with(args.recipe, **overrides), recipe_given=frozenset(overrides),
+                        recipe=recipe_with(args.recipe or "paper", **overrides), recipe_given=given,
                         block=args.block, branches=args.branches, pretrained=args.pretrained,
                         freeze_stages=args.freeze_stages, backbone_lr_scale=args.backbone_lr_scale,
                         workers=args.workers, data_path=args.data_path, amp=None if args.amp == "auto" else args.amp,
@@ -168,7 +170,7 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
                         resume=args.resume, bad_images=args.bad_images, cache_dir=args.cache_dir,
                         time_budget_min=args.time_budget_min, save_every_min=args.save_every_min,
                         device=args.device, eval_every=args.eval_every, tensorboard=args.tensorboard)
-    opts.out_dir = opts.out_dir or f"runs/{opts.model_name}-{args.recipe}"
+    opts.out_dir = opts.out_dir or f"runs/{opts.model_name}-{opts.recipe.name}"
     return opts
 
 

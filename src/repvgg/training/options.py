@@ -42,8 +42,9 @@ class TrainOptions:
     """One run: data, model, recipe (with overrides applied) and the machinery around it.
 
     ``amp``, ``channels_last`` and ``threads`` left as None are chosen by a short speed probe (``probe``).
-    ``recipe_given`` names the recipe fields set on purpose (a command's flags): a resume takes the others from its
-    checkpoint, so a run goes on as begun after a preset changes; None holds all of ``recipe`` to the checkpoint's.
+    ``recipe_given`` names the recipe fields set on purpose (a command's flags; ``name`` for its ``--recipe``): a
+    resume takes the others from its checkpoint, its preset too unless ``name`` is given, so a run goes on as begun
+    after a preset changes; None holds all of ``recipe`` to the checkpoint's.
     """
 
     data: str | None

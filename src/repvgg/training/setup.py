@@ -35,7 +35,17 @@ from .loop import Run, TrainStep
 from .memory import InMemoryEval, InMemoryTrain, hold_in_memory, in_memory
 from .metrics import MetricsLog
 from .options import TrainOptions, describe
-from .recipes import Recipe, WarmupDecay, param_groups, preprocess_of, recipe_differences, recipe_of, schedule_warnings
+from .recipes import (
+    RECIPES,
+    Recipe,
+    WarmupDecay,
+    param_groups,
+    preprocess_of,
+    recipe_differences,
+    recipe_of,
+    recipe_with,
+    schedule_warnings,
+)
 from .rundir import RunDir
 from .sampling import SeededSamples
 from .speed import StepMode, candidate_modes, probe_modes, training_flops_per_image
@@ -325,14 +335,20 @@ def resumed_options(opts: TrainOptions, log: Callable[[str], None] = print) -> T
 
 def _with_saved_recipe(opts: TrainOptions, state: dict[str, Any], path: Path, log: Callable[[str], None]
                        ) -> TrainOptions:
-    """``opts`` with the saved state's recipe values for every field outside ``opts.recipe_given``."""
+    """``opts`` with the saved state's recipe values for every field outside ``opts.recipe_given``; its preset too
+    unless ``name`` is given (a command's ``--recipe``)."""
     saved = state["repvgg"]
-    if opts.recipe_given is None or saved.get("recipe") != opts.recipe.name:  # another preset: _resume refuses it
-        return opts
+    own = saved.get("recipe") or "paper"
+    if opts.recipe_given is None or (own != opts.recipe.name and "name" in opts.recipe_given):
+        return opts  # the checkpoint's recipe held whole, or another preset on purpose: _resume refuses either
     given = {name: getattr(opts.recipe, name) for name in opts.recipe_given}
     recipe = replace(recipe_of(saved), **given)
-    taken = [f"{f} {getattr(recipe, f)!r} (the {recipe.name!r} recipe now: {getattr(opts.recipe, f)!r})"
-             for f in asdict(recipe) if getattr(recipe, f) != getattr(opts.recipe, f)]
+    now = opts.recipe
+    if own != opts.recipe.name:
+        log(f"resuming in the recipe {path} was begun with, {own!r} (no --recipe given)")
+        now = recipe_with(own, **given) if own in RECIPES else recipe
+    taken = [f"{f} {getattr(recipe, f)!r} (the {recipe.name!r} recipe now: {getattr(now, f)!r})"
+             for f in asdict(recipe) if getattr(recipe, f) != getattr(now, f)]
     if taken:
         log(f"resuming with the recipe values {path} was begun with where no flag sets them: {', '.join(taken)}")
     return replace(opts, recipe=recipe)
