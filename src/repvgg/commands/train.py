@@ -101,7 +101,7 @@ def _machinery_arguments(p: argparse.ArgumentParser) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``repvgg train`` options: data, model, recipe overrides and run machinery."""
     from ..models.blocks import BLOCK_KINDS, BRANCHES
-    from ..training.recipes import RECIPES
+    from ..training.recipes import DEFAULT_RECIPE, RECIPES
 
     p.add_argument("--data", help="folder with train/ and val/ (or test/) class folders, or .tar/.tar.gz archives "
                    "of them (required unless --print-config)")
@@ -112,8 +112,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training-time block: RepVGG's, or QARepVGG's quantization-friendly one")
     p.add_argument("--branches", choices=BRANCHES, default="full",
                    help="the branches each block trains with (the paper's ablation); all convert to one 3x3 conv")
-    p.add_argument("--recipe", choices=list(RECIPES), help="named preset, flags below override it (default: paper; "
-                   "with --resume, the run's own)")
+    p.add_argument("--recipe", choices=list(RECIPES), help="named preset, flags below override it "
+                   f"(default: {DEFAULT_RECIPE}; with --resume, the run's own)")
     p.add_argument("--out", help="run directory (default runs/<model>-<recipe>)")
     p.add_argument("--print-config", action="store_true", help="print the recipe's values and options, then exit")
     g = p.add_argument_group("fine-tuning")
@@ -156,12 +156,12 @@ def recipe_flags(recipe: Recipe, base: Recipe) -> list[str]:
 def options_from_args(args: argparse.Namespace) -> TrainOptions:
     """TrainOptions from parsed ``repvgg train`` arguments."""
     from ..training.options import TrainOptions
-    from ..training.recipes import recipe_with
+    from ..training.recipes import DEFAULT_RECIPE, recipe_with
 
     overrides = recipe_overrides(args)
     given = frozenset(overrides) | ({"name"} if args.recipe else set())  # a resume takes the rest from its run
     opts = TrainOptions(data=args.data, out_dir=args.out or "", model=args.model,
-                        recipe=recipe_with(args.recipe or "paper", **overrides), recipe_given=given,
+                        recipe=recipe_with(args.recipe or DEFAULT_RECIPE, **overrides), recipe_given=given,
                         block=args.block, branches=args.branches, pretrained=args.pretrained,
                         freeze_stages=args.freeze_stages, backbone_lr_scale=args.backbone_lr_scale,
                         workers=args.workers, data_path=args.data_path, amp=None if args.amp == "auto" else args.amp,

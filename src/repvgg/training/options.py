@@ -14,7 +14,7 @@ from ..models.architectures import RepVGGConfig
 from ..models.blocks import BlockKind, Branches
 from .data import PADDING_MODES, BadImagePolicy, DataPath, crop_padding
 from .device import AmpMode
-from .recipes import RECIPES, Recipe
+from .recipes import DEFAULT_RECIPE, RECIPES, Recipe
 
 __all__ = ["TrainOptions", "Callback", "default_workers", "describe"]
 
@@ -50,7 +50,7 @@ class TrainOptions:
     data: str | None
     out_dir: str
     model: str | RepVGGConfig = "repvgg_a0"  # a registered name, or an architecture of one's own
-    recipe: Recipe = field(default_factory=lambda: RECIPES["paper"])
+    recipe: Recipe = field(default_factory=lambda: RECIPES[DEFAULT_RECIPE])
     recipe_given: frozenset[str] | None = None  # see above
     model_factory: Callable[[int], nn.Module] | None = None  # any classifier for a class count (``model`` names it)
     block: BlockKind = "repvgg"  # or "qarepvgg", the quantization-friendly block

@@ -60,6 +60,8 @@ class Recipe:
         return self.lr * global_batch / 256
 
 
+DEFAULT_RECIPE = "paper"  # the preset of a run that names none (and of a checkpoint that records none)
+
 RECIPES: dict[str, Recipe] = {
     # RepVGG paper, ImageNet: 120 epochs, SGD 0.9, batch 256, lr 0.1 cosine, wd 1e-4, crop+flip only.
     "paper": Recipe("paper", epochs=120),
@@ -90,7 +92,7 @@ def recipe_of(metadata: Mapping[str, Any]) -> Recipe:
     a later version is ignored), else its recipe's name as registered (``paper`` when it names none)."""
     values = metadata.get("recipe_values")
     if not values:
-        return recipe_with(metadata.get("recipe") or "paper")
+        return recipe_with(metadata.get("recipe") or DEFAULT_RECIPE)
     known = {f.name for f in fields(Recipe)}
     kept = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
     return Recipe(**kept)

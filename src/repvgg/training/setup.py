@@ -36,6 +36,7 @@ from .memory import InMemoryEval, InMemoryTrain, hold_in_memory, in_memory
 from .metrics import MetricsLog
 from .options import TrainOptions, describe
 from .recipes import (
+    DEFAULT_RECIPE,
     RECIPES,
     Recipe,
     WarmupDecay,
@@ -338,7 +339,7 @@ def _with_saved_recipe(opts: TrainOptions, state: dict[str, Any], path: Path, lo
     """``opts`` with the saved state's recipe values for every field outside ``opts.recipe_given``; its preset too
     unless ``name`` is given (a command's ``--recipe``)."""
     saved = state["repvgg"]
-    own = saved.get("recipe") or "paper"
+    own = saved.get("recipe") or DEFAULT_RECIPE
     if opts.recipe_given is None or (own != opts.recipe.name and "name" in opts.recipe_given):
         return opts  # the checkpoint's recipe held whole, or another preset on purpose: _resume refuses either
     given = {name: getattr(opts.recipe, name) for name in opts.recipe_given}
