@@ -122,6 +122,7 @@ def minimal_call(args: argparse.Namespace, images: Tensor, targets: Tensor, clas
     criterion = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
     p = preprocess_of(r)
     mean, std = torch.tensor(p["mean"]).view(1, 3, 1, 1), torch.tensor(p["std"]).view(1, 3, 1, 1)
+    padding = crop_padding(r.img_size, r.crop_pad)
     model.train()
 
     def call() -> None:
@@ -130,7 +131,7 @@ def minimal_call(args: argparse.Namespace, images: Tensor, targets: Tensor, clas
         times = [time.perf_counter()]
         for k in range(args.warmup_steps + args.steps):
             batch = order[k * r.batch_size:(k + 1) * r.batch_size]
-            x = (pad_crop_flip(images[batch], crop_padding(r.img_size, r.crop_pad)).float() / 255 - mean) / std
+            x = (pad_crop_flip(images[batch], padding).float() / 255 - mean) / std
             if mode.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(torch.device("cpu"), mode.amp):
