@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import io
 import multiprocessing
+import os
 import re
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -136,13 +138,36 @@ def _unpack(args: tuple[str, str]) -> str:
 def test_concurrent_unpack_is_safe(tmp_path: Path) -> None:
     src = make_split(tmp_path / "src", "train", 30)
     archive = _tar(src, tmp_path / "train.tar.gz", "train")
+    copy = shutil.copy(archive, tmp_path / "src" / "train.tar.gz")  # same content, another path: another lock
     cache = tmp_path / "cache"
     with multiprocessing.get_context("fork").Pool(4) as pool:
-        results = pool.map(_unpack, [(str(archive), str(cache))] * 4)
+        results = pool.map(_unpack, [(str(archive), str(cache)), (str(copy), str(cache))] * 2)
     assert len(set(results)) == 1
     folders = [p for p in cache.iterdir() if p.is_dir()]
     assert folders == [Path(results[0])]  # one extraction, no temporary leftovers
     assert len(list(Path(results[0]).rglob("*.png"))) == 90
+
+
+def test_an_archive_copied_anew_reuses_its_unpacked_folder(tmp_path: Path) -> None:
+    """The unpacked folder follows the archive's content: a new modification time or another path reuses it (it used
+    to unpack again beside the old copy, and the decoded-image cache keyed by its files followed); new content does
+    not; a damaged digest memo is read again from the archive."""
+    archive = _tar(make_split(tmp_path / "src", "train", 2), tmp_path / "train.tar.gz", "train")
+    cache = tmp_path / "cache"
+    first = unpack_archive(archive, cache)
+    os.utime(archive, ns=(1_000_000_000, 1_000_000_000))
+    assert unpack_archive(archive, cache) == first
+    copy = tmp_path / "elsewhere" / "train.tar.gz"
+    copy.parent.mkdir()
+    shutil.copy(archive, copy)
+    assert unpack_archive(copy, cache) == first
+    for memo in cache.glob("*.sha256"):
+        memo.write_text("not a digest")
+    assert unpack_archive(copy, cache) == first
+    assert [p for p in cache.iterdir() if p.is_dir()] == [first]
+    (tmp_path / "src" / "train" / "class0" / "000.png").unlink()
+    changed = unpack_archive(_tar(tmp_path / "src" / "train", archive, "train"), cache)
+    assert changed != first and len(list(changed.rglob("*.png"))) == len(list(first.rglob("*.png"))) - 1
 
 
 def test_grayscale_rgba_palette_become_rgb(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from ..errors import RepVGGError
-from ..files import cache_dir
+from ..files import atomic_write, cache_dir
 from ..models.preprocess import IMAGENET_PREPROCESS, to_rgb
 
 __all__ = ["train_transform", "PADDING_MODES", "crop_padding",
@@ -126,33 +126,64 @@ def default_cache_dir() -> Path:
 def unpack_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """Unpack a .tar/.tar.gz once into the cache and return the folder; safe when many processes race.
 
-    One process holds a file lock and extracts into a temporary folder that is renamed into place when
-    complete; the others wait on the lock and then reuse the result.
+    The folder is named by the archive's content (its SHA-256, read once per path, size and modification time), so
+    an archive copied anew reuses it. One process holds a file lock and extracts into a temporary folder that is
+    renamed into place when complete; the others wait on the lock and then reuse the result.
     """
     archive = Path(archive).resolve()
     stat = archive.stat()
-    key = hashlib.sha1(f"{archive}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     stem = archive.name
     for suffix in ARCHIVE_SUFFIXES:
         stem = stem.removesuffix(suffix)
-    final = cache / f"{stem}-{key}"
-    with open(cache / f".{stem}-{key}.lock", "a") as lock:
+    seen = hashlib.sha1(f"{archive}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    memo = cache / f".{stem}-{seen}.sha256"
+    with open(cache / f".{stem}-{seen}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        kept = _read_digest(memo)
+        digest = kept or _sha256(archive)
+        final = cache / f"{stem}-{digest[:16]}"
         if not final.is_dir():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache))
-            try:
-                with tarfile.open(archive) as tar:
-                    tar.extractall(tmp, filter="data")
-                os.rename(tmp, final)
-            except (tarfile.TarError, OSError, EOFError) as e:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise RepVGGError(f"cannot unpack {archive}: {e}") from None
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            _extract(archive, final)
+        if kept != digest:
+            atomic_write(memo, digest)
     return final
+
+
+def _read_digest(memo: Path) -> str | None:
+    """The hex SHA-256 kept in ``memo``; None when it is missing or not one."""
+    try:
+        text = memo.read_text().strip()
+    except OSError:
+        return None
+    return text if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else None
+
+
+def _sha256(path: Path) -> str:
+    """The hex SHA-256 of a file's bytes."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        raise RepVGGError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _extract(archive: Path, final: Path) -> None:
+    """Unpack ``archive`` into a temporary folder beside ``final``, renamed to it when whole (or dropped when another
+    process unpacking the same content got there first)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        os.rename(tmp, final)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not final.is_dir():
+            raise RepVGGError(f"cannot unpack {archive}: {e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _find_dir(root: Path, name: str) -> Path | None:
