@@ -89,7 +89,7 @@ def recipe_with(name: str, **overrides: Any) -> Recipe:
 
 def recipe_of(metadata: Mapping[str, Any]) -> Recipe:
     """The recipe a checkpoint was trained with: its stored values (a field it predates takes its default, one from
-    a later version is ignored), else its recipe's name as registered (``paper`` when it names none)."""
+    a later version is ignored), else its recipe's name as registered (``DEFAULT_RECIPE`` when it names none)."""
     values = metadata.get("recipe_values")
     if not values:
         return recipe_with(metadata.get("recipe") or DEFAULT_RECIPE)
