@@ -23,7 +23,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from ..errors import RepVGGError
-from ..files import atomic_write, cache_dir
+from ..files import atomic_write, cache_dir, file_sha256
 from ..models.preprocess import IMAGENET_PREPROCESS, to_rgb
 
 __all__ = ["train_transform", "PADDING_MODES", "crop_padding",
@@ -142,7 +142,10 @@ def unpack_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | No
     with open(cache / f".{stem}-{seen}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         kept = _read_digest(memo)
-        digest = kept or _sha256(archive)
+        try:
+            digest = kept or file_sha256(archive)
+        except OSError as e:
+            raise RepVGGError(f"cannot read {archive}: {e.strerror or e}") from None
         final = cache / f"{stem}-{digest[:16]}"
         if not final.is_dir():
             _extract(archive, final)
@@ -158,15 +161,6 @@ def _read_digest(memo: Path) -> str | None:
     except OSError:
         return None
     return text if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else None
-
-
-def _sha256(path: Path) -> str:
-    """The hex SHA-256 of a file's bytes."""
-    try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
-    except OSError as e:
-        raise RepVGGError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def _extract(archive: Path, final: Path) -> None:
