@@ -59,15 +59,16 @@ FIXED_MATMUL_GFLOPS = {"float32": 100.0, "bfloat16": 50.0}
 def _user_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A fresh REPVGG_CACHE_DIR per session (nothing lands in ~/.cache), its engine probe and matmul rates seeded
     with fixed figures for every thread count, so that no test waits for, or depends on, a real timing."""
+    from repvgg.cache import ENGINE_PROBE_FILE, MATMUL_FILE
     from repvgg.deploy.engines import available_engines
-    from repvgg.deploy.probe import PROBE_FILE, engine_measurement
-    from repvgg.hardware import MATMUL_FILE, keep_speeds, matmul_measurement
+    from repvgg.deploy.probe import engine_measurement
+    from repvgg.hardware import keep_speeds, matmul_measurement
 
     cache = tmp_path_factory.mktemp("repvgg-cache")
     engines = available_engines()
     speeds = {b: {e: v for e, v in table.items() if e in engines} for b, table in FIXED_ENGINE_SPEEDS.items()}
     for threads in range(1, (os.cpu_count() or 1) + 1):
-        keep_speeds(PROBE_FILE, engine_measurement(engines, threads), speeds, cache / PROBE_FILE)
+        keep_speeds(ENGINE_PROBE_FILE, engine_measurement(engines, threads), speeds, cache / ENGINE_PROBE_FILE)
         for dtype, gflops in FIXED_MATMUL_GFLOPS.items():
             keep_speeds(MATMUL_FILE, matmul_measurement(threads, getattr(torch, dtype)), {"gflops": gflops},
                         cache / MATMUL_FILE)

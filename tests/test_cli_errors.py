@@ -161,6 +161,8 @@ ROWS = [
     # numeric options
     Row("list --num-classes -5", lambda f: ["list", "--num-classes", "-5"], 2, "must be an integer >= 0, got '-5'"),
     Row("list --num-classes x", lambda f: ["list", "--num-classes", "x"], 2, "expected an integer, got 'x'"),
+    Row("cache --older-than -1", lambda f: ["cache", "--older-than", "-1"], 2, "must be a number >= 0, got '-1'"),
+    Row("cache --older-than x", lambda f: ["cache", "--clear", "--older-than", "x"], 2, "expected a number, got 'x'"),
     Row("convert --img-size 0", lambda f: ["convert", f.train, f"{f.out}/d.pth", "--img-size", "0"], 2,
         "must be a positive integer"),
     Row("convert --tolerance nan", lambda f: ["convert", f.train, f"{f.out}/d.pth", "--tolerance", "nan"], 2,

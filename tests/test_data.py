@@ -67,9 +67,11 @@ def test_split_archives_unpack_once_into_cache(tmp_path: Path) -> None:
     test = resolve_split(data, ("val", "test"), cache)
     assert train.name == "train" and test.name == "test" and cache in train.parents
     assert len(ImageFolder(train).samples) == 6 and ImageFolder(test).classes == ["class0", "class1", "class2"]
-    before = {p: p.stat().st_mtime_ns for p in cache.iterdir() if p.is_dir()}
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.rglob("*") if p.is_file() or p.is_dir()}
     assert resolve_split(data, ("train",), cache) == train
-    assert {p: p.stat().st_mtime_ns for p in cache.iterdir() if p.is_dir()} == before
+    after = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.rglob("*") if p.is_file() or p.is_dir()}
+    renewed = {p for p in before if before[p] != after[p]}
+    assert after.keys() == before.keys() and renewed == {train.parent}  # not unpacked again; its use recorded
 
 
 def test_whole_dataset_archive(tmp_path: Path) -> None:

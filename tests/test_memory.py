@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.transforms.v2 import functional as v2f
 
 from imagefolders import TINY_ARCH, TINY_TRAIN, make_dataset
+from repvgg.cache import cache_dir
 from repvgg.cli import main
 from repvgg.errors import Interrupted, RepVGGError
-from repvgg.files import cache_dir
 from repvgg.models.preprocess import eval_transform
 from repvgg.training import memory
 from repvgg.training.data import ImageFolder, collate, train_transform

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from repvgg import hardware
+from repvgg.cache import ENGINE_PROBE_FILE, MATMUL_FILE
 from repvgg.deploy.engines import available_engines
-from repvgg.deploy.probe import PROBE_FILE, engine_measurement, engine_speeds, fastest_engine, measure_engines
+from repvgg.deploy.probe import engine_measurement, engine_speeds, fastest_engine, measure_engines
 from repvgg.hardware import (
     BUSY_ELSEWHERE,
-    MATMUL_FILE,
     busy_probe_warning,
     cached_speeds,
     keep_speeds,
@@ -28,7 +28,7 @@ from repvgg.hardware import (
 
 
 def seed_probe(cache: Path, speeds: dict[str, dict[str, float]]) -> None:
-    keep_speeds(PROBE_FILE, engine_measurement(available_engines()), speeds, cache / PROBE_FILE)
+    keep_speeds(ENGINE_PROBE_FILE, engine_measurement(available_engines()), speeds, cache / ENGINE_PROBE_FILE)
 
 
 def test_default_engine_follows_the_measured_speeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -52,7 +52,7 @@ def test_probe_runs_once_per_machine_and_engine_set(tmp_path: Path) -> None:
         calls.append(list(engines))
         return {1: {e: float(i + 1) for i, e in enumerate(engines)}, 8: {e: 1.0 for e in engines}}
 
-    path = tmp_path / "sub" / PROBE_FILE
+    path = tmp_path / "sub" / ENGINE_PROBE_FILE
     first = engine_speeds(["torch", "onnxruntime"], measure, path)
     assert first == engine_speeds(["torch", "onnxruntime"], measure, path) and len(calls) == 1
     entry = next(iter(json.loads(path.read_text()).values()))
@@ -62,7 +62,7 @@ def test_probe_runs_once_per_machine_and_engine_set(tmp_path: Path) -> None:
     path.write_text("{cut short")
     engine_speeds(["torch"], measure, path)
     assert len(calls) == 3 and len(json.loads(path.read_text())) == 1
-    assert [p.name for p in path.parent.iterdir()] == [PROBE_FILE]  # written atomically, no temporaries left
+    assert [p.name for p in path.parent.iterdir()] == [ENGINE_PROBE_FILE]  # written atomically, no temporaries left
 
 
 def test_the_engine_measurement_names_threads_and_engines() -> None:

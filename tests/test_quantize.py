@@ -14,13 +14,14 @@ import torch
 from conftest import fit_colours
 from imagefolders import PYTHON, make_dataset, subprocess_env
 from repvgg import create_model, save_checkpoint
+from repvgg.cache import ENGINE_PROBE_FILE
 from repvgg.cli import main
 from repvgg.deploy import formats as formats_module
 from repvgg.deploy import quantize as quantize_module
 from repvgg.deploy.artifacts import read_artifact_metadata
 from repvgg.deploy.benchmark import format_table, run_benchmark
 from repvgg.deploy.engines import INT8_ENGINES
-from repvgg.deploy.probe import PROBE_BATCH_SIZES, PROBE_FILE, engine_measurement
+from repvgg.deploy.probe import PROBE_BATCH_SIZES, engine_measurement
 from repvgg.deploy.quantize import (
     METHODS,
     calibration_batches,
@@ -44,7 +45,7 @@ def seed_int8_speeds(speeds: dict[int, dict[str, float]]) -> None:
     """Write int8 engine speeds into the probe cache for every thread count: no test times anything."""
     engines = int8_engines_installed()
     for threads in range(1, (os.cpu_count() or 1) + 1):
-        keep_speeds(PROBE_FILE, engine_measurement(engines, threads, precision="int8"),
+        keep_speeds(ENGINE_PROBE_FILE, engine_measurement(engines, threads, precision="int8"),
                     {str(b): v for b, v in speeds.items()})
 
 

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from imagefolders import PYTHON, REPO, TINY_ARCH, TINY_MODEL, TINY_TRAIN, make_dataset, subprocess_env
 from repvgg import create_model, hardware, model_from_checkpoint, save_checkpoint
+from repvgg.cache import MATMUL_FILE
 from repvgg.cli import main
 from repvgg.commands.train import add_recipe_arguments, recipe_flags, recipe_overrides
 from repvgg.errors import Interrupted, RepVGGError
@@ -415,7 +416,7 @@ def fresh_probe_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _user_cac
     """A user cache folder with no speed-probe timing measured by an earlier test (the session's matmul rates)."""
     cache = tmp_path / "cache"
     cache.mkdir()
-    shutil.copy(_user_cache / hardware.MATMUL_FILE, cache)
+    shutil.copy(_user_cache / MATMUL_FILE, cache)
     monkeypatch.setenv("REPVGG_CACHE_DIR", str(cache))
     return cache
 

@@ -22,7 +22,7 @@ from typing import IO
 
 from .errors import RepVGGError
 
-__all__ = ["TMP_SUFFIX", "cache_dir", "companions", "check_output_path", "Outputs", "atomic_write", "atomic_folder",
+__all__ = ["TMP_SUFFIX", "companions", "check_output_path", "Outputs", "atomic_write", "atomic_folder",
            "appending", "replace_together", "remove_debris", "file_sha256", "os_error_message",
            "write_failure"]
 
@@ -30,12 +30,6 @@ TMP_SUFFIX = ".repvgg-tmp"
 _DEBRIS = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)-[^.]+" + re.escape(TMP_SUFFIX) + "$")
 # Files that travel with another and are written, read and replaced with it.
 _COMPANIONS = {".xml": (".bin",)}
-
-
-def cache_dir(sub: str = "") -> Path:
-    """The user cache folder: ``$REPVGG_CACHE_DIR``, else ``~/.cache/repvgg`` (``sub`` below it)."""
-    root = Path(os.environ.get("REPVGG_CACHE_DIR") or Path.home() / ".cache" / "repvgg")
-    return root / sub if sub else root
 
 
 def companions(path: str | os.PathLike) -> list[Path]:

@@ -18,11 +18,12 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from .files import atomic_write, cache_dir
+from .cache import MATMUL_FILE, cache_dir
+from .files import atomic_write
 
 __all__ = ["CPU_FEATURES", "cpu_info", "device_name", "machine_description", "measurement_key", "Timing",
            "BUSY_ELSEWHERE", "busy_elsewhere", "busy_probe_warning", "keep_speeds", "cached_speeds", "matmul_gflops",
-           "MATMUL_FILE", "matmul_measurement", "machine_matmul_gflops", "time_interleaved", "measure_throughput"]
+           "matmul_measurement", "machine_matmul_gflops", "time_interleaved", "measure_throughput"]
 
 K = TypeVar("K")
 T = TypeVar("T")
@@ -168,8 +169,6 @@ def matmul_gflops(n: int = 2048, repeats: int = 3, dtype: torch.dtype = torch.fl
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-MATMUL_FILE = "matmul.json"
-
 
 def matmul_measurement(threads: int, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """What a machine's matmul rate depends on: the CPU model and flags, torch's version and threads, the dtype."""
@@ -178,7 +177,8 @@ def matmul_measurement(threads: int, dtype: torch.dtype = torch.float32) -> dict
 
 def machine_matmul_gflops(dtype: torch.dtype = torch.float32) -> float:
     """:func:`matmul_gflops` on the current torch threads, measured once per machine (kept in the user cache's
-    :data:`MATMUL_FILE`): the yardstick of every training run's epoch line, which should not cost a second a run."""
+    :data:`repvgg.cache.MATMUL_FILE`): the yardstick of every training run's epoch line, which should not cost a
+    second a run."""
     what = matmul_measurement(torch.get_num_threads(), dtype)
     return float(cached_speeds(MATMUL_FILE, what, lambda: {"gflops": matmul_gflops(dtype=dtype)}).speeds["gflops"])
 

@@ -24,4 +24,5 @@ COMMANDS = {
     "quantize": "post-training int8 quantization of the deploy model, calibrated on images",
     "qat": "quantization-aware fine-tuning of a trained model, then its int8 artifact",
     "bench": "speed and memory of train/deploy forms on each engine vs ResNets, side by side",
+    "cache": "what the user cache folder holds (unpacked archives, decoded images, probes); clear it",
 }

@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..cache import ENGINE_PROBE_FILE
 from ..hardware import cached_speeds, cpu_info, measure_throughput
 from .engines import ENGINES, Engine, available_engines, create_engine
 
-__all__ = ["PROBE_FILE", "PROBE_BATCH_SIZES", "Speeds", "engine_measurement", "measure_engines",
+__all__ = ["PROBE_BATCH_SIZES", "Speeds", "engine_measurement", "measure_engines",
            "engine_speeds", "pick_fastest", "fastest_engine"]
 
-PROBE_FILE = "engine_probe.json"
 PROBE_BATCH_SIZES = (1, 8)
 Speeds = dict[int, dict[str, float]]  # batch size -> engine -> images/s
 
@@ -67,7 +67,8 @@ def engine_speeds(engines: Sequence[str], measure: Callable[[Sequence[str]], Spe
     """The engines' speeds on the machine at hand: cached when measured before with the same CPU, threads, engine
     versions and precision, else measured now with ``measure`` and cached (written atomically)."""
     machine = engine_measurement(engines, precision=precision)
-    speeds = cached_speeds(PROBE_FILE, machine, lambda: {str(b): v for b, v in measure(engines).items()}, path).speeds
+    speeds = cached_speeds(ENGINE_PROBE_FILE, machine, lambda: {str(b): v for b, v in measure(engines).items()},
+                           path).speeds
     return {int(b): dict(v) for b, v in speeds.items()}
 
 

@@ -22,8 +22,9 @@ from torch.utils.data import default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from ..cache import DATASETS, cache_dir, mark_used
 from ..errors import RepVGGError
-from ..files import atomic_write, cache_dir, file_sha256
+from ..files import atomic_write, file_sha256
 from ..models.preprocess import IMAGENET_PREPROCESS, to_rgb
 
 __all__ = ["train_transform", "PADDING_MODES", "crop_padding",
@@ -119,8 +120,8 @@ def cutout_transform(img_size: int, side: int) -> v2.RandomErasing:
 
 
 def default_cache_dir() -> Path:
-    """Where archives are unpacked: ``datasets`` in the user cache folder (:func:`repvgg.files.cache_dir`)."""
-    return cache_dir("datasets")
+    """Where archives are unpacked: ``datasets`` in the user cache folder (:func:`repvgg.cache.cache_dir`)."""
+    return cache_dir(DATASETS)
 
 
 def unpack_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -149,6 +150,7 @@ def unpack_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | No
         final = cache / f"{stem}-{digest[:16]}"
         if not final.is_dir():
             _extract(archive, final)
+        mark_used(final)
         if kept != digest:
             atomic_write(memo, digest)
     return final

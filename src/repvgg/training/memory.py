@@ -32,8 +32,9 @@ from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 from torchvision.transforms.v2 import functional as v2f
 
+from ..cache import DECODED, cache_dir, mark_used
 from ..errors import RepVGGError
-from ..files import atomic_write, cache_dir, os_error_message
+from ..files import atomic_write, os_error_message
 from ..models.preprocess import eval_crop, input_size, preprocess_settings
 from .data import (
     PADDING_MODES,
@@ -294,7 +295,7 @@ def decode_folder(folder: ImageFolder, decode: Callable[[Any], Tensor], shape: t
                   settings: dict[str, Any], log: Callable[[str], None]) -> Decoded:
     """``folder``'s images through ``decode`` (to uint8 tensors of ``shape``), read from the cache when it holds
     them for these files and settings, else decoded and cached (a cache that cannot be written is only noted)."""
-    path = cache_dir("decoded") / f"{Path(folder.root).name}-{cache_key(folder, settings)}.pt"
+    path = cache_dir(DECODED) / f"{Path(folder.root).name}-{cache_key(folder, settings)}.pt"
     cached = _read_cache(path, (len(folder), *shape))
     if cached is not None:
         return cached
@@ -340,6 +341,7 @@ def _read_cache(path: Path, shape: tuple[int, ...]) -> Decoded | None:
     if data.get("format") != CACHE_FORMAT or not isinstance(images, Tensor) or images.dtype != torch.uint8 \
             or tuple(images.shape) != shape:
         return None
+    mark_used(path)
     return Decoded(images, bad)
 
 

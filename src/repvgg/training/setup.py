@@ -18,6 +18,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from ..cache import TRAIN_PROBE_FILE
 from ..errors import RepVGGError
 from ..files import remove_debris
 from ..hardware import busy_probe_warning, cached_speeds, cpu_info, machine_matmul_gflops, measurement_key
@@ -51,8 +52,6 @@ from .rundir import RunDir
 from .sampling import SeededSamples
 from .speed import StepMode, candidate_modes, probe_modes, training_flops_per_image
 from .state import Progress, RunState, read_state
-
-TRAIN_PROBE_FILE = "train_probe.json"  # the speed probe's timings, in the user cache folder
 
 __all__ = ["setup_run", "resumed_options", "load_datasets", "freeze_stages", "start_weights"]
 
