@@ -32,6 +32,7 @@ from repvgg.errors import Interrupted, RepVGGError
 from repvgg.files import TMP_SUFFIX
 from repvgg.training import setup
 from repvgg.training.data import BadImage
+from repvgg.training.lookahead import Lookahead
 from repvgg.training.loop import Stopper, recompute_bn_statistics
 from repvgg.training.options import Callback, TrainOptions
 from repvgg.training.recipes import (
@@ -390,6 +391,45 @@ def test_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path: Path) -> None:
     for a, b in zip(rows["straight"], rows["split"], strict=True):
         assert math.isclose(a["train_loss"], b["train_loss"], rel_tol=1e-9) and b["train_images_per_s"] > 0
         assert a["val_top1"] == b["val_top1"]
+
+
+def test_lookahead_moves_slow_weights_on_its_schedule_and_restarts_the_model_from_them() -> None:
+    model = nn.BatchNorm1d(2)
+    look = Lookahead(model, every=5, rate=0.9)
+    start = [t.clone() for t in look.slow]
+    with torch.no_grad():
+        model.weight.add_(1.0)
+        model.running_mean.add_(2.0)
+    look.after_step(model, 3, 10)  # not a sync
+    assert torch.equal(look.slow[0], start[0]) and torch.equal(model.weight, start[0] + 1)
+    look.after_step(model, 5, 10)  # keeps 0.9 ** 5 * (5 / 10) ** 3 of the slow weights
+    kept = 0.9**5 * 0.125
+    assert math.isclose(look.decay(5, 10), kept)
+    assert torch.allclose(model.weight, start[0] + (1 - kept)) and torch.equal(model.weight, look.slow[0])
+    assert torch.allclose(model.running_mean, start[2] + 2 * (1 - kept))  # BatchNorm statistics averaged too
+    assert torch.equal(model.num_batches_tracked, torch.tensor(0))  # an integer buffer is no weight
+
+
+def test_a_lookahead_run_resumes_bit_exact_and_ends_on_its_slow_weights(tmp_path: Path) -> None:
+    """The slow weights are run state: a run stopped after a sync resumes to the straight run's weights (it would not
+    if they started afresh), and the final model is made of them, not of the last step's weights."""
+    recipe = dataclasses.replace(TINY, lookahead=4)  # 6 steps: one sync, after the 4th
+    train(_opts(tmp_path / "straight", recipe), Noisy(), VAL, CLASSES)
+    split = tmp_path / "split"
+    with pytest.raises(KeyboardInterrupt):
+        train(_opts(split, recipe, callbacks=[StopAt(1, 2)]), Noisy(), VAL, CLASSES)  # after step 5
+    train(_opts(split, recipe, resume="auto"), Noisy(), VAL, CLASSES)
+    straight, resumed = (torch.load(d / "last.pt", weights_only=True) for d in (tmp_path / "straight", split))
+    assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
+    assert all(torch.equal(a, b) for a, b in zip(straight["lookahead"]["slow"], resumed["lookahead"]["slow"],
+                                                 strict=True))
+    final, _ = model_from_checkpoint(split / "model.pth")
+    slow = resumed["lookahead"]["slow"]
+    assert all(torch.equal(p, s) for p, s in zip(final.parameters(), slow, strict=False))
+    last = create_model(TINY_ARCH, num_classes=3, strides=TINY.strides)
+    last.load_state_dict(resumed["model"])
+    assert not all(torch.equal(p, s) for p, s in zip(last.parameters(), slow, strict=False))  # steps 5-6 moved on
+    assert json.loads((split / "summary.json").read_text())["weights"] == "lookahead"
 
 
 CHANNELS_LAST = StepMode("none", True, 1)

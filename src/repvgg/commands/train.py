@@ -50,6 +50,9 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bn-bias-lr-scale", type=positive_float, help="learning rate of BatchNorm biases relative to "
                    "the rest")
     g.add_argument("--ema-decay", type=prob_float, help="EMA of weights per step (0: off), e.g. 0.9998")
+    g.add_argument("--lookahead", type=nonneg_int, metavar="K", help="Lookahead every K steps (0: off), scheduled as "
+                   "airbench's: slow weights the model restarts from, averaging the last few dozen steps at the end "
+                   "and giving the final model; e.g. 5")
     g.add_argument("--custom-l2", action=argparse.BooleanOptionalAction, default=None,
                    help="the official L2 on the equivalent kernel instead of plain decay on the branch kernels")
     g.add_argument("--strides", type=positive_int, nargs=5, metavar="S",

@@ -306,6 +306,8 @@ def _train_on_batch(run: Run, batch: Batch, empty: bool) -> int:
     if d.all_sum([not bool(torch.isfinite(loss))], run.device)[0]:
         _stop_non_finite(run, loss)
     run.step_fn.update(loss)
+    if run.state.lookahead is not None:
+        run.state.lookahead.after_step(run.raw, run.state.scheduler.last_epoch, run.schedule.total_steps)
     if run.state.ema is not None:
         run.state.ema.update_parameters(run.raw)
     run.loss_sum += loss.detach().double() * len(batch)
@@ -475,11 +477,25 @@ def _final_bn_statistics(run: Run, model: nn.Module) -> int:
     return total
 
 
+def _final_weights_kind(run: Run) -> str:
+    return "ema" if run.state.ema is not None else "lookahead" if run.state.lookahead is not None else "last"
+
+
+def _final_weights(run: Run) -> nn.Module:
+    """A copy of the model the run ends with: the EMA of its weights, Lookahead's slow weights, or the last."""
+    if run.state.ema is not None:
+        return copy.deepcopy(run.state.ema.module)
+    final = copy.deepcopy(run.raw)
+    if run.state.lookahead is not None:
+        run.state.lookahead.copy_to(final)
+    return final
+
+
 def finish(run: Run) -> dict[str, Any]:
     """Recompute the final weights' BatchNorm statistics, save the final training-time and deploy models, evaluate
     both, write summary.json, and return the summary."""
     p, d = run.progress, run.d
-    final = plain_bn(copy.deepcopy(run.state.ema.module if run.state.ema is not None else run.raw)).eval()
+    final = plain_bn(_final_weights(run)).eval()
     if isinstance(final, RepVGG):
         final.set_grad_checkpointing(False)
     if not all(bool(t.isfinite().all()) for t in final.state_dict().values() if t.is_floating_point()):
@@ -492,7 +508,7 @@ def finish(run: Run) -> dict[str, Any]:
     out = run.rundir
     summary = dict(model=run.opts.model_name, recipe=run.opts.recipe.name, epochs=p.epoch, wall_time_s=run.elapsed(),
                    processes=d.world, skipped_images=p.skipped_total,
-                   weights="ema" if run.state.ema is not None else "last", bn_statistics_images=bn_images,
+                   weights=_final_weights_kind(run), bn_statistics_images=bn_images,
                    running_statistics_top1=running,
                    train_top1=train_eval["top1"], train_top5=train_eval["top5"], deploy_top1=deploy_eval["top1"],
                    deploy_top5=deploy_eval["top5"], top1_difference=abs(train_eval["top1"] - deploy_eval["top1"]),

@@ -50,6 +50,7 @@ class Recipe:
     cutmix: float = 0.0
     cutout: int = 0
     ema_decay: float = 0.0
+    lookahead: int = 0
     bn_bias_lr_scale: float = 1.0
     custom_l2: bool = False
     strides: tuple[int, ...] = (2, 2, 2, 2, 2)

@@ -32,6 +32,7 @@ from ..models.reparam import is_batchnorm
 from .data import ImageFolder, resolve_split, train_transform
 from .device import check_amp
 from .distributed import Dist, init_distributed
+from .lookahead import Lookahead
 from .loop import Run, TrainStep
 from .memory import InMemoryEval, InMemoryTrain, hold_in_memory, in_memory
 from .metrics import MetricsLog
@@ -293,7 +294,7 @@ def _optimizer(raw: nn.Module, recipe: Recipe, backbone_lr_scale: float) -> torc
 
 def _assemble(opts: TrainOptions, d: Dist, device: torch.device, raw: nn.Module, mode: StepMode, train_set: Dataset,
               val_set: Dataset, names: list[str], rundir: RunDir, preprocess: dict[str, Any]) -> Run:
-    """The model wrapper, optimizer, schedule, step, EMA, mixing and state of a new run."""
+    """The model wrapper, optimizer, schedule, step, EMA, Lookahead, mixing and state of a new run."""
     r = opts.recipe
     if opts.grad_checkpointing:
         if not isinstance(raw, RepVGG):
@@ -318,7 +319,8 @@ def _assemble(opts: TrainOptions, d: Dist, device: torch.device, raw: nn.Module,
     meta = dict(class_names=names, preprocess=preprocess, recipe=r.name, recipe_values=asdict(r))
     state = RunState(raw, optimizer, scheduler, step_fn.scaler, ema, Progress(total_epochs=r.epochs),
                      {**model_metadata(raw), **meta, "model_name": opts.model_name,
-                      "origin": dict(opts.origin), "step_mode": asdict(mode)})
+                      "origin": dict(opts.origin), "step_mode": asdict(mode)},
+                     Lookahead(raw, r.lookahead) if r.lookahead else None)
     return Run(opts, d, device, raw, model, state, schedule, step_fn, v2.RandomChoice(mixers) if mixers else None,
                SeededSamples(train_set, opts.seed, r.flip == "alternate"), val_set, len(names), rundir,
                r.batch_size // d.world, steps, meta)

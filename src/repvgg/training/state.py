@@ -14,6 +14,7 @@ from torch.optim.swa_utils import AveragedModel
 from ..errors import RepVGGError
 from ..files import atomic_write
 from ..models.checkpoints import torch_bytes
+from .lookahead import Lookahead
 
 __all__ = ["Progress", "RunState", "read_state", "STATE_FORMAT"]
 
@@ -79,7 +80,7 @@ def _restore_buffers(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
 
 @dataclass
 class RunState:
-    """The stateful parts of a run (model, optimizer, schedule, scaler, EMA, RNG) and its progress."""
+    """The stateful parts of a run (model, optimizer, schedule, scaler, EMA, Lookahead, RNG) and its progress."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -88,11 +89,13 @@ class RunState:
     ema: AveragedModel | None
     progress: Progress
     metadata: dict[str, Any]  # architecture, classes, strides, class names, preprocessing, recipe values
+    lookahead: Lookahead | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, "repvgg": self.metadata, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
+                "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
                 "progress": asdict(self.progress), "rng": _rng_state(), "buffers": _unsaved_buffers(self.model)}
 
     def load_state_dict(self, state: dict[str, Any], restore_rng: bool = True) -> None:
@@ -103,6 +106,8 @@ class RunState:
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
+        if self.lookahead is not None and state.get("lookahead"):
+            self.lookahead.load_state_dict(state["lookahead"])
         known = {f.name for f in fields(Progress)}
         self.progress = Progress(**{k: v for k, v in state["progress"].items() if k in known})
         if restore_rng:
