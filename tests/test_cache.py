@@ -72,7 +72,7 @@ def test_clear_older_than_removes_only_what_no_run_used_lately(cache: Path, caps
     assert listed[0].startswith(f"{cache}: 3 entries unused for 10 days, ")
     assert len(listed) == 5 and listed[1].split() == ["last", "used", "on", "disk", "entry"]
     assert [line.split()[-1] for line in listed[2:4]] == [f"decoded/{DECODED}", f"datasets/{UNPACKED}"]
-    assert listed[4].startswith("  and 1 locks, digests and temporaries")
+    assert listed[4].startswith("  and 1 bookkeeping files (locks, digests, temporaries): ")
     assert (cache / "decoded" / DECODED).exists()
 
     assert main(["cache", "--clear", "--older-than", "30"]) == 0

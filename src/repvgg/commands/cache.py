@@ -25,11 +25,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    raise AssertionError("unreachable")
+    return f"{n:.1f} GiB"
+
+
+def _entries(n: int) -> str:
+    return f"{n} entr{'y' if n == 1 else 'ies'}"
 
 
 def run(args: argparse.Namespace, outputs: Outputs) -> None:
@@ -41,9 +45,9 @@ def run(args: argparse.Namespace, outputs: Outputs) -> None:
     age = "" if args.older_than is None else f" unused for {args.older_than:g} days"
     if args.clear:
         freed = remove_entries(chosen)
-        print(f"removed {len(chosen)} entries{age} from {root} ({_size(freed)}); {len(entries) - len(chosen)} kept")
+        print(f"removed {_entries(len(chosen))}{age} from {root} ({_size(freed)}); {len(entries) - len(chosen)} kept")
         return
-    print(f"{root}: {len(chosen)} entries{age}, {_size(sum(e.size for e in chosen))}")
+    print(f"{root}: {_entries(len(chosen))}{age}, {_size(sum(e.size for e in chosen))}")
     shown = [e for e in chosen if not e.bookkeeping]
     if shown:
         print(f"  {'last used':<17}{'on disk':>11}  entry")
@@ -52,4 +56,5 @@ def run(args: argparse.Namespace, outputs: Outputs) -> None:
         print(f"  {used:<17}{_size(e.size):>11}  {e.path.relative_to(root)}")
     hidden = [e for e in chosen if e.bookkeeping]
     if hidden:
-        print(f"  and {len(hidden)} locks, digests and temporaries ({_size(sum(e.size for e in hidden))})")
+        size = _size(sum(e.size for e in hidden))
+        print(f"  and {len(hidden)} bookkeeping files (locks, digests, temporaries): {size}")
