@@ -13,6 +13,7 @@ from torchvision import transforms
 from imagefolders import make_split
 from repvgg.cache import MATMUL_FILE, cache_dir, cache_entries, older_than, remove_entries
 from repvgg.cli import main
+from repvgg.hardware import cached_speeds, keep_speeds
 from repvgg.training.data import ImageFolder, unpack_archive
 from repvgg.training.memory import decode_folder
 
@@ -84,8 +85,9 @@ def test_clear_older_than_removes_only_what_no_run_used_lately(cache: Path, caps
     assert sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file()) == sorted(NOT_OURS)
 
 
-def test_reading_an_unpacked_archive_or_decoded_images_renews_their_use(cache: Path, tmp_path: Path) -> None:
-    """Clearing by age must keep what runs still read: each read of an entry counts as a use."""
+def test_reading_an_entry_renews_its_use(cache: Path, tmp_path: Path) -> None:
+    """Clearing by age must keep what runs still read: each read of an entry (an unpacked archive, decoded images, a
+    kept measurement) counts as a use."""
     split = make_split(tmp_path / "src", "train", 2)
     archive = tmp_path / "train.tar"
     with tarfile.open(archive, "w") as tar:
@@ -102,6 +104,10 @@ def test_reading_an_unpacked_archive_or_decoded_images_renews_their_use(cache: P
     assert unpack_archive(archive) == unpacked
     assert decode_folder(folder, decode, (3, 16, 16), {"split": "train"}, logged.append).images.shape == (6, 3, 16, 16)
     assert logged == []  # read from the cache
+    assert older_than(cache_entries(), 50) == []
+    keep_speeds(MATMUL_FILE, {"cpu": "x"}, {"gflops": 1.0})
+    _age(cache / MATMUL_FILE, 100)
+    assert cached_speeds(MATMUL_FILE, {"cpu": "x"}, lambda: {}).speeds == {"gflops": 1.0}  # a measurement read
     assert older_than(cache_entries(), 50) == []
 
 

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from .cache import MATMUL_FILE, cache_dir
+from .cache import MATMUL_FILE, cache_dir, mark_used
 from .files import atomic_write
 
 __all__ = ["CPU_FEATURES", "cpu_info", "device_name", "machine_description", "measurement_key", "Timing",
@@ -147,8 +147,10 @@ def cached_speeds(name: str, what: Mapping[str, Any], measure: Callable[[], dict
     other processes kept the cores busy (over :data:`BUSY_ELSEWHERE`) is returned but not kept: it would rank the
     alternatives for a loaded machine forever. A cache that cannot be read is measured again; one that cannot be
     written costs a measurement per call, nothing else."""
-    entry = _read_cache(Path(path) if path else cache_dir() / name).get(measurement_key(what))
+    path = Path(path) if path else cache_dir() / name
+    entry = _read_cache(path).get(measurement_key(what))
     if isinstance(entry, dict) and isinstance(entry.get("speeds"), dict):
+        mark_used(path)
         return Timing(entry["speeds"], True)
     speeds, busy = busy_elsewhere(measure)
     if busy <= BUSY_ELSEWHERE:
