@@ -477,25 +477,24 @@ def _final_bn_statistics(run: Run, model: nn.Module) -> int:
     return total
 
 
-def _final_weights_kind(run: Run) -> str:
-    return "ema" if run.state.ema is not None else "lookahead" if run.state.lookahead is not None else "last"
-
-
-def _final_weights(run: Run) -> nn.Module:
-    """A copy of the model the run ends with: the EMA of its weights, Lookahead's slow weights, or the last."""
+def _final_weights(run: Run) -> tuple[nn.Module, str]:
+    """A copy of the model the run ends with, and which weights it holds: the EMA of the weights ("ema"), Lookahead's
+    slow weights ("lookahead"), or the last step's ("last")."""
     if run.state.ema is not None:
-        return copy.deepcopy(run.state.ema.module)
+        return copy.deepcopy(run.state.ema.module), "ema"
     final = copy.deepcopy(run.raw)
-    if run.state.lookahead is not None:
-        run.state.lookahead.copy_to(final)
-    return final
+    if run.state.lookahead is None:
+        return final, "last"
+    run.state.lookahead.copy_to(final)
+    return final, "lookahead"
 
 
 def finish(run: Run) -> dict[str, Any]:
     """Recompute the final weights' BatchNorm statistics, save the final training-time and deploy models, evaluate
     both, write summary.json, and return the summary."""
     p, d = run.progress, run.d
-    final = plain_bn(_final_weights(run)).eval()
+    weights, kind = _final_weights(run)
+    final = plain_bn(weights).eval()
     if isinstance(final, RepVGG):
         final.set_grad_checkpointing(False)
     if not all(bool(t.isfinite().all()) for t in final.state_dict().values() if t.is_floating_point()):
@@ -508,7 +507,7 @@ def finish(run: Run) -> dict[str, Any]:
     out = run.rundir
     summary = dict(model=run.opts.model_name, recipe=run.opts.recipe.name, epochs=p.epoch, wall_time_s=run.elapsed(),
                    processes=d.world, skipped_images=p.skipped_total,
-                   weights=_final_weights_kind(run), bn_statistics_images=bn_images,
+                   weights=kind, bn_statistics_images=bn_images,
                    running_statistics_top1=running,
                    train_top1=train_eval["top1"], train_top5=train_eval["top5"], deploy_top1=deploy_eval["top1"],
                    deploy_top5=deploy_eval["top5"], top1_difference=abs(train_eval["top1"] - deploy_eval["top1"]),
