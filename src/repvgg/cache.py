@@ -117,4 +117,3 @@ def _size(path: Path) -> int:
 def _disk(path: Path) -> int:
     stat = path.lstat()
     return stat.st_blocks * 512 if hasattr(stat, "st_blocks") else stat.st_size
-

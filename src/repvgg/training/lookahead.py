@@ -48,7 +48,7 @@ class Lookahead:
             fast.copy_(slow)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"every": self.every, "rate": self.rate, "slow": self.slow}
+        return {"slow": self.slow}  # every and rate come from the recipe, which a resume checks against the run's
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for slow, saved in zip(self.slow, state["slow"], strict=True):
