@@ -13,6 +13,7 @@ from torchvision import transforms
 from imagefolders import make_split
 from repvgg.cache import MATMUL_FILE, cache_dir, cache_entries, older_than, remove_entries
 from repvgg.cli import main
+from repvgg.files import TMP_SUFFIX
 from repvgg.hardware import cached_speeds, keep_speeds
 from repvgg.training.data import ImageFolder, unpack_archive
 from repvgg.training.memory import decode_folder
@@ -126,6 +127,6 @@ def test_a_cache_entry_that_cannot_be_removed_is_one_line_and_exit_2(cache: Path
     # the folder left behind is no longer an unpacked archive a run would take as whole; a later clear removes it
     assert not (cache / "datasets" / UNPACKED).exists()
     left = [e for e in cache_entries() if e.path.parent.name == "datasets" and e.path.is_dir()]
-    assert [e.bookkeeping for e in left] == [True]
+    assert [e.bookkeeping for e in left] == [True] and left[0].path.name.endswith(TMP_SUFFIX)
     assert remove_entries(left) == left[0].size
     assert [e.path.name for e in cache_entries()] == [MATMUL_FILE]  # the clear stopped at the failing entry

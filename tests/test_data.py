@@ -9,6 +9,8 @@ import multiprocessing
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from repvgg.cli import main
 from repvgg.deploy.predict import predict
 from repvgg.deploy.quantize import calibration_batches
 from repvgg.errors import RepVGGError
+from repvgg.files import TMP_SUFFIX
 from repvgg.models.preprocess import eval_transform, to_rgb
 from repvgg.training.data import (
     BadImage,
@@ -148,6 +151,23 @@ def test_concurrent_unpack_is_safe(tmp_path: Path) -> None:
     folders = [p for p in cache.iterdir() if p.is_dir()]
     assert folders == [Path(results[0])]  # one extraction, no temporary leftovers
     assert len(list(Path(results[0]).rglob("*.png"))) == 90
+
+
+def test_an_unpack_killed_midway_leaves_debris_the_next_unpack_removes(tmp_path: Path) -> None:
+    """A killed unpack's half-filled folder carries the temporary rule's name (never the final one), and the next
+    unpack of that content removes it once its process is gone; a live process's is left alone."""
+    archive = _tar(make_split(tmp_path / "src", "train", 2), tmp_path / "train.tar.gz", "train")
+    cache = tmp_path / "cache"
+    final = unpack_archive(archive, cache)
+    shutil.rmtree(final)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = cache / f".{final.name}.{int(gone.stdout)}-ab12{TMP_SUFFIX}"
+    live = cache / f".{final.name}.{os.getpid()}-cd34{TMP_SUFFIX}"
+    for debris in (dead, live):
+        (debris / "train" / "class0").mkdir(parents=True)
+    assert unpack_archive(archive, cache) == final and final.is_dir()
+    assert not dead.exists() and live.is_dir()
+    assert [p.name for p in cache.iterdir() if TMP_SUFFIX in p.name] == [live.name]
 
 
 def test_an_archive_copied_anew_reuses_its_unpacked_folder(tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import temporary_path
+
 __all__ = ["DATASETS", "DECODED", "ENGINE_PROBE_FILE", "MATMUL_FILE", "TRAIN_PROBE_FILE", "CacheEntry", "cache_dir",
            "mark_used", "cache_entries", "older_than", "remove_entries"]
 
@@ -77,7 +79,7 @@ def remove_entries(entries: Iterable[CacheEntry]) -> int:
     for entry in entries:
         try:
             if entry.path.is_dir() and not entry.path.is_symlink():
-                doomed = entry.path.with_name(f".{entry.path.name}.{os.getpid()}-removing")
+                doomed = temporary_path(entry.path)
                 os.rename(entry.path, doomed)
                 shutil.rmtree(doomed)
             else:

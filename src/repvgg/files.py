@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -23,7 +24,7 @@ from typing import IO
 from .errors import RepVGGError
 
 __all__ = ["TMP_SUFFIX", "companions", "check_output_path", "Outputs", "atomic_write", "atomic_folder",
-           "appending", "replace_together", "remove_debris", "file_sha256", "os_error_message",
+           "temporary_path", "appending", "replace_together", "remove_debris", "file_sha256", "os_error_message",
            "write_failure"]
 
 TMP_SUFFIX = ".repvgg-tmp"
@@ -103,6 +104,13 @@ class Outputs:
 
 def _tmp_name(target: Path) -> str:
     return f".{target.name}.{os.getpid()}-"
+
+
+def temporary_path(target: str | os.PathLike) -> Path:
+    """A fresh temporary name beside ``target``, by the rule above: where a folder is renamed before it is deleted,
+    so that one half deleted is never taken for whole and is cleared as debris once its process is gone."""
+    target = Path(target)
+    return target.with_name(f"{_tmp_name(target)}{secrets.token_hex(4)}{TMP_SUFFIX}")
 
 
 def remove_debris(folder: str | os.PathLike, target: str | None = None) -> list[Path]:

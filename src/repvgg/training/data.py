@@ -7,9 +7,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import shutil
 import tarfile
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ from torchvision.transforms import v2
 
 from ..cache import DATASETS, cache_dir, mark_used
 from ..errors import RepVGGError
-from ..files import atomic_write, file_sha256
+from ..files import atomic_folder, atomic_write, file_sha256
 from ..models.preprocess import IMAGENET_PREPROCESS, to_rgb
 
 __all__ = ["train_transform", "PADDING_MODES", "crop_padding",
@@ -168,18 +166,13 @@ def _read_digest(memo: Path) -> str | None:
 def _extract(archive: Path, final: Path) -> None:
     """Unpack ``archive`` into a temporary folder beside ``final``, renamed to it when whole (or dropped when another
     process unpacking the same content got there first)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        with tarfile.open(archive) as tar:
+        with atomic_folder(final) as tmp, tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")
-        os.rename(tmp, final)
+            os.rename(tmp, final)
     except (tarfile.TarError, OSError, EOFError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not final.is_dir():
             raise RepVGGError(f"cannot unpack {archive}: {e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _find_dir(root: Path, name: str) -> Path | None:
