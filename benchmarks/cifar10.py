@@ -94,7 +94,7 @@ def report(run_dir: Path, data_root: Path, probe_result: dict[str, Any], device:
     ``device``."""
     summary = json.loads((run_dir / "summary.json").read_text())
     model, ckpt = model_from_checkpoint(summary["deploy_checkpoint"])
-    recipe = recipe_of(ckpt.metadata)
+    recipe, seed = recipe_of(ckpt.metadata), ckpt.metadata.get("seed", 0)
     test = ImageFolder(data_root, eval_transform(ckpt.metadata["preprocess"]))
     loader = DataLoader(test, batch_size=256, collate_fn=collate, num_workers=1)
     classes = len(ckpt.metadata["class_names"])
@@ -114,15 +114,18 @@ def report(run_dir: Path, data_root: Path, probe_result: dict[str, Any], device:
                     met_with_tta=in_budget and reloaded.tta.top1 >= TARGET_TOP1),
         probe=probe_result, per_epoch=[{k: v for k, v in r.items() if k != "lr_steps"} for r in rows],
         recipe_values={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(recipe).items()},
+        seed=seed,
         machine=dict(**cpu_info(), matmul_fp32_gflops=gflops, torch=torch.__version__,
                      python=platform.python_version(), device=device_name(device)),
-        command=reproduce_command(recipe),
+        command=reproduce_command(recipe, seed),
     )
 
 
-def reproduce_command(recipe: Recipe) -> str:
-    """The command that trains this run again: the run's own recipe as flags over the ``cifar`` recipe."""
-    return " ".join(["python benchmarks/cifar10.py", *recipe_flags(recipe, RECIPES["cifar"])])
+def reproduce_command(recipe: Recipe, seed: int = 0) -> str:
+    """The command that trains this run again: the run's own recipe as flags over the ``cifar`` recipe, and its
+    seed unless the default."""
+    seeded = ["--seed", str(seed)] if seed else []
+    return " ".join(["python benchmarks/cifar10.py", *recipe_flags(recipe, RECIPES["cifar"]), *seeded])
 
 
 def met(flag: bool) -> str:
@@ -179,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --run-dir (in its own recipe where no flag sets a value)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from --run-dir")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--seed", type=nonneg_int, default=0,
+                   help="seed of initialization, shuffling and augmentation: another one measures a recipe's spread")
     add_recipe_arguments(p)  # a trial of the recipe search: the cifar recipe with some values changed
     return p
 
@@ -190,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     opts = resumed_options(TrainOptions(
         data=args.data, out_dir=args.run_dir, model="repvgg_a0", recipe=recipe_with("cifar", **overrides),
-        recipe_given=frozenset(overrides), workers=args.workers, probe=False, device=str(device),
+        recipe_given=frozenset(overrides), workers=args.workers, probe=False, device=str(device), seed=args.seed,
         resume="auto" if args.resume else None))
     train_set, val_set, classes = load_datasets(opts)
     run_dir = Path(args.run_dir)
@@ -210,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     out = results_folder(args)
     atomic_write(out / "cifar10_a0.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     write_markdown(out / "cifar10_a0.md", result)
-    plot_run(args.run_dir, out / "cifar10_a0.png")
+    plot_run(args.run_dir, out / "cifar10_a0.png", title=f"RepVGG-A0 on CIFAR-10: {result['command']}")
     print(f"top-1: training-time {result['train_top1']:.2f}%, deploy {result['deploy_top1']:.2f}% (re-loaded "
           f"{result['reloaded_deploy_top1']:.2f}%, {TTA} TTA {result['reloaded_deploy_top1_tta']:.2f}%) after "
           f"{result['epochs']} epochs; wrote {out / 'cifar10_a0.json'}")

@@ -1,7 +1,7 @@
 """The CIFAR-10 benchmark command on a tiny image folder: stopped by SIGTERM it saves its run and ends with one line
-and exit code 143 (as ``repvgg train`` does); resumed, it trains on, reports both forms, TTA, the per-epoch table
-and both target verdicts, and ``--report-only`` rebuilds the same report (the speed probe included) from the run
-without training; a new run into that folder is refused before it writes anything."""
+and exit code 143 (as ``repvgg train`` does); resumed (with its own seed only), it trains on, reports both forms, TTA,
+the per-epoch table, both target verdicts and the seed, and ``--report-only`` rebuilds the same report (the speed
+probe included) from the run without training; a new run into that folder is refused before it writes anything."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def test_cifar10_benchmark_on_a_tiny_folder(tmp_path: Path, capsys: pytest.Captu
     make_split(tmp_path / "data", "train", 4, size=32)
     make_split(tmp_path / "data", "test", 2, size=32, seed=1)
     argv = ["--data", str(tmp_path / "data"), "--epochs", "1", "--batch-size", "4", "--cutout", "4", "--workers", "0",
-            "--run-dir", str(tmp_path / "run"), "--results", str(tmp_path / "results"), "--device", "cpu"]
+            "--run-dir", str(tmp_path / "run"), "--results", str(tmp_path / "results"), "--device", "cpu",
+            "--seed", "3"]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_module, "setup_run", stopping_after_step_1(train_module.setup_run))
         assert run_command("cifar10.py", lambda: cifar10.main(argv)) == 128 + signal.SIGTERM
@@ -57,6 +58,8 @@ def test_cifar10_benchmark_on_a_tiny_folder(tmp_path: Path, capsys: pytest.Captu
     assert "saved epoch 1 step 1" in printed.out and "continue with --resume" in printed.out
     assert not (tmp_path / "results").exists()
     probed = (tmp_path / "run" / "speed_probe.json").read_bytes()
+    with pytest.raises(RepVGGError, match="seed: 3 -> 0"):
+        cifar10.main([*argv[:-2], "--resume"])  # another seed would change every sample's augmentation from here on
     cifar10.main([*argv, "--resume"])
     assert "speed probe:" not in capsys.readouterr().out  # the run's own probe chose its step mode
     result = json.loads((tmp_path / "results" / "cifar10_a0.json").read_text())
@@ -64,7 +67,8 @@ def test_cifar10_benchmark_on_a_tiny_folder(tmp_path: Path, capsys: pytest.Captu
     assert 0 <= result["reloaded_deploy_top1_tta"] <= 100 and result["tta"] == "flip-translate"
     assert result["target"]["met"] is (result["deploy_top1"] >= 90)
     assert result["target"]["met_with_tta"] is (result["reloaded_deploy_top1_tta"] >= 90)
-    assert result["command"] == "python benchmarks/cifar10.py --epochs 1 --batch-size 4 --cutout 4"  # the run's recipe
+    assert result["command"] == "python benchmarks/cifar10.py --epochs 1 --batch-size 4 --cutout 4 --seed 3"
+    assert result["seed"] == 3
     assert result["recipe_values"]["epochs"] == 1 and result["recipe_values"]["cutout"] == 4
     assert result["probe"]["chosen"] in result["probe"]["images_per_s"] and result["machine"]["device"] == "cpu"
     md = (tmp_path / "results" / "cifar10_a0.md").read_text()
@@ -72,7 +76,11 @@ def test_cifar10_benchmark_on_a_tiny_folder(tmp_path: Path, capsys: pytest.Captu
     assert f"evaluated in the run's step mode ({result['probe']['chosen']})" in md
     assert (tmp_path / "results" / "cifar10_a0.png").stat().st_size > 1000
     capsys.readouterr()
-    cifar10.main([*argv, "--report-only"])
+    titles = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cifar10, "plot_run", lambda run, out, title: titles.append(title))
+        cifar10.main([*argv, "--report-only"])
+    assert titles == [f"RepVGG-A0 on CIFAR-10: {result['command']}"]  # the command, not the user's run folder
     assert "starting a new run" not in capsys.readouterr().out
     again = json.loads((tmp_path / "results" / "cifar10_a0.json").read_text())
     assert again["reloaded_deploy_top1"] == result["reloaded_deploy_top1"] and again["per_epoch"] == result["per_epoch"]

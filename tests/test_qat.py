@@ -75,13 +75,13 @@ def test_qat_fine_tunes_with_the_values_the_model_was_trained_with(tmp_path: Pat
     """The trained recipe's values (a file that predates them: its recipe's registered ones), with no warm-up, EMA,
     mixup or cutmix and a fraction of the learning rate."""
     model = create_model(TINY_ARCH, num_classes=3, strides=(2, 2, 2, 2, 2))
-    trained = recipe_with("cifar", lr=0.04, label_smoothing=0.3, weight_decay=1e-3, batch_size=64, ema_decay=0.99,
+    trained = recipe_with("cifar", lr=0.04, label_smoothing=0.15, weight_decay=1e-3, batch_size=64, ema_decay=0.99,
                           mixup=0.2, warmup_epochs=1)
     save_checkpoint(model, tmp_path / "new.pth", preprocess=PREPROCESS, recipe="cifar", recipe_values=asdict(trained))
     save_checkpoint(model, tmp_path / "old.pth", preprocess=PREPROCESS, recipe="cifar")
     tuned = qat_recipe(read_checkpoint(str(tmp_path / "new.pth")), epochs=2)
     assert tuned.lr == pytest.approx(0.04 * QAT_LR_FRACTION) and tuned.batch_size == 64 and tuned.epochs == 2
-    assert (tuned.label_smoothing, tuned.weight_decay) == (0.3, 1e-3)
+    assert (tuned.label_smoothing, tuned.weight_decay) == (0.15, 1e-3)
     assert (tuned.ema_decay, tuned.mixup, tuned.warmup_epochs) == (0, 0, 0)
     assert tuned.strides == (2, 2, 2, 2, 2) and tuned.img_size == tuned.eval_resize == 16
     older = qat_recipe(read_checkpoint(str(tmp_path / "old.pth")), epochs=2, lr=0.01, batch_size=32)

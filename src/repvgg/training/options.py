@@ -67,7 +67,7 @@ class TrainOptions:
     probe: bool = True
     grad_checkpointing: bool = False
     sync_bn: bool = False
-    seed: int = 0
+    seed: int = 0  # initialization, shuffling and every sample's augmentation; kept in the run, a resume must match it
     resume: str | None = None  # a checkpoint path, or "auto" for out_dir/last.pt when present
     bad_images: BadImagePolicy = "skip"
     cache_dir: str | None = None

@@ -71,11 +71,12 @@ def run_figure(rows: list[dict[str, Any]], title: str = "") -> Any:
     return fig
 
 
-def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
-    """Draw a training run's curves (:func:`run_figure`) to a PNG (default ``run_dir/curves.png``)."""
+def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, title: str | None = None) -> Path:
+    """Draw a training run's curves (:func:`run_figure`) to a PNG (default ``run_dir/curves.png``), titled with
+    ``title`` (default: the run folder as given)."""
     plt = _pyplot()
     out = Path(out) if out else Path(run_dir) / "curves.png"
-    fig = run_figure(read_metrics(run_dir), str(run_dir))
+    fig = run_figure(read_metrics(run_dir), str(run_dir) if title is None else title)
     _save(fig, out)
     plt.close(fig)
     return out

@@ -316,7 +316,7 @@ def _assemble(opts: TrainOptions, d: Dist, device: torch.device, raw: nn.Module,
         if r.ema_decay else None
     mixers = ([v2.MixUp(alpha=r.mixup, num_classes=len(names))] if r.mixup else []) + (
         [v2.CutMix(alpha=r.cutmix, num_classes=len(names))] if r.cutmix else [])
-    meta = dict(class_names=names, preprocess=preprocess, recipe=r.name, recipe_values=asdict(r))
+    meta = dict(class_names=names, preprocess=preprocess, recipe=r.name, recipe_values=asdict(r), seed=opts.seed)
     state = RunState(raw, optimizer, scheduler, step_fn.scaler, ema, Progress(total_epochs=r.epochs),
                      {**model_metadata(raw), **meta, "model_name": opts.model_name,
                       "origin": dict(opts.origin), "step_mode": asdict(mode)},
@@ -399,10 +399,10 @@ def _resume(run: Run, state: dict[str, Any], path: Path) -> None:
 
 
 def _check_same_run(run: Run, saved: dict[str, Any], path: Path) -> None:
-    """Refuse to continue a checkpoint with another model, class count, strides or recipe, naming what differs."""
+    """Refuse to continue a checkpoint with another model, class count, strides, seed or recipe, naming what differs."""
     mine = run.state.metadata
     differences = [f"{key}: {saved.get(key)!r} -> {mine.get(key)!r}" for key in ("model_name", "architecture",
-                   "num_classes", "strides", "block", "branches", "origin")
+                   "num_classes", "strides", "block", "branches", "origin", "seed")
                    if _norm(saved.get(key) or None) != _norm(mine.get(key) or None)]
     before, now = saved.get("config"), mine.get("config")  # architectures of one's own: the fields that differ
     if before and now:
