@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from --run-dir")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--seed", type=nonneg_int, default=0,
-                   help="seed of initialization, shuffling and augmentation: another one measures a recipe's spread")
+                   help="seed of initialization, shuffling and augmentation (another one measures a recipe's spread; "
+                   "a resume gives the run's own)")
     add_recipe_arguments(p)  # a trial of the recipe search: the cifar recipe with some values changed
     return p
 

@@ -83,7 +83,8 @@ def _machinery_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the speed probe: float32, NCHW and torch's default threads unless given")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA)")
-    g.add_argument("--seed", type=int, default=0, help="seed of initialization, shuffling and augmentation")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of initialization, shuffling and augmentation (kept in the run: a resume gives the same)")
     g.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
                    help="continue from CKPT, or from <out>/last.pt when given alone (a new run if there is none), "
                         "with the recipe values it was begun with where no flag sets them")
